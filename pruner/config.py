@@ -1,0 +1,125 @@
+"""``PrunerConfig``: which policy prunes a stream's visual tokens, and with what budget.
+
+Budget rules (documented choices):
+
+* ``tokens_per_frame`` and ``keep_ratio`` are exclusive; with neither, ``keep_ratio`` = :data:`DEFAULT_KEEP_RATIO`.
+* ``tokens_per_frame`` larger than a frame's token count is **clamped** to that count (the frame is kept whole):
+  one config serves families with 196 (LLaVA-OneVision) and 64 (SmolVLM) tokens per frame, so the real count is
+  only known at :meth:`StreamPruner.select` time. ``keep_ratio`` is the portable way to say "a quarter".
+* ``stc_adaptive`` spends a budget per chunk: ``chunk_budget`` tokens, or ``tokens_per_second`` x the chunk's
+  duration, or (neither) the per-frame budget x the number of frames. The chunk budget is clamped to
+  ``[frames x min_tokens_per_frame, frames x tokens]`` (a frame never drops below the minimum);
+  ``StreamPruner.stats()`` reports both the requested and the spent budget.
+"""
+from __future__ import annotations
+
+import math
+
+from pydantic import Field, field_validator, model_validator
+
+from stream.config_base import StrictModel
+from stream.errors import ConfigError
+
+DEFAULT_KEEP_RATIO = 0.25
+ADAPTIVE_POLICIES = frozenset({"stc_adaptive"})
+
+
+class PrunerConfig(StrictModel):
+    """Token pruning of the projected visual tokens, before they enter the LLM."""
+
+    enabled: bool = Field(True, description="Prune at all. False keeps every token (same as policy keep_all).")
+    policy: str = Field(
+        "stc",
+        description="Selection policy: stc, stc_adaptive, uniform, random, temporal_diff, attention, keep_all "
+        "(see pruner.available_policies()).",
+    )
+    tokens_per_frame: int | None = Field(
+        None, ge=1, description="Tokens kept per frame (clamped to the frame's token count). Excludes keep_ratio."
+    )
+    keep_ratio: float | None = Field(
+        None, gt=0.0, le=1.0,
+        description=f"Fraction of each frame's tokens kept (rounded, at least 1). Default {DEFAULT_KEEP_RATIO} "
+        "when tokens_per_frame is not set either.",
+    )
+    chunk_budget: int | None = Field(
+        None, ge=1, description="stc_adaptive only: tokens kept per chunk in total, spread over its frames by change."
+    )
+    tokens_per_second: float | None = Field(
+        None, gt=0.0, description="stc_adaptive only: tokens kept per second of video (needs frame pts)."
+    )
+    min_tokens_per_frame: int = Field(
+        4, ge=1, description="stc_adaptive only: every frame keeps at least this many tokens (a static frame)."
+    )
+    memory_frames: int = Field(
+        64, ge=1,
+        description="Horizon of the bounded running memory mean (exact mean of the first N frames, then an "
+        "exponential average with momentum 1 - 1/N). State stays one vector whatever the stream length.",
+    )
+    bandwidths: list[float] = Field(
+        default_factory=lambda: [0.125, 0.25, 0.5, 1.0, 2.0], min_length=1,
+        description="Bandwidths (alpha) of the multi-bandwidth Gaussian kernel exp(-|x-y|^2 / 2 alpha), summed.",
+    )
+    channel_keep: float = Field(
+        0.5, gt=0.0, le=1.0, description="Fraction of channels (the lowest-variance ones per frame) used to score."
+    )
+    seed: int = Field(0, ge=0, description="Seed of the random policy (selection depends on seed and frame index).")
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, name: str) -> str:
+        from pruner.policies import available_policies  # local: policies must not depend on config
+
+        if name not in available_policies():
+            raise ValueError(
+                f"unknown pruning policy {name!r}; allowed: {', '.join(available_policies())}"
+            )
+        return name
+
+    @field_validator("bandwidths")
+    @classmethod
+    def _positive_bandwidths(cls, values: list[float]) -> list[float]:
+        bad = [v for v in values if not (v > 0 and math.isfinite(v))]
+        if bad:
+            raise ValueError(f"bandwidths must be finite and > 0, got {bad}; e.g. [0.125, 0.25, 0.5, 1, 2]")
+        return values
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PrunerConfig":
+        if self.tokens_per_frame is not None and self.keep_ratio is not None:
+            raise ValueError(
+                f"tokens_per_frame={self.tokens_per_frame} and keep_ratio={self.keep_ratio} are both set; "
+                "set only one of them"
+            )
+        adaptive = self.policy in ADAPTIVE_POLICIES
+        if not adaptive:
+            for key in ("chunk_budget", "tokens_per_second"):
+                if getattr(self, key) is not None:
+                    raise ValueError(
+                        f"{key}={getattr(self, key)} only applies to policy stc_adaptive, not {self.policy!r}; "
+                        f"set policy: stc_adaptive or remove {key}"
+                    )
+        if self.chunk_budget is not None and self.tokens_per_second is not None:
+            raise ValueError(
+                f"chunk_budget={self.chunk_budget} and tokens_per_second={self.tokens_per_second} are both set; "
+                "set only one of them"
+            )
+        if adaptive and self.tokens_per_frame is not None and self.tokens_per_frame < self.min_tokens_per_frame:
+            raise ValueError(
+                f"tokens_per_frame={self.tokens_per_frame} is below min_tokens_per_frame="
+                f"{self.min_tokens_per_frame}; raise tokens_per_frame or lower min_tokens_per_frame"
+            )
+        return self
+
+    @property
+    def active(self) -> bool:
+        """True when tokens are actually dropped (enabled and not keep_all)."""
+        return self.enabled and self.policy != "keep_all"
+
+    def frame_budget(self, tokens: int) -> int:
+        """Tokens kept per frame of ``tokens`` tokens under the fixed budget (clamped to ``[1, tokens]``)."""
+        if tokens < 1:
+            raise ConfigError(f"a frame must have at least 1 token, got {tokens}")
+        if self.tokens_per_frame is not None:
+            return min(self.tokens_per_frame, tokens)
+        ratio = DEFAULT_KEEP_RATIO if self.keep_ratio is None else self.keep_ratio
+        return max(1, min(tokens, round(ratio * tokens)))

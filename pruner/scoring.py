@@ -1,0 +1,132 @@
+"""Token scores as pure tensor functions (no state, no config objects).
+
+STC-style redundancy (arXiv 2512.00891): a token is redundant when it looks like its frame's mean and like the
+stream's memory mean; we keep the least similar (most novel) ones. Similarity is a sum of Gaussian kernels on
+L2-normalised features restricted to the lowest-variance channels of the frame. Differences from STC's reference
+code, on purpose: the channel subset is chosen per frame (not per chunk) and the memory is updated per frame with
+a bounded running mean, so a frame's score never depends on how the stream was cut into chunks.
+
+Temporal difference (EVS-style): a token is redundant when it looks like the token at the same grid position in
+the previous frame.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def gaussian_kernel_similarity(x: torch.Tensor, target: torch.Tensor, bandwidths: list[float]) -> torch.Tensor:
+    """Sum over ``alpha`` of ``exp(-|x - target|^2 / (2 alpha))``.
+
+    Args:
+        x: ``[..., N, c]`` features.
+        target: broadcastable to ``x`` (e.g. ``[..., 1, c]``).
+        bandwidths: kernel bandwidths ``alpha > 0``.
+
+    Returns:
+        ``[..., N]`` similarity in ``(0, len(bandwidths)]``; equal vectors score ``len(bandwidths)``.
+    """
+    dist_sq = (x - target).pow(2).sum(dim=-1)  # [..., N]
+    return sum(torch.exp(-dist_sq / (2.0 * a)) for a in bandwidths)
+
+
+def low_variance_channels(embeds: torch.Tensor, keep: float) -> torch.Tensor:
+    """Indices of the ``round(d * keep)`` (at least 1) channels with the lowest variance over each frame's tokens.
+
+    Args:
+        embeds: ``[F, T, d]``.
+
+    Returns:
+        ``[F, c]`` int64, ascending variance (ties broken by channel index).
+    """
+    d = embeds.shape[-1]
+    c = max(1, min(d, round(d * keep)))
+    var = embeds.float().var(dim=1, unbiased=False)  # [F, d]
+    order = torch.argsort(var, dim=1, stable=True)  # [F, d]
+    return order[:, :c]
+
+
+def running_memory(
+    frame_means: torch.Tensor, memory: torch.Tensor | None, count: int, horizon: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Scan a bounded running mean over frames: ``m += (x - m) / min(n, horizon)``.
+
+    Exact mean of the first ``horizon`` frames, then an exponential average with momentum ``1 - 1/horizon``;
+    the state is one ``[d]`` vector and a counter whatever the stream length.
+
+    Args:
+        frame_means: ``[F, d]`` per-frame mean features, in stream order.
+        memory: ``[d]`` memory before the first of these frames, or ``None`` after a reset.
+        count: frames already folded into ``memory`` (0 after a reset).
+        horizon: the bound N (>= 1).
+
+    Returns:
+        ``(before [F, d], memory [d], count)``: ``before[f]`` is the memory frame ``f`` is scored against (its own
+        mean when nothing came before it), then the updated memory and counter.
+    """
+    before = torch.empty_like(frame_means)  # [F, d]
+    m = None if memory is None else memory.to(frame_means)
+    for f in range(frame_means.shape[0]):
+        x = frame_means[f]  # [d]
+        before[f] = x if m is None else m
+        count += 1
+        m = x.clone() if m is None else m + (x - m) / min(count, horizon)
+    return before, (memory if m is None else m), count
+
+
+def stc_redundancy(
+    embeds: torch.Tensor, memory_before: torch.Tensor, bandwidths: list[float], channel_keep: float
+) -> torch.Tensor:
+    """STC redundancy of every token: kernel similarity to its frame mean + to the memory mean.
+
+    Args:
+        embeds: ``[F, T, d]`` projected visual tokens.
+        memory_before: ``[F, d]`` memory mean each frame is compared with (see :func:`running_memory`).
+        bandwidths: Gaussian kernel bandwidths.
+        channel_keep: fraction of lowest-variance channels scored on.
+
+    Returns:
+        ``[F, T]`` float32; higher = more redundant (keep the lowest).
+    """
+    x = embeds.float()
+    ch = low_variance_channels(x, channel_keep)  # [F, c]
+    sub = x.gather(2, ch[:, None, :].expand(-1, x.shape[1], -1))  # [F, T, c]
+    sub = F.normalize(sub, dim=-1)
+    frame_mean = sub.mean(dim=1, keepdim=True)  # [F, 1, c]
+    mem = F.normalize(memory_before.float().gather(1, ch), dim=-1)[:, None, :]  # [F, 1, c]
+    frame_sim = gaussian_kernel_similarity(sub, frame_mean, bandwidths)  # [F, T]
+    memory_sim = gaussian_kernel_similarity(sub, mem, bandwidths)  # [F, T]
+    return frame_sim + memory_sim
+
+
+def temporal_dissimilarity(embeds: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
+    """``1 - cos`` between each token and the token at the same position in the previous frame.
+
+    Args:
+        embeds: ``[F, T, d]``.
+        previous: ``[T, d]`` frame before ``embeds[0]``, or ``None`` (start of stream).
+
+    Returns:
+        ``[F, T]`` in ``[0, 2]``; row 0 is NaN when ``previous`` is ``None`` (nothing to compare with).
+    """
+    x = embeds.float()
+    if previous is None:
+        prev = torch.cat([torch.full_like(x[:1], float("nan")), x[:-1]], dim=0)  # [F, T, d]
+    else:
+        prev = torch.cat([previous.float()[None].to(x.device), x[:-1]], dim=0)  # [F, T, d]
+    return 1.0 - F.cosine_similarity(x, prev, dim=-1, eps=1e-8)  # [F, T]
+
+
+def frame_change(embeds: torch.Tensor, previous: torch.Tensor | None, first: float = 1.0) -> torch.Tensor:
+    """How much each frame changed: mean over tokens of :func:`temporal_dissimilarity`.
+
+    Args:
+        embeds: ``[F, T, d]``.
+        previous: ``[T, d]`` or ``None``; the first frame of a stream gets ``first`` (1.0 = unrelated content,
+            i.e. a new scene).
+
+    Returns:
+        ``[F]`` float32 >= 0; a static frame is ~0.
+    """
+    change = temporal_dissimilarity(embeds, previous).mean(dim=1)  # [F]
+    return torch.nan_to_num(change, nan=first).clamp_min(0.0)
