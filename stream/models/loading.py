@@ -1,0 +1,100 @@
+"""Load a VLM adapter from a tiny-model folder, a local checkpoint, or a hub id -- one code path for all three."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer
+
+from stream.errors import ConfigError
+from stream.models.base import PreprocessSpec, VLMAdapter
+from stream.models.llava_onevision import LLAVA_OV_CHAT_TEMPLATE, LlavaOneVisionAdapter
+from stream.models.preprocess import RESAMPLE, RESAMPLE_BY_CODE
+from stream.models.smolvlm import SMOLVLM_CHAT_TEMPLATE, SmolVLMAdapter
+from stream.models.tiny import ensure_tiny_model, is_tiny
+
+# model_type in config.json -> (adapter, HF model class name, default chat template)
+FAMILY_BY_MODEL_TYPE: dict[str, tuple[type[VLMAdapter], str, str]] = {
+    "llava_onevision": (LlavaOneVisionAdapter, "LlavaOnevisionForConditionalGeneration", LLAVA_OV_CHAT_TEMPLATE),
+    "smolvlm": (SmolVLMAdapter, "SmolVLMForConditionalGeneration", SMOLVLM_CHAT_TEMPLATE),
+    "idefics3": (SmolVLMAdapter, "Idefics3ForConditionalGeneration", SMOLVLM_CHAT_TEMPLATE),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _read_json(model: str, name: str, local: bool) -> dict[str, Any] | None:
+    """Read ``name`` from a local folder or the hub cache (``None`` when absent)."""
+    if local:
+        path = Path(model) / name
+        return json.loads(path.read_text()) if path.is_file() else None
+    from transformers.utils import cached_file
+
+    path = cached_file(model, name, _raise_exceptions_for_missing_entries=False)
+    return json.loads(Path(path).read_text()) if path else None
+
+
+def _chat_template(model: str, local: bool, tokenizer: Any, default: str) -> str:
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.chat_template
+    data = _read_json(model, "chat_template.json", local)  # processors of llava-hf / SmolVLM checkpoints
+    return data["chat_template"] if data and "chat_template" in data else default
+
+
+def _preprocess_spec(model: str, local: bool, image_size: int) -> PreprocessSpec:
+    cfg = _read_json(model, "preprocessor_config.json", local) or {}
+    resample = cfg.get("resample", 3)
+    name = RESAMPLE_BY_CODE.get(resample, resample) if isinstance(resample, int) else str(resample)
+    if name not in RESAMPLE:
+        name = "bicubic"
+    mean = tuple(cfg.get("image_mean", (0.5, 0.5, 0.5)))
+    std = tuple(cfg.get("image_std", (0.5, 0.5, 0.5)))
+    return PreprocessSpec(size=image_size, mean=mean, std=std, resample=name)  # type: ignore[arg-type]
+
+
+def resolve_model(model: str | Path | None, family: str = "llava_onevision") -> tuple[str, bool]:
+    """``None`` -> the cached tiny model of ``family`` (built on first use); a folder -> itself; else a hub id."""
+    if model is None or str(model) in ("", "tiny", f"tiny-{family}"):
+        return str(ensure_tiny_model(family)), True
+    if str(model).startswith("tiny-"):
+        return str(ensure_tiny_model(str(model)[5:])), True
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model={str(model)!r} is a path without config.json; give a checkpoint folder "
+                              "(save_pretrained output), 'tiny-llava_onevision', 'tiny-smolvlm' or a hub id.")
+        return str(path), True
+    return str(model), False
+
+
+def load_adapter(model: str | Path | None = None, device: str = "cpu", dtype: str | torch.dtype = "float32",
+                 family: str = "llava_onevision") -> VLMAdapter:
+    """Load the model and wrap it in its family's adapter.
+
+    Args:
+        model: a folder made by ``stc-serve make-tiny-model`` or ``save_pretrained``, a hub id (needs network
+            access or a filled HF cache), ``tiny-llava_onevision`` / ``tiny-smolvlm``, or ``None`` for the built-in
+            tiny LLaVA-OneVision (random weights).
+        device: torch device string.
+        dtype: ``float32``, ``bfloat16`` or ``float16`` (or a ``torch.dtype``).
+    """
+    import transformers
+
+    name, local = resolve_model(model, family)
+    torch_dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    if not isinstance(torch_dtype, torch.dtype):
+        raise ConfigError(f"dtype={dtype!r} is not supported; use one of {list(DTYPES)}")
+    cfg = _read_json(name, "config.json", local) or {}
+    model_type = cfg.get("model_type")
+    if model_type not in FAMILY_BY_MODEL_TYPE:
+        raise ConfigError(f"model {name!r} has model_type={model_type!r}; supported: {sorted(FAMILY_BY_MODEL_TYPE)}")
+    adapter_cls, class_name, default_template = FAMILY_BY_MODEL_TYPE[model_type]
+    hf_cls = getattr(transformers, class_name)
+    hf_model = hf_cls.from_pretrained(name, local_files_only=local, dtype=torch_dtype).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local)
+    spec = _preprocess_spec(name, local, hf_model.config.vision_config.image_size)
+    adapter = adapter_cls(hf_model, tokenizer, spec, _chat_template(name, local, tokenizer, default_template))
+    adapter.random_weights = local and is_tiny(name)
+    adapter.source = name
+    return adapter

@@ -1,0 +1,175 @@
+"""Tiny models: the real LLaVA-OneVision / SmolVLM architectures from small configs with RANDOM weights.
+
+No weights can be downloaded on our dev/CI machines, so tests, the demo and CI use these. They keep the real
+token geometry (196 tokens per frame at 384 px for LLaVA-OV, 64 at 512 px for SmolVLM) and a real tokenizer
+(byte-level BPE trained offline here, with the family's special tokens and chat template). Answers are
+meaningless: every output that uses one says so.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from stream.models.llava_onevision import LLAVA_OV_CHAT_TEMPLATE
+from stream.models.smolvlm import SMOLVLM_CHAT_TEMPLATE
+
+FAMILIES = ("llava_onevision", "smolvlm")
+TINY_MARKER = "stc_tiny.json"
+TINY_VERSION = 1
+
+_SPECIALS = {
+    "llava_onevision": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"],
+    "smolvlm": ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>",
+                "<global-img>", "<image>"],
+}
+_EOS = {"llava_onevision": "<|im_end|>", "smolvlm": "<end_of_utterance>"}
+_WORDS = (
+    "a the person people man woman child car bus bike dog cat box hand table street road camera video frame scene "
+    "walks runs moves stands sits holds picks puts opens closes turns left right up down near far into out of on in "
+    "red blue green white black small large fast slow what is happening where who how many when why does do there "
+    "are was were it they he she this that here now then before after second minute time first last next again "
+    "answer question yes no one two three four five six seven eight nine ten describe show see look watch count"
+).split()
+
+
+def _corpus(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n):
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(4, 14))]
+        lines.append(" ".join(words).capitalize() + rng.choice([".", "?", "!", ":"]) + f" {rng.randint(0, 59):02d}")
+    return lines
+
+
+def train_tokenizer(family: str, vocab_size: int = 1024, seed: int = 0) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained offline on a generated corpus, with the family's special tokens and chat template."""
+    specials = _SPECIALS[family]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(_corpus(4000, seed), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=_EOS[family], pad_token="<|endoftext|>", unk_token=None
+    )
+    fast.add_special_tokens({"additional_special_tokens": specials[1:]})
+    fast.chat_template = LLAVA_OV_CHAT_TEMPLATE if family == "llava_onevision" else SMOLVLM_CHAT_TEMPLATE
+    return fast
+
+
+def _text_config(vocab: int, overrides: dict[str, Any] | None) -> dict[str, Any]:
+    cfg = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=32768, tie_word_embeddings=False)
+    cfg.update(overrides or {})
+    cfg["vocab_size"] = max(cfg["vocab_size"], vocab)
+    return cfg
+
+
+def _vision_config(family: str, overrides: dict[str, Any] | None) -> dict[str, Any]:
+    size, patch = (384, 14) if family == "llava_onevision" else (512, 16)
+    cfg = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               image_size=size, patch_size=patch)
+    cfg.update(overrides or {})
+    return cfg
+
+
+def build_tiny_model(family: str, tokenizer: PreTrainedTokenizerFast, text_overrides: dict[str, Any] | None = None,
+                     vision_overrides: dict[str, Any] | None = None, seed: int = 0) -> torch.nn.Module:
+    """Instantiate the family's real HF model class from a small config, weights seeded with ``seed``."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, SmolVLMConfig
+    from transformers import SmolVLMForConditionalGeneration
+
+    vocab = len(tokenizer)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in _SPECIALS[family]}
+    text = _text_config(vocab, text_overrides)
+    vision = _vision_config(family, vision_overrides)
+    torch.manual_seed(seed)
+    if family == "llava_onevision":
+        text["model_type"] = "qwen2"
+        config = LlavaOnevisionConfig(
+            text_config=text, vision_config={**vision, "model_type": "siglip_vision_model"},
+            image_token_id=ids["<image>"], video_token_id=ids["<video>"], vision_feature_layer=-1,
+            vision_feature_select_strategy="full", image_grid_pinpoints=[[vision["image_size"]] * 2],
+            tie_word_embeddings=False,
+        )
+        model = LlavaOnevisionForConditionalGeneration(config)
+    else:
+        text["model_type"] = "llama"
+        config = SmolVLMConfig(
+            text_config=text, vision_config=vision, scale_factor=4, image_token_id=ids["<image>"],
+            tie_word_embeddings=False,
+        )
+        model = SmolVLMForConditionalGeneration(config)
+    model.config.text_config.pad_token_id = tokenizer.pad_token_id
+    return model.eval()
+
+
+def _preprocessor_config(family: str, size: int) -> dict[str, Any]:
+    """The fields of HF's ``preprocessor_config.json`` that our preprocessing reads."""
+    if family == "llava_onevision":
+        return {"image_processor_type": "LlavaOnevisionImageProcessor", "image_mean": [0.5, 0.5, 0.5],
+                "image_std": [0.5, 0.5, 0.5], "resample": 3, "size": {"height": size, "width": size}}
+    return {"image_processor_type": "SmolVLMImageProcessor", "image_mean": [0.5, 0.5, 0.5],
+            "image_std": [0.5, 0.5, 0.5], "resample": 1, "size": {"longest_edge": size},
+            "max_image_size": {"longest_edge": size}}
+
+
+def make_tiny_model(out_dir: str | Path, family: str = "llava_onevision", seed: int = 0,
+                    text_overrides: dict[str, Any] | None = None,
+                    vision_overrides: dict[str, Any] | None = None) -> Path:
+    """Build and save a tiny random-weight model + tokenizer to ``out_dir`` (written atomically); return the path.
+
+    It loads back with ``from_pretrained(out_dir, local_files_only=True)`` or :func:`stream.models.load_adapter`.
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"family={family!r} is not supported; use one of {list(FAMILIES)}")
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tokenizer = train_tokenizer(family, seed=seed)
+        model = build_tiny_model(family, tokenizer, text_overrides, vision_overrides, seed)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        size = model.config.vision_config.image_size
+        (tmp / "preprocessor_config.json").write_text(json.dumps(_preprocessor_config(family, size), indent=2))
+        marker = {"family": family, "random_weights": True, "seed": seed, "version": TINY_VERSION,
+                  "text_overrides": text_overrides or {}, "vision_overrides": vision_overrides or {}}
+        (tmp / TINY_MARKER).write_text(json.dumps(marker, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def is_tiny(path: str | Path) -> bool:
+    """True when ``path`` is a tiny random-weight model made by :func:`make_tiny_model`."""
+    return (Path(path) / TINY_MARKER).is_file()
+
+
+def default_tiny_dir(family: str = "llava_onevision") -> Path:
+    """Where the built-in tiny model is cached (``$XDG_CACHE_HOME/stc-serve`` or ``~/.cache/stc-serve``)."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "stc-serve"
+    return root / f"tiny-{family}-v{TINY_VERSION}"
+
+
+def ensure_tiny_model(family: str = "llava_onevision") -> Path:
+    """Return the cached tiny model folder, building it on first use."""
+    path = default_tiny_dir(family)
+    if not is_tiny(path):
+        make_tiny_model(path, family)
+    return path
