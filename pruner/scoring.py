@@ -117,8 +117,13 @@ def temporal_dissimilarity(embeds: torch.Tensor, previous: torch.Tensor | None) 
     return 1.0 - F.cosine_similarity(x, prev, dim=-1, eps=1e-8)  # [F, T]
 
 
+CHANGE_FLOOR = 1e-5  # float32 cosine noise of identical frames is ~1e-7; below this a frame counts as static
+
+
 def frame_change(embeds: torch.Tensor, previous: torch.Tensor | None, first: float = 1.0) -> torch.Tensor:
     """How much each frame changed: mean over tokens of :func:`temporal_dissimilarity`.
+
+    Values under :data:`CHANGE_FLOOR` are set to exactly 0, so rounding noise never steers a budget.
 
     Args:
         embeds: ``[F, T, d]``.
@@ -129,4 +134,5 @@ def frame_change(embeds: torch.Tensor, previous: torch.Tensor | None, first: flo
         ``[F]`` float32 >= 0; a static frame is ~0.
     """
     change = temporal_dissimilarity(embeds, previous).mean(dim=1)  # [F]
-    return torch.nan_to_num(change, nan=first).clamp_min(0.0)
+    change = torch.nan_to_num(change, nan=first)
+    return torch.where(change < CHANGE_FLOOR, torch.zeros_like(change), change)
