@@ -1,0 +1,96 @@
+"""Test doubles of the vision/LLM stages (same methods as serve.stages), and frame helpers for the service tests.
+
+The doubles are deterministic and observable: the fake LLM answers with what it has seen ("frames=N last=T"), so a
+test can check that a question sees exactly the frames that reached the LLM, per stream.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from serve.messages import EncodedChunk
+from stream.errors import RequestError
+from stream.frames import FrameBatch
+
+
+class UnknownStream(RequestError):
+    status = 404
+
+
+class FakeVisionStage:
+    """One token per frame (the frame's mean RGB); ``delay_s`` per chunk simulates a slow encoder."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s
+        self.streams: dict[str, dict[str, int]] = {}
+        self.lock = threading.Lock()
+
+    def open(self, stream_id: str, options: Any = None) -> None:
+        with self.lock:
+            self.streams[stream_id] = {"frames": 0, "tokens_in": 0, "tokens_kept": 0}
+
+    def encode(self, stream_id: str, batch: FrameBatch) -> EncodedChunk:
+        if stream_id not in self.streams:
+            raise UnknownStream(f"stream {stream_id!r} not open")
+        time.sleep(self.delay_s)
+        embeds = torch.from_numpy(batch.rgb.reshape(len(batch), -1, 3).mean(axis=1)).float()  # [F, 3]
+        st = self.streams[stream_id]
+        st["frames"] += len(batch)
+        st["tokens_in"] += 4 * len(batch)
+        st["tokens_kept"] += len(batch)
+        return EncodedChunk(stream_id, embeds, [1] * len(batch), batch.pts.tolist(),
+                            {"tokens_in": 4 * len(batch), "tokens_kept": len(batch)})
+
+    def close(self, stream_id: str) -> None:
+        if self.streams.pop(stream_id, None) is None:
+            raise UnknownStream(f"stream {stream_id!r} not open")
+
+    def stats(self, stream_id: str) -> dict[str, Any]:
+        if stream_id not in self.streams:
+            raise UnknownStream(f"stream {stream_id!r} not open")
+        return {**self.streams[stream_id], "cache": {"reuse_ratio": 0.5}}
+
+
+class FakeLLMStage:
+    """Keeps each stream's received pts; answers 'frames=<n> last=<pts>' in a few pieces."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, list[float]] = {}
+
+    def open(self, stream_id: str, options: Any = None) -> None:
+        self.seen[stream_id] = []
+
+    def append(self, chunk: EncodedChunk) -> dict[str, Any]:
+        if chunk.stream_id not in self.seen:
+            raise UnknownStream(f"stream {chunk.stream_id!r} not open")
+        self.seen[chunk.stream_id].extend(chunk.pts)
+        return {"llm_tokens": int(chunk.embeds.shape[0])}
+
+    def ask(self, stream_id: str, question: str, max_new_tokens: int = 64) -> Iterator[str]:
+        if stream_id not in self.seen:
+            raise UnknownStream(f"stream {stream_id!r} not open")
+        pts = list(self.seen[stream_id])
+        last = f"{pts[-1]:.2f}" if pts else "none"
+        for piece in (f"frames={len(pts)}", " ", f"last={last}"):
+            yield piece
+
+    def close(self, stream_id: str) -> None:
+        if self.seen.pop(stream_id, None) is None:
+            raise UnknownStream(f"stream {stream_id!r} not open")
+
+    def stats(self, stream_id: str) -> dict[str, Any]:
+        if stream_id not in self.seen:
+            raise UnknownStream(f"stream {stream_id!r} not open")
+        n = len(self.seen[stream_id])
+        return {"kv_tokens": n, "kv_bytes": 64 * n}
+
+
+def frames(n: int, height: int = 32, width: int = 48, fps: float = 10.0, start: int = 0) -> tuple[np.ndarray, list[float]]:
+    """``n`` distinct RGB frames ``[n, H, W, 3]`` (frame i has value (start+i) % 256) and pts at ``fps``."""
+    idx = np.arange(start, start + n)
+    rgb = np.broadcast_to((idx % 256).astype(np.uint8)[:, None, None, None], (n, height, width, 3)).copy()
+    return rgb, [float(i) / fps for i in idx]
