@@ -1,0 +1,186 @@
+"""Request and response models of the HTTP API (one place for the service's contract; shown in OpenAPI).
+
+Requests reject unknown keys. Errors always have the shape of :class:`ErrorResponse`. Questions are answered as
+server-sent events: ``event: token`` (``data: {"text": ...}``) for each piece, then one ``event: done``
+(:class:`AnswerDone`) or ``event: error`` (:class:`ErrorBody`).
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+STREAM_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+StreamKind = Literal["file", "live", "push"]
+StreamState = Literal["starting", "running", "reconnecting", "ended", "failed", "closed"]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CreateStreamRequest(_Request):
+    """Open a stream: from a source URL/path, or (``source`` omitted) fed by pushed frames."""
+
+    source: str | None = Field(
+        None,
+        min_length=1,
+        max_length=4096,
+        description="'rtsp://...', 'http(s)://...', or a file path relative to the media root. "
+        "Omit it for a stream fed by POST /streams/{id}/frames.",
+        examples=["rtsp://127.0.0.1:8554/cam", "vtest.avi"],
+    )
+    stream_id: str | None = Field(
+        None, pattern=STREAM_ID_PATTERN, description="Choose the id (default: a random one). 409 if it exists."
+    )
+    fps: float | None = Field(None, gt=0, le=1000, description="Frames per second kept (default from the config).")
+    frames_per_chunk: int | None = Field(None, ge=1, le=4096, description="Frames per encoder call (default: config).")
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Per-stream pipeline options (prune budget/policy, cache ratio, KV budget/policy); "
+        "unknown keys are rejected. Default: the service config.",
+        examples=[{"prune_budget": 0.25, "kv_budget_tokens": 4096}],
+    )
+
+
+class QuestionRequest(_Request):
+    """Ask about what the stream has shown so far."""
+
+    question: str = Field(..., min_length=1, description="The question, in plain text.")
+    max_new_tokens: int = Field(64, ge=1, description="Answer length limit in tokens.")
+    wait_s: float = Field(
+        0.0,
+        ge=0,
+        le=600,
+        description="Wait up to this long for frames already received to reach the LLM before answering "
+        "(0: answer about what the LLM holds now).",
+    )
+
+
+class IngestStats(BaseModel):
+    """Counters of one stream's ingest actor (decode, sample, chunk, queue)."""
+
+    frames_in: int = Field(0, description="Frames decoded or pushed.")
+    frames_sampled: int = Field(0, description="Frames kept by the fps sampler.")
+    frames_encoded: int = Field(0, description="Frames the encoder processed.")
+    frames_dropped: int = Field(0, description="Frames dropped because the encoder lagged (both queues).")
+    chunks_encoded: int = Field(0, description="Chunks sent through encoder and LLM.")
+    chunks_dropped: int = Field(0, description="Whole chunks dropped from the chunk queue.")
+    queued_chunks: int = Field(0, description="Chunks waiting for the encoder now.")
+    reconnects: int = Field(0, description="Live-source reconnects so far.")
+    state_resets: int = Field(0, description="Times the stream's model state was rebuilt cold (replica lost).")
+    encode_ms_p50: float | None = Field(None, description="Median encoder+LLM time per chunk (ms).")
+    last_pts: float | None = Field(None, description="Presentation time of the newest encoded frame (s).")
+
+
+class StreamStats(BaseModel):
+    """Everything known about one stream."""
+
+    stream_id: str
+    kind: StreamKind
+    source: str | None
+    state: StreamState
+    error: str | None = Field(None, description="Why the stream ended or failed, if it did.")
+    created_at: float = Field(..., description="Unix time the stream was opened.")
+    questions: int = Field(0, description="Questions answered.")
+    ingest: IngestStats
+    cache_reuse: float | None = Field(None, description="Share of ViT work reused by the STC cacher (0..1).")
+    tokens_kept: int | None = Field(None, description="Visual tokens kept by the pruner so far.")
+    tokens_total: int | None = Field(None, description="Visual tokens before pruning so far.")
+    kv_tokens: int | None = Field(None, description="Tokens held in the stream's KV cache now.")
+    kv_bytes: int | None = Field(None, description="Bytes of the stream's KV cache now.")
+    vision: dict[str, Any] = Field(default_factory=dict, description="The vision stage's own counters.")
+    llm: dict[str, Any] = Field(default_factory=dict, description="The LLM stage's own counters.")
+
+
+class StreamList(BaseModel):
+    """All open streams."""
+
+    streams: list[StreamStats]
+
+
+class PushResponse(BaseModel):
+    """Result of one pushed batch."""
+
+    stream_id: str
+    accepted: int = Field(..., description="Frames of this batch queued.")
+    frames_in: int = Field(..., description="Frames pushed to this stream so far.")
+    frames_dropped: int = Field(..., description="Frames this stream dropped so far (encoder lag).")
+
+
+class AnswerDone(BaseModel):
+    """Last event of an answer."""
+
+    answer: str
+    tokens: int = Field(..., description="Text pieces generated.")
+    ttft_ms: float = Field(..., description="Time to the first piece, measured at the ingress.")
+    total_ms: float
+
+
+class ErrorBody(BaseModel):
+    """What went wrong, and how to fix it."""
+
+    type: str = Field(..., description="Error class, e.g. 'StreamNotFoundError'.")
+    status: int = Field(..., description="HTTP status.")
+    message: str = Field(..., description="The bad value, what is allowed, and the fix.")
+
+
+class ErrorResponse(BaseModel):
+    """Body of every 4xx/5xx answer."""
+
+    error: ErrorBody
+
+
+class HealthResponse(BaseModel):
+    """Liveness of the ingress and the model deployments."""
+
+    status: Literal["ok", "degraded"]
+    streams: int
+    deployments: dict[str, str] = Field(default_factory=dict, description="Deployment name -> status.")
+
+
+# ---- service errors (each carries its HTTP status; see stream.errors for the source family) ----
+from stream.errors import RequestError, StcError  # noqa: E402
+
+
+class UnauthorizedError(RequestError):
+    """Missing or wrong API key."""
+
+    status = 401
+
+
+class ForbiddenSourceError(RequestError):
+    """The source is not allowed: a file outside the media root, file sources disabled, or a URL scheme refused."""
+
+    status = 403
+
+
+class StreamNotFoundError(RequestError):
+    """No open stream has this id."""
+
+    status = 404
+
+
+class StreamExistsError(RequestError):
+    """A stream with the requested id is already open."""
+
+    status = 409
+
+
+class StreamStateError(RequestError):
+    """The stream cannot take this request in its state (e.g. frames pushed to a file stream or a closed one)."""
+
+    status = 409
+
+
+class CapacityError(RequestError):
+    """The service (or every replica) already holds its maximum number of streams."""
+
+    status = 429
+
+
+class StreamMisroutedError(StcError):
+    """A request reached a replica that holds no state for its stream (router not yet updated, or replica lost).
+
+    Not a client error: callers retry, then reopen the stream cold.
+    """
