@@ -29,7 +29,10 @@ class SourceConfig(StrictModel):
         "tcp", description="RTSP transport: 'tcp' (interleaved, robust through NAT/firewalls) or 'udp' (lower latency)."
     )
     queue_size: int = Field(
-        64, ge=1, le=100_000, description="Frames held by a pushed (memory) source or a live source's read-ahead buffer."
+        64,
+        ge=1,
+        le=100_000,
+        description="Frames held by a pushed (memory) source or a live source's read-ahead buffer.",
     )
     overflow: OverflowPolicy = Field(
         "drop_oldest",

@@ -47,16 +47,19 @@ def make_clip(
     size: tuple[int, int] = (64, 48),
     codec: str = "libx264",
     pts_s: Sequence[float] | None = None,
+    faststart: bool = False,
 ) -> Path:
     """Encode a moving-square clip with PyAV and return ``path`` (container from the suffix).
 
     Args:
         size: ``(width, height)``; even numbers for yuv420p codecs.
         pts_s: explicit presentation times in seconds (variable frame rate); default ``i / fps``.
+        faststart: MP4 only: index at the front (playable while downloading) instead of at the end.
     """
     width, height = size
     time_base = Fraction(1, 1000) if pts_s is not None else Fraction(1, fps)
-    with av.open(str(path), mode="w") as container:
+    options = {"movflags": "faststart"} if faststart else {}
+    with av.open(str(path), mode="w", options=options) as container:
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.time_base = time_base

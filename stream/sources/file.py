@@ -156,7 +156,8 @@ class FileSource(FrameSource):
             ) from None
         self._next_index = indices[-1] + 1
         pts = _as_seconds(self._times[indices[0] : indices[-1] + 1, 0])
-        return [Frame(rgb=rgb[k], pts=float(pts[k]), index=i) for k, i in enumerate(indices)]
+        # copies: a view would keep the whole batch alive while a sampler holds one frame of it
+        return [Frame(rgb=rgb[k].copy(), pts=float(pts[k]), index=i) for k, i in enumerate(indices)]
 
     def _release(self) -> None:
         self._pending.clear()
@@ -188,7 +189,10 @@ def _open_decord(path: Path, num_threads: int) -> decord.VideoReader:
 def _plausible(starts: np.ndarray) -> bool:
     """Finite, non-decreasing, starting near 0 and below ~100 days (decord reports ~9.2e15 when it has none)."""
     return bool(
-        np.all(np.isfinite(starts)) and starts[0] > -1.0 and starts[-1] < _MAX_PLAUSIBLE_S and np.all(np.diff(starts) >= 0)
+        np.all(np.isfinite(starts))
+        and starts[0] > -1.0
+        and starts[-1] < _MAX_PLAUSIBLE_S
+        and np.all(np.diff(starts) >= 0)
     )
 
 

@@ -43,9 +43,9 @@ def map_av_error(exc: Exception, url: str, action: str, elapsed_s: float, timeou
             f"{shown}: no answer within {timeout_s:g}s while {action} ({detail}). "
             "Fix: check that the camera/server is up and streaming, or raise open_timeout_s/read_timeout_s."
         )
-    if isinstance(exc, av.error.HTTPNotFoundError) or "404" in str(exc):
+    if isinstance(exc, av.error.HTTPNotFoundError):
         return SourceNotFoundError(f"{shown}: the server has no such stream ({detail}). Fix: check the URL's path.")
-    if isinstance(exc, (av.error.HTTPUnauthorizedError, av.error.HTTPForbiddenError)) or "401" in str(exc):
+    if isinstance(exc, (av.error.HTTPUnauthorizedError, av.error.HTTPForbiddenError)):
         return SourceUnreachableError(
             f"{shown}: access denied ({detail}). Fix: put valid credentials in the URL (rtsp://user:pass@host/...)."
         )

@@ -63,7 +63,9 @@ class MemorySource(FrameSource):
             SourceTimeoutError: ``overflow="block"`` and no room came within ``timeout_s``.
         """
         if not isinstance(frame, Frame):
-            raise TypeError(f"push() takes a stream.frames.Frame, got {type(frame).__name__}; use push_batch for batches")
+            raise TypeError(
+                f"push() takes a stream.frames.Frame, got {type(frame).__name__}; use push_batch() for batches"
+            )
         with self._cond:
             self._check_open()
             if len(self._queue) >= self.max_queue:

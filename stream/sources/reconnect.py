@@ -6,7 +6,7 @@ from typing import Callable
 
 from stream.errors import SourceError
 from stream.frames import Frame
-from stream.sources.base import FrameSource, SourceInfo
+from stream.sources.base import FrameSource
 
 
 class ReconnectingSource(FrameSource):
