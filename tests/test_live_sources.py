@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
+import av
 import numpy as np
 import pytest
 
@@ -134,6 +135,20 @@ def test_http_file_reads_every_frame(tmp_path: Path) -> None:
     with FileSource(clip) as local:
         for ours, ref in zip(frames, local):
             assert np.abs(ours.rgb.astype(int) - ref.rgb.astype(int)).mean() < 1.0
+
+
+def test_hls_playlist_goes_to_pyav(tmp_path: Path) -> None:
+    clip = make_clip(tmp_path / "clip.mp4", num_frames=60, fps=30)
+    with av.open(str(clip)) as src, av.open(str(tmp_path / "play.m3u8"), "w", format="hls") as out:
+        video = out.add_stream_from_template(src.streams.video[0])
+        for packet in src.demux(src.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = video
+                out.mux(packet)
+    with open_source(tmp_path / "play.m3u8") as source:  # decord cannot read playlists
+        assert isinstance(source, LiveSource) and not source.is_live  # the playlist is complete (ENDLIST)
+        pts = [f.pts for f in source]
+    assert pts == pytest.approx([i / 30 for i in range(60)], abs=1e-3)
 
 
 @pytest.mark.parametrize("scheme", ["rtsp", "http"])

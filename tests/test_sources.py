@@ -124,6 +124,19 @@ def test_truncated_real_video(tmp_path: Path, name: str) -> None:
     _raises_fast(SourceFormatError, half, "truncated")
 
 
+def test_damaged_middle_raises_while_reading(tmp_path: Path) -> None:
+    data = bytearray(real_video("box.mp4").read_bytes())
+    start = int(len(data) * 0.4)
+    data[start : start + len(data) // 10] = bytes(len(data) // 10)  # a zeroed block: the index is intact
+    damaged = tmp_path / "damaged.mp4"
+    damaged.write_bytes(bytes(data))
+    count = 0
+    with pytest.raises(SourceFormatError, match=r"damaged.mp4: frames \d+\.\.\d+ fail to decode.*Fix:"):
+        for _ in open_source(damaged):
+            count += 1
+    assert 100 < count < 456  # the frames before the damage came through
+
+
 def test_truncated_generated_clip(tmp_path: Path) -> None:
     # PyAV writes the mp4 index at the end: half a file has none; a Matroska file has its length in the header
     clip = make_clip(tmp_path / "clip.mp4", num_frames=60)

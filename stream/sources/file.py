@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,8 +166,10 @@ class FileSource(FrameSource):
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[-1][:200] if text else type(exc).__name__
+    """decord's message without its ``[time] /source/file.cc:N:`` prefixes, one line, at most 200 characters."""
+    lines = str(exc).strip().splitlines()
+    text = re.sub(r"\[[0-9:]+\] \S+\.cc:\d+: ", "", lines[-1] if lines else "")
+    return text[:200] or type(exc).__name__
 
 
 def _open_decord(path: Path, num_threads: int) -> decord.VideoReader:
@@ -239,6 +242,6 @@ def _check_complete(path: Path, present_end_s: float, declared_end_s: float, fps
     slack = max(3.0 / fps if fps else 0.0, 0.02 * declared_end_s, 0.25)
     if declared_end_s - present_end_s > slack:
         raise SourceFormatError(
-            f"{path} is truncated: its header says the video lasts {declared_end_s:.2f}s but its frames end at "
+            f"{path} is truncated or damaged: its header says the video lasts {declared_end_s:.2f}s but its frames end at "
             f"{present_end_s:.2f}s. Fix: re-download or re-copy the complete file."
         )
