@@ -110,6 +110,11 @@ class HttpSettings(StrictModel):
 
     host: str = Field("127.0.0.1", min_length=1, description="Bind address ('0.0.0.0' to listen on every interface).")
     port: int = Field(8000, ge=1, le=65535, description="TCP port of the HTTP API.")
+    proxy_location: Literal["HeadOnly", "EveryNode", "Disabled"] = Field(
+        "HeadOnly",
+        description="Where Serve runs HTTP proxies: the head node only, every node (behind a load balancer), or "
+        "none (handles only).",
+    )
 
 
 class IngestSettings(StrictModel):

@@ -94,3 +94,8 @@ def frames(n: int, height: int = 32, width: int = 48, fps: float = 10.0, start: 
     idx = np.arange(start, start + n)
     rgb = np.broadcast_to((idx % 256).astype(np.uint8)[:, None, None, None], (n, height, width, 3)).copy()
     return rgb, [float(i) / fps for i in idx]
+
+
+def fake_stage_factory(kind: str, config: Any) -> Any:
+    """``serve.app.build_app`` stage factory building the doubles (runs inside Ray replicas)."""
+    return FakeVisionStage() if kind == "vision" else FakeLLMStage()
