@@ -55,6 +55,7 @@ def test_rate_not_a_multiple_keeps_min_spacing() -> None:
 def test_target_above_source_rate_keeps_everything() -> None:
     pts = np.arange(50) / 10
     assert select_by_timestamp(pts, 30.0).tolist() == list(range(50))
+    assert select_by_timestamp(np.zeros(0), 1.0).tolist() == []
 
 
 def test_variable_frame_rate_and_gaps() -> None:

@@ -40,7 +40,8 @@ def open_source(spec: str | Path, config: SourceConfig | None = None) -> FrameSo
     """Open the source named by ``spec`` with the settings of ``config``.
 
     ``spec`` is a file path (or ``file://`` URL), an ``rtsp(s)://`` / ``http(s)://`` URL, an ``.m3u8``/``.sdp``
-    file, or ``memory://`` (an empty :class:`MemorySource` to push frames into). Live streams are wrapped in
+    file, or ``memory://`` (an empty :class:`MemorySource` to push frames into, ``queue_size``/``overflow`` from
+``config``, reads wait without a timeout). Live streams (RTSP, or HTTP without a known duration) are wrapped in
     :class:`ReconnectingSource` (if ``config.reconnect_attempts > 0``) and :class:`BufferedSource` (if
     ``config.live_buffer``).
 
