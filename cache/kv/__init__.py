@@ -1,0 +1,22 @@
+"""LLM side of the service: one shared language model, a bounded KV session per live stream.
+
+Public API: :class:`LLMEngine` (open / append / ask / close / stats / memory_bytes), :class:`KVConfig`,
+:class:`Sampling`, the stats records and errors. Pure building blocks live in :mod:`cache.kv.policies`,
+:mod:`cache.kv.quant` and :mod:`cache.kv.rope`.
+"""
+from cache.kv.config import KVConfig, Sampling
+from cache.kv.engine import LLMEngine
+from cache.kv.errors import KVCapacityError, StreamExistsError, UnknownStreamError
+from cache.kv.stats import EngineStats, RetrievedBlock, SessionStats
+
+__all__ = [
+    "EngineStats",
+    "KVCapacityError",
+    "KVConfig",
+    "LLMEngine",
+    "RetrievedBlock",
+    "Sampling",
+    "SessionStats",
+    "StreamExistsError",
+    "UnknownStreamError",
+]

@@ -1,0 +1,253 @@
+"""One shared LLM serving many live streams, each with a bounded KV session, under one replica memory budget.
+
+Typical use (the pipeline feeds it from the model adapter)::
+
+    engine = LLMEngine(adapter.llm, KVConfig(budget_tokens=8192), memory_budget_bytes=8 << 30)
+    engine.open("cam1", adapter.llm.embed(adapter.stream_prefix_ids()))
+    engine.append("cam1", adapter.chunk_embeds(frames, pts), meta={"pts": pts})   # per chunk, on arrival
+    for token in engine.ask("cam1", adapter.question_embeds(q), 64, adapter.eos_token_ids):
+        ...                                                                        # decode / stream out
+    engine.close("cam1")
+
+Concurrency: every public method may be called from any thread. Calls on the same stream are serialised by that
+stream's lock (an ``ask`` iterator holds it until it is exhausted or closed, so appends to that stream wait for
+the answer). Calls on different streams run concurrently, but every model forward (one chunk, one question, one
+decoded token) runs under one engine-wide model lock -- on CPU parallel forwards would only fight over cores; answers
+on different streams interleave token by token. Lock order: registry -> session -> budget -> block store; the model
+lock is only taken with no budget/store lock held.
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+from typing import Any, Iterable, Iterator, Mapping
+
+import torch
+
+from cache.kv.budget import ReplicaBudget
+from cache.kv.config import KVConfig, Sampling
+from cache.kv.errors import KVCapacityError, StreamExistsError, UnknownStreamError
+from cache.kv.rope import rope_inv_freq
+from cache.kv.session import KVSession, reserved_bytes
+from cache.kv.stats import EngineStats, SessionStats
+from stream.errors import ConfigError, RequestError
+from stream.models.llm import TextLM
+
+
+class LLMEngine:
+    """Shared language model + bounded KV sessions keyed by stream id.
+
+    Args:
+        llm: the decoder-only language model (see :class:`stream.models.llm.TextLM`), in eval mode.
+        config: per-stream KV settings (the same for every stream of this engine).
+        memory_budget_bytes: cap on all sessions' KV bytes together (attention buffers + offloaded CPU storage).
+            Each stream reserves :meth:`bytes_per_stream` at open; offloaded history fills the rest and is dropped
+            oldest-first (across streams) when full; a stream that cannot fit is refused with
+            :class:`~cache.kv.errors.KVCapacityError`.
+    """
+
+    def __init__(self, llm: TextLM, config: KVConfig, memory_budget_bytes: int) -> None:
+        self.llm, self.config = llm, config
+        self.inv_freq = rope_inv_freq(llm.decoder, llm.head_dim)
+        self.summary_layers = _resolve_layers(config.summary_layers, llm.num_layers)
+        if config.policy == "offload" and config.retrieval_score == "query_key":
+            _check_q_proj(llm, self.summary_layers)
+        per_stream = reserved_bytes(llm, config)
+        if memory_budget_bytes < per_stream:
+            raise ConfigError(
+                f"memory_budget_bytes={memory_budget_bytes} cannot hold one stream: a stream reserves {per_stream} "
+                f"bytes ((budget_tokens {config.budget_tokens} + sink_tokens {config.sink_tokens}) x "
+                f"{llm.kv_bytes_per_token()} bytes per token). Fix: raise it or lower kv.budget_tokens."
+            )
+        self.budget = ReplicaBudget(memory_budget_bytes)
+        self._model_lock = threading.Lock()
+        self._registry_lock = threading.Lock()
+        self._sessions: dict[str, KVSession] = {}
+        self._seq = itertools.count()
+
+    # ------------------------------------------------------------------ streams
+    def open(self, stream_id: str, prefix_embeds: torch.Tensor) -> SessionStats:
+        """Open a stream: reserve its memory and prefill its prefix ``[L, d]`` (kept as attention sink).
+
+        Raises:
+            StreamExistsError: ``stream_id`` is already open (409).
+            KVCapacityError: the replica budget cannot hold another stream (503).
+            RequestError: bad id or prefix shape / length (400).
+        """
+        if not isinstance(stream_id, str) or not stream_id:
+            raise RequestError(f"stream_id must be a non-empty string, got {stream_id!r}")
+        prefix = self._check_embeds(prefix_embeds, "prefix_embeds", allow_empty=True)
+        if prefix.shape[0] > self.config.sink_tokens:
+            raise RequestError(
+                f"prefix_embeds has {prefix.shape[0]} tokens but kv.sink_tokens={self.config.sink_tokens}; "
+                "raise kv.sink_tokens or shorten the stream prompt"
+            )
+        session = self._register(stream_id)
+        try:
+            session.prefill_prefix(prefix)
+        except BaseException:
+            self._unregister(stream_id, session)
+            raise
+        finally:
+            session.lock.release()
+        return self.stats(stream_id)
+
+    def _register(self, stream_id: str) -> KVSession:
+        """Reserve, allocate and register a session; returns it with its lock held."""
+        with self._registry_lock:
+            if stream_id in self._sessions:
+                raise StreamExistsError(f"stream {stream_id!r} is already open; close it first or use another id")
+            session = self._new_session(stream_id)
+            session.lock.acquire()
+            self._sessions[stream_id] = session
+            return session
+
+    def _new_session(self, stream_id: str) -> KVSession:
+        offload = self.config.policy == "offload"
+        # reserve first (a store handle is needed for offload), so nothing is allocated beyond the budget
+        session_args = (stream_id, self.llm, self.config, self.inv_freq, self.summary_layers, self._model_lock)
+        self.budget.reserve(stream_id, reserved_bytes(self.llm, self.config))
+        try:
+            session = KVSession(*session_args, self.budget.store_block if offload else None, self._seq.__next__)
+        except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
+            self.budget.release(stream_id)
+            if isinstance(exc, RuntimeError) and "memory" not in str(exc).lower():
+                raise
+            raise KVCapacityError(f"cannot allocate the KV buffer of stream {stream_id!r}: {exc}") from exc
+        if session.store is not None:
+            self.budget.attach_store(stream_id, session.store)
+        return session
+
+    def _unregister(self, stream_id: str, session: KVSession) -> int:
+        with self._registry_lock:
+            if self._sessions.get(stream_id) is session:
+                del self._sessions[stream_id]
+        session.closed = True
+        freed = self.budget.release(stream_id)
+        session.free()
+        return freed
+
+    def close(self, stream_id: str) -> int:
+        """Close a stream and free its memory; waits for its in-flight call. Returns the bytes freed."""
+        session = self._get(stream_id)
+        session.closed = True  # an answer in flight stops after its current token
+        with session.lock:
+            return self._unregister(stream_id, session)
+
+    def append(self, stream_id: str, embeds: torch.Tensor, meta: Mapping[str, Any] | None = None) -> None:
+        """Prefill one chunk ``[L, d]`` (visual tokens + interleaved text) as one block of ``stream_id``.
+
+        ``meta`` (e.g. ``{"pts": [...], "frames": [...]}``) is kept with the block and reported when the block is
+        retrieved for a question.
+        """
+        session = self._get(stream_id)
+        embeds = self._check_embeds(embeds, "embeds")
+        limit = min(self.config.window_tokens, self.config.reserve_tokens)
+        if embeds.shape[0] > limit:
+            raise RequestError(
+                f"chunk of {embeds.shape[0]} tokens exceeds the {limit} a block may hold (min of kv.window_tokens="
+                f"{self.config.window_tokens}, kv.reserve_tokens={self.config.reserve_tokens}); send fewer frames "
+                "per chunk or raise kv.reserve_tokens / kv.budget_tokens"
+            )
+        with session.lock:
+            self._check_open(session, stream_id)
+            session.append(embeds, dict(meta or {}))
+
+    def ask(
+        self,
+        stream_id: str,
+        question_embeds: torch.Tensor,
+        max_new_tokens: int,
+        eos_ids: Iterable[int] = (),
+        sampling: Sampling | None = None,
+    ) -> Iterator[int]:
+        """Answer a question ``[q, d]`` against the stream so far; an iterator of generated token ids.
+
+        Arguments are checked now; the work starts at the first ``next()``. The stream's context is restored when
+        the iterator is exhausted or closed (the question and answer are not kept). EOS is not yielded.
+        """
+        session = self._get(stream_id)
+        question = self._check_embeds(question_embeds, "question_embeds")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise RequestError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if question.shape[0] + max_new_tokens > self.config.reserve_tokens:
+            raise RequestError(
+                f"question ({question.shape[0]} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+                f"kv.reserve_tokens={self.config.reserve_tokens}; shorten the question, lower max_new_tokens or "
+                "raise kv.reserve_tokens"
+            )
+        return self._answer(session, stream_id, question, max_new_tokens, list(eos_ids), sampling or Sampling())
+
+    def _answer(self, session: KVSession, stream_id: str, question: torch.Tensor, max_new: int,
+                eos_ids: list[int], sampling: Sampling) -> Iterator[int]:
+        with session.lock:
+            self._check_open(session, stream_id)
+            yield from session.answer(question, max_new, eos_ids, sampling)
+
+    # ------------------------------------------------------------------ reports
+    def stats(self, stream_id: str) -> SessionStats:
+        """Snapshot of one stream's KV state."""
+        return self._get(stream_id).stats(self.budget.dropped[stream_id])
+
+    def memory_bytes(self) -> int:
+        """KV bytes held by all open streams (reservations + offloaded storage); always <= the budget."""
+        return self.budget.used_bytes()
+
+    def engine_stats(self) -> EngineStats:
+        """The replica's KV memory in one snapshot."""
+        used, reserved = self.budget.used_bytes(), self.budget.reserved_bytes()
+        return EngineStats(len(self.stream_ids()), self.budget.limit_bytes, reserved, used - reserved, used,
+                           self.bytes_per_stream())
+
+    def bytes_per_stream(self) -> int:
+        """Bytes each open stream reserves."""
+        return reserved_bytes(self.llm, self.config)
+
+    def stream_ids(self) -> list[str]:
+        with self._registry_lock:
+            return list(self._sessions)
+
+    # ------------------------------------------------------------------ helpers
+    def _get(self, stream_id: str) -> KVSession:
+        with self._registry_lock:
+            session = self._sessions.get(stream_id)
+        if session is None:
+            raise UnknownStreamError(f"no open stream {stream_id!r}; open it first (open streams: {self.stream_ids()})")
+        return session
+
+    @staticmethod
+    def _check_open(session: KVSession, stream_id: str) -> None:
+        if session.closed:
+            raise UnknownStreamError(f"stream {stream_id!r} was closed")
+
+    def _check_embeds(self, embeds: torch.Tensor, name: str, allow_empty: bool = False) -> torch.Tensor:
+        if not isinstance(embeds, torch.Tensor) or embeds.ndim != 2 or embeds.shape[1] != self.llm.hidden_size:
+            got = list(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
+            raise RequestError(f"{name} must be a [tokens, {self.llm.hidden_size}] tensor, got {got}")
+        if not allow_empty and embeds.shape[0] == 0:
+            raise RequestError(f"{name} is empty; give at least one token")
+        if not embeds.is_floating_point():
+            raise RequestError(f"{name} must be floating point embeddings, got {embeds.dtype}")
+        return embeds.to(self.llm.device, self.llm.dtype)
+
+
+def _resolve_layers(layers: list[int], num_layers: int) -> list[int]:
+    """Summary layer indices (negative from the end); empty = all."""
+    if not layers:
+        return list(range(num_layers))
+    bad = [i for i in layers if not -num_layers <= i < num_layers]
+    if bad:
+        raise ConfigError(
+            f"kv.summary_layers has {bad} but the model has {num_layers} layers; use indices in "
+            f"[{-num_layers}, {num_layers - 1}] or [] for all"
+        )
+    return sorted({i % num_layers for i in layers})
+
+
+def _check_q_proj(llm: TextLM, layers: list[int]) -> None:
+    for i in layers:
+        if not hasattr(getattr(llm.decoder.layers[i], "self_attn", None), "q_proj"):
+            raise ConfigError(
+                f"kv.retrieval_score='query_key' needs layer {i}.self_attn.q_proj, which "
+                f"{type(llm.decoder).__name__} lacks. Fix: set kv.retrieval_score='key_key'."
+            )

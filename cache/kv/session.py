@@ -1,0 +1,304 @@
+"""One stream's bounded KV session: prefill chunks on arrival, evict to a hard budget, answer questions.
+
+Layout of the resident buffer (:class:`~cache.kv.kvcache.BoundedCache`)::
+
+    [ sinks (stream prefix) | window: recent blocks, oldest first | scratch: chunk, or retrieved + question + answer ]
+
+* **Blocks.** One block = the tokens of one :meth:`KVSession.append` call (a chunk; a frame if chunks are single
+  frames). Eviction and retrieval work on whole blocks.
+* **Eviction.** After a chunk is prefilled (it attends to the full window), the oldest window blocks are evicted until
+  the window fits ``window_tokens``: dropped (``sink_window``) or offloaded to CPU (``offload``).
+* **Questions** do not change the stream: retrieved blocks, the question and the answer are written to the scratch
+  area and rolled back afterwards, so answers never pollute later context.
+* **Positions.** Tokens in the window keep the rotary position they were prefilled at. ``position_mode="original"``:
+  sinks and retrieved blocks also sit at their stream positions (ReKV keeps this order too; positions grow without
+  bound). ``"compact"`` (default): sinks and retrieved blocks are re-rotated from un-rotated copies to sit right
+  before the window, so the model sees ``sinks, retrieved, window, question`` at consecutive positions (StreamingLLM);
+  with nothing evicted this is exactly the plain layout. RoPE is relative, so when positions reach
+  ``rebase_position`` the whole window is rotated back once ("re-base") and positions stay small.
+"""
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from transformers import DynamicCache
+
+from cache.kv import policies
+from cache.kv.config import KVConfig, Sampling
+from cache.kv.kvcache import BoundedCache
+from cache.kv.offload import BlockStore, StoredBlock, pack_block, unpack_block
+from cache.kv.rope import apply_rope, move_rope
+from cache.kv.sampling import next_token
+from cache.kv.stats import RetrievedBlock, SessionStats
+from stream.models.llm import TextLM
+
+# (stream_id, block, vector, stream_cap) -> stored?
+StoreBlockFn = Callable[[str, StoredBlock, torch.Tensor, int], bool]
+
+
+@dataclass(eq=False)
+class WindowBlock:
+    """A resident block: ``pos`` is the rotary position of its first token, ``stream_pos`` its stream position."""
+
+    block_id: int
+    tokens: int
+    pos: int
+    stream_pos: int
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class KVSession:
+    """The bounded KV state of one stream. Callers serialise calls with :attr:`lock` (the engine does).
+
+    Args:
+        stream_id: the stream's id (for the replica budget and messages).
+        llm: the shared language model.
+        config: the KV settings.
+        inv_freq: the model's rotary inverse frequencies ``[head_dim / 2]``.
+        summary_layers: decoder layers that form retrieval vectors (validated by the engine).
+        model_lock: held around every model call (torch ops of all streams are serialised on it).
+        store_block: admits an offloaded block under the replica budget (``offload`` only).
+        next_seq: engine-wide arrival counter for offloaded blocks.
+    """
+
+    def __init__(
+        self,
+        stream_id: str,
+        llm: TextLM,
+        config: KVConfig,
+        inv_freq: torch.Tensor,
+        summary_layers: list[int],
+        model_lock: threading.Lock,
+        store_block: StoreBlockFn | None = None,
+        next_seq: Callable[[], int] | None = None,
+    ) -> None:
+        self.stream_id, self.llm, self.cfg = stream_id, llm, config
+        self.inv_freq, self.summary_layers, self.model_lock = inv_freq, summary_layers, model_lock
+        self._store_block, self._next_seq = store_block, next_seq
+        shape = (llm.num_layers, config.budget_tokens, llm.num_kv_heads, llm.head_dim)
+        self.cache = BoundedCache(shape[0], shape[1], shape[2], shape[3], llm.dtype, llm.device)
+        offload = config.policy == "offload"
+        self.store = BlockStore(len(summary_layers) * llm.num_kv_heads * llm.head_dim) if offload else None
+        self.lock = threading.Lock()
+        self.closed = False
+        self.window: deque[WindowBlock] = deque()
+        self.sink_keys: torch.Tensor | None = None  # [layers, kv_heads, sinks, hd] without RoPE
+        self.sink_len = self.sink_pos = 0
+        self.next_pos = self.pos_offset = self.stream_tokens = 0
+        self.blocks = self.evicted = self.rebases = 0
+        self.min_block_tokens = config.budget_tokens
+        self.last_retrieval: tuple[RetrievedBlock, ...] = ()
+
+    # ------------------------------------------------------------------ ingest
+    @torch.inference_mode()
+    def prefill_prefix(self, embeds: torch.Tensor) -> None:
+        """Prefill the stream prefix ``[L, d]`` at positions ``0..L-1``; it stays resident as the attention sink."""
+        n = embeds.shape[0]
+        if n:
+            self._forward(embeds, torch.arange(n))
+            keys, _ = self.cache.read(0, n)  # [layers, kv_heads, n, hd]
+            self.sink_keys = apply_rope(keys, -torch.arange(n), self.inv_freq)
+        self.sink_len, self.next_pos, self.stream_tokens = n, n, n
+
+    @torch.inference_mode()
+    def append(self, embeds: torch.Tensor, meta: dict[str, Any]) -> None:
+        """Prefill one chunk ``[L, d]`` as a new block, then evict the oldest blocks beyond the window."""
+        # 1. keep positions bounded and sinks right before the window
+        self._rebase()
+        self._place_sinks(retrieved_tokens=0)
+        # 2. prefill at the next positions (attends to sinks + the whole window)
+        n = embeds.shape[0]
+        self._forward(embeds, torch.arange(self.next_pos, self.next_pos + n))
+        stream_pos = self.next_pos + self.pos_offset
+        self.window.append(WindowBlock(self.blocks, n, self.next_pos, stream_pos, dict(meta)))
+        self.blocks += 1
+        self.next_pos += n
+        self.stream_tokens += n
+        self.min_block_tokens = min(self.min_block_tokens, n)
+        # 3. evict what no longer fits
+        self._evict()
+
+    def _forward(self, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``[L, d]`` through the model into the resident cache; logits of the last position ``[1, 1, vocab]``."""
+        with self.model_lock:
+            return self.llm.forward(
+                embeds[None], cache=self.cache, position_ids=positions.to(self.llm.device)[None], logits_to_keep=1
+            )
+
+    @property
+    def window_start(self) -> int:
+        """Rotary position of the first window token (``next_pos`` when the window is empty)."""
+        return self.window[0].pos if self.window else self.next_pos
+
+    def _place_sinks(self, retrieved_tokens: int) -> None:
+        """compact: rotate the sinks (from their un-rotated copy) to sit before retrieved blocks and window."""
+        if self.cfg.position_mode != "compact" or not self.sink_len:
+            return
+        start = policies.compact_sink_start(self.window_start, retrieved_tokens, self.sink_len)
+        if start != self.sink_pos:
+            positions = torch.arange(start, start + self.sink_len)
+            self.cache.write_keys(0, apply_rope(self.sink_keys, positions, self.inv_freq))
+            self.sink_pos = start
+
+    def _evict(self) -> None:
+        count = policies.blocks_to_evict([b.tokens for b in self.window], self.cfg.window_tokens)
+        if not count:
+            return
+        gone = [self.window.popleft() for _ in range(count)]
+        start = self.sink_len
+        end = start + sum(b.tokens for b in gone)
+        if self.store is not None:
+            keys, values = self.cache.read(start, end)  # [layers, kv_heads, tokens, hd]
+            self._offload(gone, keys, values)
+        self.cache.delete(start, end)
+        self.evicted += count
+
+    def _offload(self, gone: list[WindowBlock], keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Un-rotate, summarise, pack and store evicted blocks (under the replica budget)."""
+        offset = 0
+        for b in gone:
+            k = keys[:, :, offset : offset + b.tokens]
+            v = values[:, :, offset : offset + b.tokens]
+            offset += b.tokens
+            canonical = apply_rope(k, -torch.arange(b.pos, b.pos + b.tokens), self.inv_freq)
+            vector = policies.block_summary(canonical[self.summary_layers])
+            packed_k, packed_v = pack_block(canonical, v, self.cfg.quant)
+            block = StoredBlock(b.block_id, self._next_seq(), b.tokens, b.stream_pos, packed_k, packed_v, b.meta)
+            self._store_block(self.stream_id, block, vector, self.cfg.offload_bytes)
+
+    def _rebase(self) -> None:
+        """compact: rotate the window back so the largest position stays below ``rebase_position``."""
+        if self.cfg.position_mode != "compact":
+            return
+        if self.next_pos + self.cfg.reserve_tokens <= self.cfg.rebase_position:
+            return
+        room = self.cfg.retrieve_tokens if self.store is not None else 0
+        shift = self.window_start - (self.sink_len + room)  # afterwards retrieved blocks fit between sinks & window
+        if shift <= 0:
+            return
+        if self.window:
+            src = torch.cat([torch.arange(b.pos, b.pos + b.tokens) for b in self.window])
+            keys, _ = self.cache.read(self.sink_len, self.cache.length)
+            self.cache.write_keys(self.sink_len, move_rope(keys, src, src - shift, self.inv_freq))
+        for b in self.window:
+            b.pos -= shift
+        self.next_pos -= shift
+        self.pos_offset += shift
+        self.rebases += 1
+
+    # ------------------------------------------------------------------ questions
+    @torch.inference_mode()
+    def answer(
+        self, question: torch.Tensor, max_new_tokens: int, eos_ids: Iterable[int], sampling: Sampling
+    ) -> Iterator[int]:
+        """Answer ``question`` ``[q, d]`` against the stream so far; yields token ids (EOS is not yielded).
+
+        The stream's resident state is restored when the iterator finishes or is closed.
+        """
+        saved, eos = self.cache.length, set(eos_ids)
+        generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+        try:
+            # 1. bounded positions; 2. bring back relevant offloaded blocks; 3. sinks before them
+            self._rebase()
+            allowance = self.cfg.reserve_tokens - question.shape[0] - max_new_tokens
+            retrieved = self._place_retrieved(self._retrieve(question, min(self.cfg.retrieve_tokens, allowance)))
+            self._place_sinks(retrieved_tokens=retrieved)
+            # 4. prefill the question after the window, then decode
+            pos = self.next_pos
+            logits = self._forward(question, torch.arange(pos, pos + question.shape[0]))
+            pos += question.shape[0]
+            for step in range(max_new_tokens):
+                token = next_token(logits[0, -1], sampling.temperature, sampling.top_k, sampling.top_p, generator)
+                if token in eos:
+                    return
+                yield token
+                if step + 1 == max_new_tokens or self.closed:
+                    return
+                embed = self.llm.embed(torch.tensor([token], device=self.llm.device))  # [1, d]
+                logits = self._forward(embed, torch.tensor([pos]))
+                pos += 1
+        finally:
+            self.cache.truncate(saved)
+
+    def _retrieve(self, question: torch.Tensor, allowance: int) -> list[tuple[StoredBlock, float]]:
+        """Offloaded blocks most relevant to ``question`` that fit ``allowance`` tokens, in stream order."""
+        self.last_retrieval = ()
+        if self.store is None or allowance <= 0 or not len(self.store):
+            return []
+        hits = self.store.search(self._question_vector(question), allowance // self.min_block_tokens + 1)
+        found = [(self.store.get(i), s) for i, s in hits]
+        found = [(b, s) for b, s in found if b is not None]  # the replica budget may have dropped some
+        chosen = set(policies.select_blocks([b.block_id for b, _ in found], [s for _, s in found],
+                                            [b.tokens for b, _ in found], allowance))
+        picked = sorted(((b, s) for b, s in found if b.block_id in chosen), key=lambda bs: bs[0].stream_pos)
+        self.last_retrieval = tuple(RetrievedBlock(b.block_id, s, b.tokens, dict(b.meta)) for b, s in picked)
+        return picked
+
+    def _place_retrieved(self, picked: list[tuple[StoredBlock, float]]) -> int:
+        """Rotate retrieved blocks to their positions and write them after the window; returns their token count."""
+        total = sum(b.tokens for b, _ in picked)
+        pos = self.window_start - total  # compact: contiguous, right before the window
+        for block, _ in picked:
+            keys, values = unpack_block(block, self.llm.dtype, self.llm.device)
+            start = pos if self.cfg.position_mode == "compact" else block.stream_pos - self.pos_offset
+            keys = apply_rope(keys, torch.arange(start, start + block.tokens), self.inv_freq)
+            self.cache.write(self.cache.length, keys, values)
+            pos += block.tokens
+        return total
+
+    def _question_vector(self, question: torch.Tensor) -> torch.Tensor:
+        """Probe: run the question alone and summarise its un-rotated queries (or keys) of the summary layers."""
+        n = question.shape[0]
+        probe, captured, hooks = DynamicCache(), {}, []
+        with self.model_lock:  # hooks must not see other streams' forwards
+            if self.cfg.retrieval_score == "query_key":
+                for i in self.summary_layers:
+                    proj = self.llm.decoder.layers[i].self_attn.q_proj
+                    hooks.append(proj.register_forward_hook(lambda m, a, out, i=i: captured.__setitem__(i, out)))
+            try:
+                self.llm.forward(question[None], cache=probe, position_ids=torch.arange(n, device=self.llm.device)[None])
+            finally:
+                for h in hooks:
+                    h.remove()
+        if captured:  # [1, n, heads * hd] -> [layers, heads, n, hd]
+            x = torch.stack([captured[i][0].view(n, -1, self.llm.head_dim).transpose(0, 1) for i in self.summary_layers])
+        else:
+            keys = torch.stack([probe.layers[i].keys[0] for i in self.summary_layers])  # [layers, kv_heads, n, hd]
+            x = apply_rope(keys, -torch.arange(n), self.inv_freq)
+        return policies.query_summary(x, self.llm.num_kv_heads)
+
+    # ------------------------------------------------------------------ reports
+    def stats(self, dropped_blocks: int) -> SessionStats:
+        """A snapshot (read without the session lock; counts may be one call stale)."""
+        bpt = self.llm.kv_bytes_per_token()
+        store = self.store
+        return SessionStats(
+            stream_id=self.stream_id, policy=self.cfg.policy, stream_tokens=self.stream_tokens, blocks=self.blocks,
+            resident_tokens=self.cache.length, peak_resident_tokens=self.cache.peak,
+            budget_tokens=self.cfg.budget_tokens, sink_tokens=self.sink_len, window_blocks=len(self.window),
+            window_tokens=sum(b.tokens for b in self.window), evicted_blocks=self.evicted,
+            offloaded_blocks=len(store) if store else 0, offloaded_tokens=store.tokens if store else 0,
+            offloaded_bytes=store.nbytes if store else 0, dropped_blocks=dropped_blocks,
+            reserved_bytes=self.reserved_bytes(), resident_used_bytes=self.cache.length * bpt,
+            next_position=self.next_pos, position_offset=self.pos_offset, rebases=self.rebases,
+            last_retrieval=self.last_retrieval,
+        )
+
+    def reserved_bytes(self) -> int:
+        """Fixed bytes of this session: attention buffer + canonical sink keys (room for ``sink_tokens``)."""
+        return reserved_bytes(self.llm, self.cfg)
+
+    def free(self) -> None:
+        """Release the buffers (after close)."""
+        self.cache.layers.clear()
+        self.sink_keys = None
+        self.window.clear()
+
+
+def reserved_bytes(llm: TextLM, config: KVConfig) -> int:
+    """Bytes one session reserves at open: ``(budget_tokens + sink_tokens) * kv_bytes_per_token``."""
+    return (config.budget_tokens + config.sink_tokens) * llm.kv_bytes_per_token()

@@ -1,0 +1,68 @@
+"""Read-only reports of a stream session and of the whole engine."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class RetrievedBlock:
+    """An offloaded block brought back for the last question."""
+
+    block_id: int
+    score: float
+    tokens: int
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SessionStats:
+    """One stream's KV state. Token counts are KV-cache tokens; bytes include offloaded CPU storage.
+
+    ``reserved_bytes`` is allocated at open and constant (attention buffer + canonical sinks); ``used_bytes`` is
+    what the stream's tokens actually fill (resident tokens + offloaded blocks + index).
+    """
+
+    stream_id: str
+    policy: str
+    stream_tokens: int
+    blocks: int
+    resident_tokens: int
+    peak_resident_tokens: int
+    budget_tokens: int
+    sink_tokens: int
+    window_blocks: int
+    window_tokens: int
+    evicted_blocks: int
+    offloaded_blocks: int
+    offloaded_tokens: int
+    offloaded_bytes: int
+    dropped_blocks: int
+    reserved_bytes: int
+    resident_used_bytes: int
+    next_position: int
+    position_offset: int
+    rebases: int
+    last_retrieval: tuple[RetrievedBlock, ...] = ()
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes this stream holds: reservation + offloaded storage."""
+        return self.reserved_bytes + self.offloaded_bytes
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes its tokens fill: resident tokens + offloaded storage."""
+        return self.resident_used_bytes + self.offloaded_bytes
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """The replica's KV memory: ``used_bytes = reserved_bytes + offloaded_bytes <= limit_bytes``."""
+
+    streams: int
+    limit_bytes: int
+    reserved_bytes: int
+    offloaded_bytes: int
+    used_bytes: int
+    bytes_per_stream: int
