@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 STREAM_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 StreamKind = Literal["file", "live", "push"]
-StreamState = Literal["starting", "running", "reconnecting", "ended", "failed", "closed"]
+StreamState = Literal["starting", "running", "ended", "failed", "closed"]
 
 
 class _Request(BaseModel):
@@ -67,7 +67,8 @@ class IngestStats(BaseModel):
     chunks_encoded: int = Field(0, description="Chunks sent through encoder and LLM.")
     chunks_dropped: int = Field(0, description="Whole chunks dropped from the chunk queue.")
     queued_chunks: int = Field(0, description="Chunks waiting for the encoder now.")
-    reconnects: int = Field(0, description="Live-source reconnects so far.")
+    reconnects: int = Field(0, description="Live-source reconnects that succeeded so far.")
+    reconnect_attempts: int = Field(0, description="Live-source reconnect tries so far (failed or not).")
     state_resets: int = Field(0, description="Times the stream's model state was rebuilt cold (replica lost).")
     encode_ms_p50: float | None = Field(None, description="Median encoder+LLM time per chunk (ms).")
     last_pts: float | None = Field(None, description="Presentation time of the newest encoded frame (s).")

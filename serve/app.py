@@ -10,18 +10,15 @@ Topology (names are fixed; replicas, CPUs/GPUs and autoscaling come from ``confi
                                                       (ViT + cacher + pruner)        (LLM + KV sessions)
             ingress --question (SSE)-------------------------------------------------->  "llm"
 
-Stickiness: a stream's state lives on one vision and one LLM replica. Every call for a stream carries
-``multiplexed_model_id=<stream id>``; ``open`` registers the id with Serve's model multiplexing on the replica that
-got it, and Serve's router then sends that id's requests to that replica. A replica that receives a request for a
-stream it does not hold (router not yet updated, owner busy, owner gone) answers :class:`StreamMisroutedError`
-instead of touching state; callers retry with backoff for ``ingest.misroute_retry_s``, then reopen the stream's
-state cold on another replica (counted in ``state_resets``). State is never split or silently recreated.
+Stickiness and the misroute guard are described in :mod:`serve.replicas`. Streams are named actors
+(``<app>/stream/<id>`` in namespace ``stc-serve``) owned by the ingress replica that created them, so any ingress
+replica finds a stream by name; a stream lives as long as its owning ingress replica.
 """
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator
 
 import ray
 from ray import serve
@@ -38,183 +35,29 @@ from serve.api import (
     StreamStats,
 )
 from serve.http_app import make_api
+from serve.replicas import (
+    LLM,
+    VISION,
+    LLMDeployment,
+    StageFactory,
+    VisionDeployment,
+    acall_sticky,
+    call_sticky,
+    default_stage_factory,
+    unwrap,
+)
 from serve.service_config import IngestSettings, ServeSettings
-from serve.streams import StreamRunner, iterate_in_thread, new_stream_id, resolve_source, stream_options
-from serve.streams import summarize_stage_stats
+from serve.streams import StreamRunner, new_stream_id, resolve_source, stream_options, summarize_stage_stats
 from stream.config import SourceConfig
 from stream.errors import RequestError
 from stream.frames import FrameBatch
 
+__all__ = ["INGRESS", "LLM", "VISION", "Ingress", "LLMDeployment", "RayBackend", "StreamActor", "StreamMisroutedError",
+           "VisionDeployment", "app_builder", "build_app", "default_stage_factory", "start_service", "stop_service",
+           "unwrap"]
+
 STREAM_NAMESPACE = "stc-serve"
-VISION, LLM, INGRESS = "vision", "llm", "ingress"
-StageFactory = Callable[[str, Any], Any]
-
-
-def default_stage_factory(kind: str, config: Any) -> Any:
-    """Build the real stage of ``kind`` (``"vision"`` or ``"llm"``) from the service config (loads the model)."""
-    from serve.stages import LLMStage, VisionStage
-    from stream.models import load_adapter
-
-    adapter = load_adapter(config.model.name, config.model.device, config.model.dtype)
-    if kind == VISION:
-        return VisionStage(adapter, config.stream_options())
-    return LLMStage(adapter, config.stream_options(), config.kv_replica_budget_bytes())
-
-
-def unwrap(exc: BaseException) -> BaseException:
-    """The user exception inside Ray's task/actor error wrappers (or ``exc`` itself)."""
-    seen = 0
-    while isinstance(exc, ray.exceptions.RayError) and getattr(exc, "cause", None) is not None and seen < 8:
-        exc, seen = exc.cause, seen + 1
-    return exc
-
-
-# ---- stateful deployments ------------------------------------------------------------------------------------------
-class _StickyStage:
-    """Shared part of the vision and LLM deployments: the stage, the streams this replica owns, multiplex bookkeeping."""
-
-    kind = "stage"
-
-    def __init__(self, config: Any, stage_factory: StageFactory | None) -> None:
-        self.config = config
-        self.stage = (stage_factory or default_stage_factory)(self.kind, config)
-        self.max_streams = config.serve.max_streams_per_replica
-        self.owned: set[str] = set()
-        self.replica = serve.get_replica_context().replica_id.unique_id
-
-    @serve.multiplexed(max_num_models_per_replica=-1)  # never evict: a stream's state leaves only by close()
-    async def _claim(self, stream_id: str) -> str:
-        return stream_id
-
-    async def open(self, stream_id: str, options: Any) -> str:
-        """Create the stream's state on this replica and register the stream id with the router."""
-        self._check_id(stream_id)
-        if stream_id in self.owned:
-            return self.replica
-        if len(self.owned) >= self.max_streams:
-            raise CapacityError(
-                f"{self.kind} replica {self.replica} holds its maximum of {self.max_streams} streams. Fix: close "
-                "streams, add replicas, or raise serve.max_streams_per_replica."
-            )
-        await asyncio.to_thread(self.stage.open, stream_id, options)
-        self.owned.add(stream_id)
-        await self._claim(stream_id)
-        return self.replica
-
-    async def close(self, stream_id: str) -> None:
-        """Free the stream's state here and drop its id from the router's table."""
-        self._require(stream_id)
-        self.owned.discard(stream_id)
-        self._forget(stream_id)
-        await asyncio.to_thread(self.stage.close, stream_id)
-
-    async def stats(self, stream_id: str) -> dict[str, Any]:
-        """The stage's counters for this stream, plus which replica holds it."""
-        self._require(stream_id)
-        out = await asyncio.to_thread(self.stage.stats, stream_id)
-        return {**out, "replica": self.replica}
-
-    async def ping(self) -> str:
-        """Liveness check: this replica's id."""
-        return self.replica
-
-    async def where(self) -> dict[str, Any]:
-        """This replica's id, node id and streams (placement checks and debugging)."""
-        ctx = ray.get_runtime_context()
-        wrapper = getattr(self, "__serve_multiplex_wrapper", None)
-        routed = sorted(getattr(wrapper, "models", {}))
-        return {"replica": self.replica, "node_id": ctx.get_node_id(), "streams": sorted(self.owned),
-                "routed_ids": routed, "gpu_ids": ray.get_gpu_ids()}
-
-    def _check_id(self, stream_id: str) -> None:
-        routed = serve.get_multiplexed_model_id()
-        if routed and routed != stream_id:
-            raise StreamMisroutedError(f"request routed for stream {routed!r} but names {stream_id!r}")
-
-    def _require(self, stream_id: str) -> None:
-        self._check_id(stream_id)
-        if stream_id not in self.owned:
-            raise StreamMisroutedError(
-                f"{self.kind} replica {self.replica} holds no state for stream {stream_id!r} "
-                f"(it holds {len(self.owned)} streams)"
-            )
-
-    def _forget(self, stream_id: str) -> None:
-        """Remove a closed stream from Serve's multiplexing table, so routers stop sending its id here.
-
-        Serve has no public 'unload this id' call; its wrapper keeps loaded ids in ``models`` and re-publishes them
-        when ``_push_multiplexed_replica_info`` is set (tests/test_service_ray.py checks this still holds).
-        """
-        wrapper = getattr(self, "__serve_multiplex_wrapper", None)
-        if wrapper is not None and stream_id in getattr(wrapper, "models", {}):
-            wrapper.models.pop(stream_id, None)
-            wrapper._push_multiplexed_replica_info = True
-
-
-@serve.deployment(name=VISION)
-class VisionDeployment(_StickyStage):
-    """ViT + STC cacher + pruner (:class:`serve.stages.VisionStage`); per-stream cache state on one replica."""
-
-    kind = VISION
-
-    async def encode(self, stream_id: str, batch: FrameBatch) -> Any:
-        """One chunk of frames -> :class:`serve.messages.EncodedChunk` (kept visual tokens)."""
-        self._require(stream_id)
-        return await asyncio.to_thread(self.stage.encode, stream_id, batch)
-
-
-@serve.deployment(name=LLM)
-class LLMDeployment(_StickyStage):
-    """The shared LLM with every stream's bounded KV session (:class:`serve.stages.LLMStage`)."""
-
-    kind = LLM
-
-    async def append(self, stream_id: str, chunk: Any) -> dict[str, Any]:
-        """Prefill one encoded chunk into the stream's KV session."""
-        self._require(stream_id)
-        return await asyncio.to_thread(self.stage.append, chunk) or {}
-
-    async def ask(self, stream_id: str, question: str, max_new_tokens: int) -> AsyncIterator[str]:
-        """Stream the answer's text pieces (the stream's context is restored afterwards by the stage)."""
-        self._require(stream_id)
-        async for piece in iterate_in_thread(lambda: self.stage.ask(stream_id, question, max_new_tokens)):
-            yield piece
-
-
-# ---- sticky calls ---------------------------------------------------------------------------------------------------
-def call_sticky(handle: Any, method: str, stream_id: str, *args: Any, timeout_s: float, retry_s: float) -> Any:
-    """Blocking call of ``handle.<method>(stream_id, *args)`` routed by stream id; retries misroutes for ``retry_s``.
-
-    Raises:
-        StreamMisroutedError: still misrouted after ``retry_s`` (the owner is gone).
-        RequestError and others: the remote error, unwrapped.
-    """
-    deadline, delay = time.monotonic() + retry_s, 0.02
-    routed = handle.options(multiplexed_model_id=stream_id)
-    while True:
-        try:
-            return getattr(routed, method).remote(stream_id, *args).result(timeout_s=timeout_s)
-        except Exception as exc:
-            err = unwrap(exc)
-            if not isinstance(err, StreamMisroutedError) or time.monotonic() > deadline:
-                raise err from None
-        time.sleep(delay)
-        delay = min(delay * 2, 0.5)
-
-
-async def acall_sticky(handle: Any, method: str, stream_id: str, *args: Any, retry_s: float) -> Any:
-    """Async :func:`call_sticky` (for the ingress event loop)."""
-    deadline, delay = time.monotonic() + retry_s, 0.02
-    routed = handle.options(multiplexed_model_id=stream_id)
-    while True:
-        try:
-            return await getattr(routed, method).remote(stream_id, *args)
-        except Exception as exc:
-            err = unwrap(exc)
-            if not isinstance(err, StreamMisroutedError) or time.monotonic() > deadline:
-                raise err from None
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 0.5)
+INGRESS = "ingress"
 
 
 class RayStageClient:
@@ -426,9 +269,14 @@ class RayBackend:
 
     async def close(self, stream_id: str) -> StreamStats:
         actor = self._actor(stream_id)
-        final = await self._stats(stream_id, actor)
         try:
+            final = await self._stats(stream_id, actor)
             await actor.close.remote()
+        except ray.exceptions.RayActorError as exc:  # the stream's actor died: remove what is left of it
+            raise StreamNotFoundError(
+                f"stream {stream_id!r} had failed (its ingest actor died: {exc.__class__.__name__}); it is removed "
+                "now. Fix: create it again."
+            ) from None
         finally:
             self._owned.pop(stream_id, None)
             ray.kill(actor, no_restart=True)

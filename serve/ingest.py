@@ -218,6 +218,7 @@ class IngestWorker:
             "chunks_dropped": self.queue.dropped_chunks,
             "queued_chunks": len(self.queue),
             "reconnects": int(src.get("reconnects", 0)),
+            "reconnect_attempts": int(src.get("reconnect_attempts", 0)),
             "encode_ms_p50": times[len(times) // 2] if times else None,
             "last_pts": self.last_pts,
         }
