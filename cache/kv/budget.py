@@ -6,9 +6,9 @@ Policy when full (stated once, enforced here):
    stream needs that much free.
 2. Offloaded history is elastic. When a new block or a new stream does not fit, the oldest offloaded block of the
    whole replica (smallest engine-wide arrival number, whichever stream owns it) is dropped, repeatedly.
-3. If nothing offloaded is left and a stream still does not fit, :meth:`reserve` raises
-   :class:`~cache.kv.errors.KVCapacityError` (HTTP 503): the new stream is refused, open streams carry on. A block
-   that does not fit is discarded (counted as dropped), never allocated.
+3. If the reservations alone leave no room for a new stream, :meth:`reserve` raises
+   :class:`~cache.kv.errors.KVCapacityError` (HTTP 503) without dropping anything: the new stream is refused, open
+   streams carry on. A block that does not fit is discarded (counted as dropped), never allocated.
 
 So ``used_bytes() <= limit_bytes`` at all times; nothing is allocated before it is admitted here.
 
@@ -54,16 +54,16 @@ class ReplicaBudget:
             KVCapacityError: it does not fit even with no offloaded history left.
         """
         with self._lock:
-            while self._used() + nbytes > self.limit_bytes and self._drop_oldest():
-                pass
-            if self._used() + nbytes > self.limit_bytes:
-                reserved = sum(self._reserved.values())
+            reserved = sum(self._reserved.values())
+            if reserved + nbytes > self.limit_bytes:  # refuse before destroying any history
                 raise KVCapacityError(
                     f"cannot open stream {stream_id!r}: it needs {nbytes} bytes of KV memory but "
                     f"{len(self._reserved)} open stream(s) reserve {reserved} of the replica's "
-                    f"memory_budget_bytes={self.limit_bytes} (all offloaded history already dropped). "
+                    f"memory_budget_bytes={self.limit_bytes}. "
                     "Fix: close a stream, lower kv.budget_tokens, or raise the replica's KV memory budget."
                 )
+            while self._used() + nbytes > self.limit_bytes and self._drop_oldest():
+                pass
             self._reserved[stream_id] = nbytes
 
     def attach_store(self, stream_id: str, store: BlockStore) -> None:
