@@ -1,0 +1,78 @@
+"""Validated settings of the cache package."""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from stream.config_base import StrictModel
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class CacherConfig(StrictModel):
+    """STC-Cacher: reuse ViT features of similar frames (per stream), with a multi-reference store."""
+
+    enabled: bool = Field(True, description="Reuse ViT features across frames; false encodes every frame fully.")
+    ratio: float = Field(
+        0.25,
+        ge=0.0,
+        le=1.0,
+        description="Fraction of tokens recomputed per layer in a reused frame (the least similar keys); 1.0 is "
+        "exact (every token recomputed), STC uses 0.25.",
+    )
+    threshold: float | None = Field(
+        None,
+        ge=-1.0,
+        le=1.0,
+        description="Also recompute every token whose key cosine to the reference is below this (0.9-0.99 "
+        "typical); null: the ratio alone decides.",
+    )
+    match_threshold: float = Field(
+        0.9,
+        ge=-1.0,
+        le=1.0,
+        description="Signature cosine a frame needs to reuse a stored reference; below it the frame is a new "
+        "scene, encoded fully and stored.",
+    )
+    refresh_below: float | None = Field(
+        None,
+        ge=-1.0,
+        le=1.0,
+        description="Re-encode a matched reference fully (refresh) when the frame's signature cosine to it is "
+        "below this (>= match_threshold), so drift cannot accumulate; null: no similarity-based refresh.",
+    )
+    max_reuse: int | None = Field(
+        4,
+        ge=1,
+        description="Refresh a reference after this many frames reused it; 1 re-encodes every 2nd frame (STC's "
+        "schedule); null: never refresh by count.",
+    )
+    max_refs: int = Field(8, ge=1, le=4096, description="References kept per stream (least recently used evicted).")
+    signature_grid: int = Field(
+        4, ge=1, le=64, description="Cells per side of the pooled patch-embedding signature used to find references."
+    )
+    store_dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto",
+        description="Dtype of stored reference tensors; 'auto' keeps the encoder's dtype, float16/bfloat16 halve "
+        "memory for float32 encoders.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "CacherConfig":
+        if self.ratio == 0.0 and self.threshold is None:
+            raise ValueError(
+                "ratio=0 with no threshold would recompute no token at all; set ratio > 0 (e.g. 0.25) or a "
+                "threshold (e.g. 0.95), or set enabled=false to turn the cache off"
+            )
+        if self.refresh_below is not None and self.refresh_below < self.match_threshold:
+            raise ValueError(
+                f"refresh_below={self.refresh_below} is below match_threshold={self.match_threshold}, so it could "
+                "never trigger; use a value >= match_threshold or null"
+            )
+        return self
+
+    def torch_store_dtype(self, compute: torch.dtype) -> torch.dtype:
+        """The dtype references are stored in, for an encoder running in ``compute``."""
+        return compute if self.store_dtype == "auto" else _DTYPES[self.store_dtype]

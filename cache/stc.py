@@ -1,0 +1,268 @@
+"""Selective recompute of SigLIP-style encoder layers against a reference frame (the STC-Cacher, arXiv 2512.00891).
+
+A *reference* frame is encoded fully and, per encoder layer, keeps its keys, values, attention output (after
+``out_proj``) and MLP output. A later frame encoded against it, in every layer:
+
+1. computes ``layer_norm1`` and keys for **all** tokens;
+2. picks the tokens whose key is least similar (cosine) to the reference key at the same position: the
+   ``ceil(ratio * P)`` least similar, plus every token whose cosine is below ``threshold`` (when given);
+3. computes queries and values for the picked tokens only; the value matrix is the reference's with the picked
+   rows replaced, so a picked token's query attends to **all** tokens' fresh keys and to the mixed values (this is
+   what STC's ``custom_siglip.py`` does too; keys must be computed for every token anyway to pick tokens);
+4. takes ``out_proj`` and the MLP of the picked tokens only and the reference's attention / MLP output for the
+   others; the residual stream itself is the frame's own (``x + attn_out``, then ``+ mlp_out``).
+
+With ``ratio == 1`` every token is picked and the result equals the plain encoder up to float rounding.
+
+Layers are HF ``SiglipEncoderLayer`` / ``Idefics3EncoderLayer`` (``layer_norm1``, ``self_attn.{q,k,v,out}_proj``,
+``self_attn.{num_heads, head_dim, scale}``, ``layer_norm2``, ``mlp``); they run in eval mode without a mask
+(every patch of a fixed-size frame is real).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_LAYER_ATTRS = ("layer_norm1", "self_attn", "layer_norm2", "mlp")
+_ATTN_ATTRS = ("q_proj", "k_proj", "v_proj", "out_proj", "num_heads", "head_dim", "scale")
+
+
+@dataclass(frozen=True)
+class LayerStates:
+    """One encoder layer's tensors for a batch of frames, each ``[N, P, D]`` (``N`` may be 1 to broadcast)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    attn_out: torch.Tensor
+    mlp_out: torch.Tensor
+
+
+@dataclass(frozen=True)
+class ReferenceStates:
+    """Everything a reference frame keeps, stacked over layers: four ``[L, P, D]`` tensors."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    attn_out: torch.Tensor
+    mlp_out: torch.Tensor
+
+    @classmethod
+    def allocate(
+        cls, num_layers: int, tokens: int, dim: int, dtype: torch.dtype, device: torch.device | str
+    ) -> "ReferenceStates":
+        """Uninitialised storage for one frame: four ``[L, P, D]`` tensors."""
+
+        def new() -> torch.Tensor:
+            return torch.empty(num_layers, tokens, dim, dtype=dtype, device=device)
+
+        return cls(new(), new(), new(), new())
+
+    def write_layer(self, index: int, states: LayerStates, frame: int) -> None:
+        """Copy frame ``frame`` of one layer's batch ``states`` (each ``[N, P, D]``) into layer ``index``."""
+        self.keys[index].copy_(states.keys[frame])
+        self.values[index].copy_(states.values[frame])
+        self.attn_out[index].copy_(states.attn_out[frame])
+        self.mlp_out[index].copy_(states.mlp_out[frame])
+
+    def layer(self, index: int, dtype: torch.dtype) -> LayerStates:
+        """Layer ``index`` as broadcastable ``[1, P, D]`` tensors in the compute ``dtype``."""
+        return LayerStates(
+            keys=self.keys[index].unsqueeze(0).to(dtype),
+            values=self.values[index].unsqueeze(0).to(dtype),
+            attn_out=self.attn_out[index].unsqueeze(0).to(dtype),
+            mlp_out=self.mlp_out[index].unsqueeze(0).to(dtype),
+        )
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.keys.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: ``4 * L * P * D * element size``."""
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.attn_out, self.mlp_out))
+
+
+def reference_nbytes(num_layers: int, tokens: int, dim: int, dtype: torch.dtype) -> int:
+    """Bytes of one :class:`ReferenceStates`: keys, values, attention and MLP output for every layer."""
+    return 4 * num_layers * tokens * dim * torch.empty((), dtype=dtype).element_size()
+
+
+def check_layers(layers: Sequence[nn.Module]) -> None:
+    """Raise ``TypeError`` naming the first layer that is not a SigLIP-style encoder layer."""
+    if len(layers) == 0:
+        raise TypeError("the vision encoder has no layers; pass the adapter's vision_layers (an nn.ModuleList)")
+    for i, layer in enumerate(layers):
+        missing = [a for a in _LAYER_ATTRS if not hasattr(layer, a)]
+        attn = getattr(layer, "self_attn", None)
+        missing += [f"self_attn.{a}" for a in _ATTN_ATTRS if attn is not None and not hasattr(attn, a)]
+        if missing:
+            raise TypeError(
+                f"vision layer {i} ({type(layer).__name__}) lacks {missing}; the STC cacher supports SigLIP-style "
+                "layers (SiglipEncoderLayer, Idefics3EncoderLayer). Fix: disable the cache for this model."
+            )
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    n, t, d = x.shape  # [N, T, D]
+    return x.view(n, t, heads, d // heads).transpose(1, 2)  # [N, H, T, D/H]
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    n, h, t, hd = x.shape  # [N, H, T, D/H]
+    return x.transpose(1, 2).reshape(n, t, h * hd)  # [N, T, D]
+
+
+def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Multi-head attention of ``q [N, T, D]`` over ``k, v [N, P, D]``, then ``out_proj`` -> ``[N, T, D]``."""
+    h = attn.num_heads
+    o = F.scaled_dot_product_attention(
+        _split_heads(q, h), _split_heads(k, h), _split_heads(v, h), scale=attn.scale
+    )  # [N, H, T, D/H]
+    return attn.out_proj(_merge_heads(o))
+
+
+def full_layer(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, LayerStates]:
+    """The plain layer forward on ``x [N, P, D]``, also returning what a reference keeps."""
+    attn = layer.self_attn
+    h = layer.layer_norm1(x)  # [N, P, D]
+    q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)  # [N, P, D] each
+    attn_out = _attend(attn, q, k, v)  # [N, P, D]
+    x = x + attn_out
+    mlp_out = layer.mlp(layer.layer_norm2(x))  # [N, P, D]
+    return x + mlp_out, LayerStates(k, v, attn_out, mlp_out)
+
+
+def token_similarity(keys: torch.Tensor, ref_keys: torch.Tensor) -> torch.Tensor:
+    """Cosine of each token's key with the reference key at the same position: ``[N, P, D] x [1|N, P, D] -> [N, P]``."""
+    dots = (keys * ref_keys).sum(dim=-1) if ref_keys.shape[0] != 1 else torch.einsum("npd,pd->np", keys, ref_keys[0])
+    norms = keys.norm(dim=-1) * ref_keys.norm(dim=-1)  # [N, P]
+    return dots / norms.clamp_min(1e-6)
+
+
+def count_to_recompute(sim: torch.Tensor, ratio: float, threshold: float | None) -> int:
+    """Tokens per frame to recompute for ``sim [N, P]``: ``max(ceil(ratio * P), most frames' count below threshold)``.
+
+    One count for the whole batch keeps the batch rectangular; a frame with fewer tokens below the threshold
+    recomputes its next least similar ones instead (more exact, never less).
+    """
+    p = sim.shape[-1]
+    k = math.ceil(ratio * p - 1e-9)
+    if threshold is not None and sim.numel():
+        k = max(k, int((sim < threshold).sum(dim=-1).max()))
+    return min(max(k, 0), p)
+
+
+def select_tokens(sim: torch.Tensor, ratio: float, threshold: float | None) -> torch.Tensor:
+    """Indices ``[N, k]`` of the least similar tokens per frame (see :func:`count_to_recompute`)."""
+    k = count_to_recompute(sim, ratio, threshold)
+    return torch.topk(sim, k, dim=-1, largest=False, sorted=False).indices  # [N, k]
+
+
+def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows ``idx [N, k]`` of ``x [N, P, D]`` -> ``[N, k, D]``."""
+    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def _put_rows(x: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Write ``rows [N, k, D]`` into ``x [N, P, D]`` at ``idx [N, k]`` in place; returns ``x``."""
+    return x.scatter_(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]), rows)
+
+
+def selective_layer(
+    layer: nn.Module, x: torch.Tensor, ref: LayerStates, ratio: float, threshold: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer of ``x [N, P, D]`` reusing ``ref`` (``[1|N, P, D]`` tensors) for the most similar tokens.
+
+    Returns the layer output ``[N, P, D]`` and the recomputed token indices ``[N, k]``.
+    """
+    attn = layer.self_attn
+    h = layer.layer_norm1(x)  # [N, P, D]
+    keys = attn.k_proj(h)  # [N, P, D]
+    idx = select_tokens(token_similarity(keys, ref.keys), ratio, threshold)  # [N, k]
+    if idx.shape[1] == 0:
+        return x + ref.attn_out + ref.mlp_out, idx
+    h_sel = _gather_rows(h, idx)  # [N, k, D]
+    values = _put_rows(ref.values.expand_as(x).clone(), idx, attn.v_proj(h_sel))  # [N, P, D]
+    x_sel = _gather_rows(x, idx) + _attend(attn, attn.q_proj(h_sel), keys, values)  # [N, k, D]
+    x = _put_rows(x + ref.attn_out, idx, x_sel)  # [N, P, D]: reference attention output where not recomputed
+    x_sel = x_sel + layer.mlp(layer.layer_norm2(x_sel))  # [N, k, D]
+    return _put_rows(x + ref.mlp_out, idx, x_sel), idx
+
+
+@torch.inference_mode()
+def encode_full(
+    hidden: torch.Tensor,
+    layers: Sequence[nn.Module],
+    keep: Sequence[int] = (),
+    store_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, list[ReferenceStates]]:
+    """Run all ``layers`` on ``hidden [N, P, D]``; keep the reference states of frames ``keep``.
+
+    Only the kept frames' states outlive a layer, so peak extra memory is one layer's batch plus the kept
+    references. Returns the output ``[N, P, D]`` and one :class:`ReferenceStates` per kept frame (``store_dtype``,
+    default the compute dtype).
+    """
+    _, p, d = hidden.shape
+    dtype = store_dtype or hidden.dtype
+    refs = [ReferenceStates.allocate(len(layers), p, d, dtype, hidden.device) for _ in keep]
+    for i, layer in enumerate(layers):
+        hidden, states = full_layer(layer, hidden)
+        for ref, frame in zip(refs, keep):
+            ref.write_layer(i, states, frame)
+    return hidden, refs
+
+
+@torch.inference_mode()
+def encode_selective(
+    hidden: torch.Tensor,
+    layers: Sequence[nn.Module],
+    ref: ReferenceStates,
+    ratio: float,
+    threshold: float | None = None,
+) -> tuple[torch.Tensor, list[int]]:
+    """Run ``layers`` on ``hidden [N, P, D]`` against one reference frame.
+
+    Returns the output ``[N, P, D]`` and, per layer, the number of tokens recomputed over the ``N`` frames.
+    """
+    if ref.num_layers != len(layers) or ref.keys.shape[1:] != hidden.shape[1:]:
+        raise ValueError(
+            f"reference shape [L={ref.num_layers}, P, D={list(ref.keys.shape[1:])}] does not match this encoder "
+            f"({len(layers)} layers, frames {list(hidden.shape[1:])}); references cannot move between models. "
+            "Fix: reset the cacher when the model or image size changes."
+        )
+    counts = []
+    for i, layer in enumerate(layers):
+        hidden, idx = selective_layer(layer, hidden, ref.layer(i, hidden.dtype), ratio, threshold)
+        counts.append(int(idx.numel()))
+    return hidden, counts
+
+
+def frame_signature(hidden: torch.Tensor, grid: int = 4) -> torch.Tensor:
+    """A cheap unit-norm signature per frame from the patch embeddings ``hidden [N, P, D]`` -> ``[N, g*g*D]`` float32.
+
+    Each frame's mean token is subtracted (it carries the bias and overall brightness), then tokens are
+    average-pooled onto a ``g x g`` grid of cells (``g = min(grid, sqrt(P))``; token order is used when ``P`` is
+    not square) and flattened. Two frames of one view score close to 1, different views near 0.
+    """
+    n, p, d = hidden.shape
+    x = (hidden - hidden.mean(dim=1, keepdim=True)).float()  # [N, P, D]
+    side = math.isqrt(p)
+    if side * side == p:
+        g = min(grid, side)
+        cells = F.adaptive_avg_pool2d(x.transpose(1, 2).reshape(n, d, side, side), g)  # [N, D, g, g]
+    else:
+        cells = F.adaptive_avg_pool1d(x.transpose(1, 2), min(grid * grid, p))  # [N, D, cells]
+    return F.normalize(cells.flatten(1), dim=-1)  # [N, cells * D]
+
+
+def signature_dim(tokens: int, dim: int, grid: int = 4) -> int:
+    """Length of :func:`frame_signature` for frames of ``tokens`` x ``dim``."""
+    side = math.isqrt(tokens)
+    cells = min(grid, side) ** 2 if side * side == tokens else min(grid * grid, tokens)
+    return cells * dim
