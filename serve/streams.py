@@ -28,6 +28,7 @@ from serve.api import (
     StreamStateError,
     StreamStats,
 )
+from serve.protocol import FrameFormatError
 from serve.ingest import ChunkQueue, IngestWorker, queue_policy, stream_kind
 from serve.service_config import IngestSettings, ServeSettings
 from stream.config import SourceConfig
@@ -104,6 +105,8 @@ class StreamRunner:
         self.questions = 0
         self.worker: IngestWorker | None = None
         self.kind = "push" if resolved == "memory://" else "file"
+        self._last_pts: float | None = None  # newest pushed pts: pushes must keep one clock
+        self._push_lock = threading.Lock()
 
     def start(self) -> None:
         """1. open the source (SourceError -> 4xx), 2. open stage state, 3. start the ingest threads."""
@@ -144,7 +147,14 @@ class StreamRunner:
             )
         if worker.state != "running":
             raise StreamStateError(f"stream {self.stream_id!r} is {worker.state}. Fix: open a new stream.")
-        accepted = worker.push(_renumber(batch, worker))
+        with self._push_lock:
+            if self._last_pts is not None and batch.pts[0] < self._last_pts:
+                raise FrameFormatError(
+                    f"pts must not go backwards across pushes on stream {self.stream_id!r}: the last frame had "
+                    f"{self._last_pts}, this batch starts at {float(batch.pts[0])}. Fix: keep one clock per stream."
+                )
+            accepted = worker.push(_renumber(batch, worker))
+            self._last_pts = float(batch.pts[-1])
         if flush:
             worker.flush()
         st = worker.stats()

@@ -157,6 +157,7 @@ def test_bad_requests_leave_other_streams_working(api):
         (api.post("/streams/ok/frames", content=bad_dtype, headers=MSGPACK), 422, "FrameFormatError"),
         (api.post("/streams/ok/frames", content=bad_shape, headers=MSGPACK), 422, "FrameFormatError"),
         (api.post("/streams/ok/frames", content=b"x" * 200_001, headers=MSGPACK), 413, "PayloadTooLargeError"),
+        (_push(api, "ok", 0, 1), 422, "FrameFormatError"),  # pts behind the last pushed frame
         (api.post("/streams/nope/frames", content=encode_frames(rgb, pts), headers=MSGPACK), 404, None),
         (api.post("/streams", json={"stream_id": "ok"}), 409, "StreamExistsError"),
         (api.post("/streams", json={"stream_id": "bad id!"}), 422, "ValidationError"),
