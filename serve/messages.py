@@ -1,0 +1,55 @@
+"""Typed messages between the pipeline stages (vision replica -> LLM replica) and their answers."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass(eq=False)
+class EncodedChunk:
+    """One chunk's kept visual tokens, ready for the LLM stage.
+
+    Attributes:
+        stream_id: the stream it belongs to.
+        embeds: ``[K, d]`` kept visual tokens of all frames, frame-major (K = sum(tokens_per_frame)).
+        tokens_per_frame: kept tokens of each frame (varies after pruning).
+        pts: each frame's time in seconds.
+        stats: vision-side numbers for this chunk (``vit_ms``, ``prune_ms``, cache reuse...).
+    """
+
+    stream_id: str
+    embeds: torch.Tensor
+    tokens_per_frame: list[int]
+    pts: list[float]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.tokens_per_frame) != len(self.pts):
+            raise ValueError(f"{len(self.tokens_per_frame)} frame token counts for {len(self.pts)} pts")
+        if self.embeds.ndim != 2 or self.embeds.shape[0] != sum(self.tokens_per_frame):
+            raise ValueError(
+                f"embeds must be [sum(tokens_per_frame)={sum(self.tokens_per_frame)}, d], got {list(self.embeds.shape)}"
+            )
+
+    def frames(self) -> list[torch.Tensor]:
+        """Per-frame ``[t_i, d]`` views."""
+        return list(torch.split(self.embeds, self.tokens_per_frame, dim=0))
+
+    def __repr__(self) -> str:
+        return f"EncodedChunk(stream={self.stream_id}, frames={len(self.pts)}, tokens={self.embeds.shape[0]})"
+
+
+@dataclass
+class AnswerStats:
+    """Numbers for one answered question."""
+
+    ttft_ms: float = 0.0
+    prefill_ms: float = 0.0
+    decode_ms: float = 0.0
+    new_tokens: int = 0
+    context_tokens: int = 0
+    kv_tokens: int = 0
+    kv_bytes: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,125 @@
+"""The in-process streaming pipeline: source -> sampler -> chunker -> VisionStage -> LLMStage.
+
+Used by ``stc-serve ask`` and by tests; the Ray service (``serve.app``) runs the same stages in deployments.
+Each chunk is prefilled into the stream's KV session when it arrives (as a live stream would be), never all at the
+end, so a question only prefills the question.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+
+from serve.messages import AnswerStats, EncodedChunk
+from serve.options import StreamOptions
+from serve.stages import LLMStage, UnknownStreamError, VisionStage
+from stream.frames import Frame, FrameBatch
+from stream.models.base import VLMAdapter
+from stream.sampler import Chunker, FpsSampler
+
+__all__ = ["EncodedChunk", "LLMStage", "PipelineStats", "StreamOptions", "StreamPipeline", "UnknownStreamError",
+           "VisionStage"]
+
+
+@dataclass
+class PipelineStats:
+    """Totals over one stream's ingest and its last answer (what ``stc-serve ask`` prints)."""
+
+    frames: int = 0
+    chunks: int = 0
+    visual_tokens: int = 0
+    visual_tokens_in: int = 0
+    vit_ms: float = 0.0
+    prune_ms: float = 0.0
+    prefill_ms: float = 0.0
+    answer: AnswerStats = field(default_factory=AnswerStats)
+    cache: dict[str, Any] = field(default_factory=dict)
+    kv: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "frames": self.frames, "chunks": self.chunks, "visual_tokens": self.visual_tokens,
+            "visual_tokens_in": self.visual_tokens_in, "vit_ms": round(self.vit_ms, 2),
+            "prune_ms": round(self.prune_ms, 2), "prefill_ms": round(self.prefill_ms, 2),
+            "question_prefill_ms": round(self.answer.prefill_ms, 2), "ttft_ms": round(self.answer.ttft_ms, 2),
+            "decode_ms": round(self.answer.decode_ms, 2), "new_tokens": self.answer.new_tokens,
+            "kv_tokens": self.answer.kv_tokens or self.kv.get("kv_tokens", 0),
+            "kv_bytes": self.answer.kv_bytes or self.kv.get("kv_bytes", 0), "cache": self.cache, "kv": self.kv,
+        }
+
+
+class StreamPipeline:
+    """Both stages in one process, for one or more streams.
+
+    Args:
+        adapter: the loaded VLM adapter.
+        options: default stream options (sampler, cacher, pruner, KV).
+        memory_budget_bytes: replica-wide KV budget for the LLM stage.
+    """
+
+    def __init__(self, adapter: VLMAdapter, options: StreamOptions | None = None,
+                 memory_budget_bytes: int = 4 << 30) -> None:
+        self.options = options or StreamOptions()
+        self.vision = VisionStage(adapter, self.options)
+        self.llm = LLMStage(adapter, self.options, memory_budget_bytes)
+        self.stats: dict[str, PipelineStats] = {}
+
+    def open(self, stream_id: str | None = None, options: StreamOptions | None = None) -> str:
+        sid = stream_id or uuid.uuid4().hex[:12]
+        self.vision.open(sid, options or self.options)
+        try:
+            self.llm.open(sid, options or self.options)
+        except Exception:
+            self.vision.close(sid)
+            raise
+        self.stats[sid] = PipelineStats()
+        return sid
+
+    def close(self, stream_id: str) -> None:
+        self.vision.close(stream_id)
+        self.llm.close(stream_id)
+        self.stats.pop(stream_id, None)
+
+    def push_chunk(self, stream_id: str, batch: FrameBatch) -> EncodedChunk:
+        """Encode one chunk and prefill it into the stream's context."""
+        chunk = self.vision.encode(stream_id, batch)
+        llm = self.llm.append(chunk)
+        st = self.stats[stream_id]
+        st.frames += len(batch)
+        st.chunks += 1
+        st.visual_tokens += chunk.stats["tokens_kept"]
+        st.visual_tokens_in += chunk.stats["tokens_in"]
+        st.vit_ms += chunk.stats["vit_ms"]
+        st.prune_ms += chunk.stats["prune_ms"]
+        st.prefill_ms += llm["prefill_ms"]
+        return chunk
+
+    def ingest(self, stream_id: str, frames: Iterable[Frame],
+               on_chunk: Callable[[EncodedChunk], None] | None = None) -> PipelineStats:
+        """Sample ``frames`` at the stream's fps, cut chunks, and push each chunk as soon as it is full."""
+        opts = self.options
+        sampler, chunker = FpsSampler(opts.sampler.fps), Chunker(opts.sampler.frames_per_chunk)
+        for frame in frames:
+            if not sampler.accept(frame):
+                continue
+            for batch in chunker.push(frame):
+                chunk = self.push_chunk(stream_id, batch)
+                if on_chunk:
+                    on_chunk(chunk)
+        last = chunker.flush()
+        for batch in [last] if last is not None else []:
+            chunk = self.push_chunk(stream_id, batch)
+            if on_chunk:
+                on_chunk(chunk)
+        return self.stats[stream_id]
+
+    def ask(self, stream_id: str, question: str, max_new_tokens: int = 64) -> Iterator[str]:
+        """Stream the answer's text pieces; stats land in ``self.stats[stream_id].answer``."""
+        st = self.stats[stream_id]
+        st.answer = AnswerStats()
+        t0 = time.perf_counter()
+        yield from self.llm.ask(stream_id, question, max_new_tokens, stats=st.answer)
+        st.answer.extra["total_ms"] = (time.perf_counter() - t0) * 1000.0
+        st.kv = self.llm.stats(stream_id)
+        st.cache = self.vision.stats(stream_id).get("cache", {})

@@ -1,0 +1,226 @@
+"""The two halves of the pipeline as plain classes (no Ray): the Ray deployments in ``serve.app`` wrap them.
+
+* :class:`VisionStage` -- one per vision replica: ViT (+ STC cacher) + projector + pruner, per-stream state inside.
+* :class:`LLMStage`    -- one per LLM replica: the shared LLM and every stream's bounded KV session.
+
+Both are thread-safe per stream: different streams may be served concurrently, calls on one stream are serialized.
+"""
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+
+from serve.messages import AnswerStats, EncodedChunk
+from serve.options import StreamOptions
+from stream.errors import RequestError
+from stream.frames import FrameBatch
+from stream.models.base import VLMAdapter
+
+
+class UnknownStreamError(RequestError):
+    """The stream id is not open on this replica."""
+
+    status = 404
+
+
+class StreamExistsError(RequestError):
+    status = 409
+
+
+def _ms(start: float) -> float:
+    return (time.perf_counter() - start) * 1000.0
+
+
+class _Registry:
+    """stream id -> per-stream state, with one lock per stream and one for the table."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._items: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def add(self, stream_id: str, state: Any) -> None:
+        with self._lock:
+            if stream_id in self._items:
+                raise StreamExistsError(f"stream {stream_id!r} is already open on this {self.kind} replica")
+            self._items[stream_id] = state
+
+    def get(self, stream_id: str) -> Any:
+        with self._lock:
+            state = self._items.get(stream_id)
+        if state is None:
+            raise UnknownStreamError(
+                f"stream {stream_id!r} is not open on this {self.kind} replica; open it first (known: "
+                f"{sorted(self._items)[:10]})"
+            )
+        return state
+
+    def pop(self, stream_id: str) -> Any:
+        with self._lock:
+            state = self._items.pop(stream_id, None)
+        if state is None:
+            raise UnknownStreamError(f"stream {stream_id!r} is not open on this {self.kind} replica")
+        return state
+
+    def ids(self) -> list[str]:
+        with self._lock:
+            return list(self._items)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass
+class _VisionState:
+    options: StreamOptions
+    cacher: Any | None
+    pruner: Any | None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    frames: int = 0
+    tokens_in: int = 0
+    tokens_kept: int = 0
+    vit_ms: float = 0.0
+    prune_ms: float = 0.0
+
+
+class VisionStage:
+    """ViT + cacher + pruner for many streams.
+
+    Args:
+        adapter: the loaded VLM adapter (its vision tower and projector are used).
+        defaults: stream options used when ``open`` gets none.
+    """
+
+    def __init__(self, adapter: VLMAdapter, defaults: StreamOptions | None = None) -> None:
+        self.adapter = adapter
+        self.defaults = defaults or StreamOptions()
+        self._streams = _Registry("vision")
+        self._model_lock = threading.Lock()
+
+    def open(self, stream_id: str, options: StreamOptions | None = None) -> None:
+        opts = options or self.defaults
+        self._streams.add(stream_id, _VisionState(opts, opts.make_cacher(), opts.make_pruner()))
+
+    def close(self, stream_id: str) -> None:
+        self._streams.pop(stream_id)
+
+    def streams(self) -> list[str]:
+        return self._streams.ids()
+
+    @torch.inference_mode()
+    def encode(self, stream_id: str, batch: FrameBatch) -> EncodedChunk:
+        """Frames -> kept visual tokens: 1. preprocess, 2. ViT (cached layers), 3. project, 4. prune."""
+        st: _VisionState = self._streams.get(stream_id)
+        with st.lock:
+            t0 = time.perf_counter()
+            pv = self.adapter.preprocess(batch.rgb)  # [F, 3, S, S]
+            with self._model_lock:
+                runner = st.cacher.runner if st.cacher is not None else None
+                feats = self.adapter.encode_vision(pv, layer_runner=runner)  # [F, P, D]
+                vt = self.adapter.project(feats)  # [F, T, d]
+            vit_ms = _ms(t0)
+            t1 = time.perf_counter()
+            if st.pruner is not None:
+                result = st.pruner.select(vt.embeds, vt.positions, pts=batch.pts)
+                frames, counts = result.kept(vt.embeds), result.counts.tolist()
+            else:
+                frames, counts = list(vt.embeds), [vt.embeds.shape[1]] * vt.embeds.shape[0]
+            prune_ms = _ms(t1)
+            st.frames += len(batch)
+            st.tokens_in += int(vt.embeds.shape[0] * vt.embeds.shape[1])
+            st.tokens_kept += int(sum(counts))
+            st.vit_ms += vit_ms
+            st.prune_ms += prune_ms
+            stats = {"vit_ms": vit_ms, "prune_ms": prune_ms, "tokens_in": int(vt.embeds.shape[:2].numel()),
+                     "tokens_kept": int(sum(counts))}
+            if st.cacher is not None:
+                stats["cache"] = st.cacher.last_chunk_stats()
+            return EncodedChunk(stream_id, torch.cat(frames, 0), counts, batch.pts.tolist(), stats)
+
+    def stats(self, stream_id: str) -> dict[str, Any]:
+        st: _VisionState = self._streams.get(stream_id)
+        out = {"frames": st.frames, "tokens_in": st.tokens_in, "tokens_kept": st.tokens_kept,
+               "vit_ms": round(st.vit_ms, 2), "prune_ms": round(st.prune_ms, 2)}
+        if st.cacher is not None:
+            out["cache"] = st.cacher.stats()
+        if st.pruner is not None:
+            out["pruner"] = st.pruner.stats()
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+class LLMStage:
+    """The shared LLM: each stream's context lives in a bounded KV session; questions never re-encode the stream.
+
+    Args:
+        adapter: the loaded VLM adapter (its LLM, tokenizer and prompt pieces are used).
+        defaults: stream options; their ``kv`` section configures every session of this replica.
+        memory_budget_bytes: KV memory across all sessions of this replica.
+    """
+
+    def __init__(self, adapter: VLMAdapter, defaults: StreamOptions | None = None,
+                 memory_budget_bytes: int = 4 << 30) -> None:
+        self.adapter = adapter
+        self.defaults = defaults or StreamOptions()
+        self.engine = self.defaults.make_engine(adapter.llm, memory_budget_bytes)
+
+    def open(self, stream_id: str, options: StreamOptions | None = None) -> None:
+        """Open a session and prefill the prompt prefix (the KV settings are the replica's, see ``defaults.kv``)."""
+        prefix = self.adapter.llm.embed(self.adapter.stream_prefix_ids())  # [L, d]
+        self.engine.open(stream_id, prefix)
+
+    def close(self, stream_id: str) -> None:
+        self.engine.close(stream_id)
+
+    def streams(self) -> list[str]:
+        return self.engine.stream_ids()
+
+    def append(self, chunk: EncodedChunk) -> dict[str, Any]:
+        """Prefill one chunk (visual tokens with the family's per-frame text) into the stream's KV session."""
+        t0 = time.perf_counter()
+        embeds = self.adapter.chunk_embeds(chunk.frames(), chunk.pts)  # [L, d]
+        self.engine.append(chunk.stream_id, embeds, {"pts": chunk.pts, "frame_tokens": chunk.tokens_per_frame})
+        return {"prefill_ms": _ms(t0), "llm_tokens": int(embeds.shape[0])}
+
+    def ask(self, stream_id: str, question: str, max_new_tokens: int = 64,
+            stats: AnswerStats | None = None) -> Iterator[str]:
+        """Answer over the stream's current context, streaming text pieces; the context is restored afterwards.
+
+        ``stats`` (if given) receives time to first token, decode time and token counts.
+        """
+        stats = stats if stats is not None else AnswerStats()
+        try:
+            q = self.adapter.question_embeds(question)  # [Lq, d]
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
+        tokens = self.engine.ask(stream_id, q, max_new_tokens, self.adapter.eos_token_ids)
+        ids: list[int] = []
+        emitted = ""
+        t0 = time.perf_counter()
+        for tid in tokens:
+            if not ids:
+                stats.ttft_ms = stats.prefill_ms = _ms(t0)
+            ids.append(tid)
+            text = self.adapter.tokenizer.decode(ids, skip_special_tokens=True)
+            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+                continue
+            if len(text) > len(emitted):
+                yield text[len(emitted):]
+                emitted = text
+        stats.decode_ms = _ms(t0) - stats.ttft_ms
+        stats.new_tokens = len(ids)
+        kv = self.stats(stream_id)
+        stats.kv_tokens, stats.kv_bytes = kv["resident_tokens"], kv["used_bytes"]
+        stats.context_tokens = kv["stream_tokens"]
+
+    def stats(self, stream_id: str) -> dict[str, Any]:
+        """The stream's KV session numbers (tokens resident, evicted, offloaded, bytes)."""
+        st = self.engine.stats(stream_id)
+        out = dataclasses.asdict(st)
+        out["last_retrieval"] = [dataclasses.asdict(b) for b in st.last_retrieval]
+        out.update(held_bytes=st.held_bytes, used_bytes=st.used_bytes, kv_tokens=st.resident_tokens,
+                   kv_bytes=st.used_bytes)
+        return out
