@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from cache.config import CacherConfig
 from cache.kv.config import KVConfig
@@ -22,6 +22,16 @@ class StreamOptions(StrictModel):
     cacher: CacherConfig = Field(default_factory=CacherConfig, description="STC ViT feature reuse.")
     pruner: PrunerConfig = Field(default_factory=PrunerConfig, description="Visual token budget before the LLM.")
     kv: KVConfig = Field(default_factory=KVConfig, description="Bounded KV session of the stream.")
+
+    @model_validator(mode="after")
+    def _attention_needs_plain_encoder(self) -> "StreamOptions":
+        if self.pruner.enabled and self.pruner.policy == "attention" and self.cacher.enabled:
+            raise ValueError(
+                "pruner.policy='attention' reads the last ViT layer's full attention, which the STC cacher does not "
+                "compute (it recomputes only changed tokens). Fix: set cacher.enabled=false (CLI --no-cache) or "
+                "choose another pruning policy (stc, stc_adaptive, uniform, random, temporal_diff)."
+            )
+        return self
 
     def merged(self, overrides: dict[str, Any] | None) -> "StreamOptions":
         """A copy with nested ``overrides`` applied and validated (raises ConfigError naming the bad value)."""

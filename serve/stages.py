@@ -7,6 +7,7 @@ Both are thread-safe per stream: different streams may be served concurrently, c
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 import time
@@ -16,6 +17,7 @@ from typing import Any, Iterator
 import torch
 
 from serve.messages import AnswerStats, EncodedChunk
+from pruner.attention import attention_received, scores_to_tokens
 from serve.options import StreamOptions
 from stream.errors import RequestError
 from stream.frames import FrameBatch
@@ -30,6 +32,22 @@ class UnknownStreamError(RequestError):
 
 class StreamExistsError(RequestError):
     status = 409
+
+
+@contextlib.contextmanager
+def _capture_input(layer: torch.nn.Module, enabled: bool) -> Iterator[list[torch.Tensor]]:
+    """Record the hidden states ``layer`` is called with (a forward pre-hook), when ``enabled``."""
+    seen: list[torch.Tensor] = []
+    if not enabled:
+        yield seen
+        return
+    handle = layer.register_forward_pre_hook(lambda _m, args, kwargs: seen.append(args[0] if args else
+                                                                                 kwargs["hidden_states"]),
+                                             with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        handle.remove()
 
 
 def _ms(start: float) -> float:
@@ -117,14 +135,20 @@ class VisionStage:
         with st.lock:
             t0 = time.perf_counter()
             pv = self.adapter.preprocess(batch.rgb)  # [F, 3, S, S]
+            needs_attention = st.pruner is not None and st.options.pruner.policy == "attention"
             with self._model_lock:
                 runner = st.cacher.runner if st.cacher is not None else None
-                feats = self.adapter.encode_vision(pv, layer_runner=runner)  # [F, P, D]
+                with _capture_input(self.adapter.vision_layers[-1], needs_attention) as last_in:
+                    feats = self.adapter.encode_vision(pv, layer_runner=runner)  # [F, P, D]
                 vt = self.adapter.project(feats)  # [F, T, d]
+                attention = None
+                if needs_attention:  # VisionZip-style: attention each patch receives in the last used layer
+                    scores = attention_received(self.adapter.vision_layers[-1], last_in[0])  # [F, P]
+                    attention = scores_to_tokens(scores, vt.grid)  # [F, T]
             vit_ms = _ms(t0)
             t1 = time.perf_counter()
             if st.pruner is not None:
-                result = st.pruner.select(vt.embeds, vt.positions, pts=batch.pts)
+                result = st.pruner.select(vt.embeds, vt.positions, pts=batch.pts, attention=attention)
                 frames, counts = result.kept(vt.embeds), result.counts.tolist()
             else:
                 frames, counts = list(vt.embeds), [vt.embeds.shape[1]] * vt.embeds.shape[0]

@@ -91,3 +91,13 @@ def test_streams_are_isolated(tiny_llava) -> None:
     pipe.close(b)
     with pytest.raises(Exception, match="not open"):
         pipe.push_chunk(b, FrameBatch.from_frames(_frames(1)))
+
+
+def test_attention_policy_runs_and_conflicts_with_cacher_clearly(tiny_llava) -> None:
+    from stream.errors import ConfigError
+
+    _, pipe = _answer(tiny_llava, _frames(2), _options(pruner={"enabled": True, "policy": "attention",
+                                                                "tokens_per_frame": 30}))
+    assert pipe.stats["s"].visual_tokens == 2 * 30
+    with pytest.raises(ConfigError, match="cacher.enabled=false"):
+        _options(pruner={"enabled": True, "policy": "attention"}, cacher={"enabled": True})
