@@ -85,7 +85,9 @@ class StreamStats(BaseModel):
     created_at: float = Field(..., description="Unix time the stream was opened.")
     questions: int = Field(0, description="Questions answered.")
     ingest: IngestStats
-    cache_reuse: float | None = Field(None, description="Share of ViT work reused by the STC cacher (0..1).")
+    cache_reuse: float | None = Field(
+        None, description="Share of frames whose ViT pass reused a cached reference (STC cacher, 0..1)."
+    )
     tokens_kept: int | None = Field(None, description="Visual tokens kept by the pruner so far.")
     tokens_total: int | None = Field(None, description="Visual tokens before pruning so far.")
     kv_tokens: int | None = Field(None, description="Tokens held in the stream's KV cache now.")

@@ -98,7 +98,7 @@ class _StreamCollector:
             rows = [((s.stream_id,), getattr(s.ingest, name)) for s in self.streams]
             yield self._gauge(f"stc_stream_{name}", doc, rows, ["stream"])
         for name, doc in (("kv_bytes", "KV cache bytes."), ("tokens_kept", "Visual tokens kept by the pruner."),
-                          ("cache_reuse", "Share of ViT work reused (0..1).")):
+                          ("cache_reuse", "Share of frames reusing cached ViT states (0..1).")):
             rows = [((s.stream_id,), getattr(s, name)) for s in self.streams if getattr(s, name) is not None]
             yield self._gauge(f"stc_stream_{name}", doc, rows, ["stream"])
 

@@ -199,7 +199,7 @@ def _renumber(batch: FrameBatch, worker: IngestWorker) -> FrameBatch:
 def summarize_stage_stats(vision: dict[str, Any], llm: dict[str, Any]) -> dict[str, Any]:
     """Pick the headline numbers (cache reuse, tokens kept, KV size) out of the stages' own stats dicts."""
     cache = vision.get("cache") or {}
-    reuse = cache.get("reuse_ratio", cache.get("reuse"))
+    reuse = cache.get("reuse_rate")
     return {
         "cache_reuse": float(reuse) if reuse is not None else None,
         "tokens_kept": vision.get("tokens_kept"),

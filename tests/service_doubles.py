@@ -52,7 +52,7 @@ class FakeVisionStage:
     def stats(self, stream_id: str) -> dict[str, Any]:
         if stream_id not in self.streams:
             raise UnknownStream(f"stream {stream_id!r} not open")
-        return {**self.streams[stream_id], "cache": {"reuse_ratio": 0.5}}
+        return {**self.streams[stream_id], "cache": {"reuse_rate": 0.5}}
 
 
 class FakeLLMStage:

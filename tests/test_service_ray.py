@@ -1,0 +1,182 @@
+"""The service on a real local Ray instance with the real tiny-model pipeline (one module-scoped ``serve.run``).
+
+Two vision and two LLM replicas, so stickiness is exercised: every stream's state must sit on exactly one replica of
+each, and every chunk of the stream must reach it. Covers a real RTSP stream (GStreamer on loopback serving
+../shared/media/vtest.avi) with a question answered mid-stream and a reconnect after the server drops, pushed
+streams, two concurrent streams, every bad input, metrics, and the misroute guard.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from ray import serve  # noqa: E402
+
+from serve.app import LLM, VISION, StreamMisroutedError, start_service, stop_service, unwrap  # noqa: E402
+from serve.client import ServiceError, StcClient  # noqa: E402
+from serve.config import ServiceConfig  # noqa: E402
+from tests.media import make_clip, moving_square, real_video  # noqa: E402
+from tests.rtsp_server import free_port, rtsp_server  # noqa: E402
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, tiny_llava_dir):
+    media = tmp_path_factory.mktemp("media")
+    make_clip(media / "clip.mp4", num_frames=20, fps=10, size=(64, 48))
+    secret = make_clip(tmp_path_factory.mktemp("outside") / "secret.mp4", num_frames=4, size=(32, 24))
+    os.symlink(secret, media / "link.mp4")
+    cfg = ServiceConfig.parse({
+        "model": {"name": str(tiny_llava_dir)},
+        "sampler": {"fps": 2.0, "frames_per_chunk": 2},
+        "source": {"open_timeout_s": 5, "read_timeout_s": 3, "reconnect_attempts": 6, "reconnect_backoff_s": 0.5,
+                   "reconnect_backoff_max_s": 1.0},
+        "serve": {
+            "http": {"port": free_port()}, "media_root": str(media), "max_push_bytes": 2_000_000,
+            "ingress": {"num_cpus": 0}, "vision": {"num_cpus": 0, "num_replicas": 2},
+            "llm": {"num_cpus": 0, "num_replicas": 2}, "ingest": {"num_cpus": 0, "misroute_retry_s": 5},
+        },
+    })
+    url = start_service(cfg, num_cpus=4)
+    try:
+        yield StcClient(url, timeout_s=120), cfg
+    finally:
+        stop_service()
+
+
+def _frames(n: int, start: int = 0) -> tuple[np.ndarray, list[float]]:
+    rgb = np.stack([moving_square(i, 64, 48) for i in range(start, start + n)])
+    return rgb, [i * 0.5 for i in range(start, start + n)]  # 2 fps: the sampler keeps every frame
+
+
+def _where(kind: str) -> list[dict]:
+    handle = serve.get_deployment_handle(kind, app_name="stc")
+    seen: dict[str, dict] = {}
+    deadline = time.time() + 20
+    while len(seen) < 2 and time.time() < deadline:  # two replicas: ask until both answered
+        info = handle.where.remote().result()
+        seen[info["replica"]] = info
+    return list(seen.values())
+
+
+def _wait(predicate, timeout_s: float, what: str):
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def test_pushed_streams_concurrently_are_sticky_and_answered(service):
+    client, _ = service
+    ids = [client.create_stream(stream_id=f"push{i}")["stream_id"] for i in range(2)]
+
+    def feed(sid: str, offset: int) -> None:
+        for k in range(3):
+            rgb, pts = _frames(2, offset + 2 * k)
+            client.push_frames(sid, rgb, pts, encoding="jpeg")
+
+    threads = [threading.Thread(target=feed, args=(sid, 10 * i)) for i, sid in enumerate(ids)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for sid in ids:
+        text, done = client.ask_text(sid, "What moves?", max_new_tokens=4, wait_s=60)
+        assert done["tokens"] >= 1 and done["ttft_ms"] > 0 and done["answer"] == text
+        st = client.stats(sid)
+        assert st["ingest"]["frames_encoded"] == 6 and st["ingest"]["frames_dropped"] == 0
+        assert st["vision"]["frames"] == 6, "every chunk must reach the one vision replica holding the stream"
+        assert st["kv_bytes"] > 0 and st["tokens_kept"] > 0 and st["ingest"]["state_resets"] == 0
+        assert 0.0 <= st["cache_reuse"] <= 1.0 and st["vision"]["cache"]["frames"] == 6
+    for kind in (VISION, LLM):
+        holders = {sid: [w["replica"] for w in _where(kind) if sid in w["streams"]] for sid in ids}
+        assert all(len(h) == 1 for h in holders.values()), f"{kind}: each stream on exactly one replica: {holders}"
+    kv_before = client.stats(ids[0])["kv_tokens"]
+    rgb, pts = _frames(2, 40)
+    client.push_frames(ids[0], rgb, pts, encoding="raw")
+    client.ask_text(ids[0], "And now?", max_new_tokens=2, wait_s=60)
+    assert client.stats(ids[0])["kv_tokens"] > kv_before  # the new chunk was appended, the question was not kept
+    for sid in ids:
+        assert client.close_stream(sid)["state"] == "closed"
+    for kind in (VISION, LLM):  # closed streams leave the replicas and the router's table
+        assert not any(set(ids) & set(w["streams"] + w["routed_ids"]) for w in _where(kind))
+
+
+def test_rtsp_stream_question_mid_stream_and_reconnect(service):
+    client, _ = service
+    with rtsp_server(real_video("vtest.avi"), width=320, fps=10) as server:
+        sid = client.create_stream(server.url, stream_id="cam")["stream_id"]
+        assert client.stats(sid)["kind"] == "live"
+        _wait(lambda: client.stats(sid)["ingest"]["frames_encoded"] >= 4, 90, "4 RTSP frames encoded")
+        text, done = client.ask_text(sid, "What do you see?", max_new_tokens=3)
+        assert done["tokens"] >= 1
+        st = client.stats(sid)
+        assert st["state"] == "running" and st["kv_tokens"] > 0
+        server.kill()
+        time.sleep(1.0)
+        server.start()
+        _wait(lambda: client.stats(sid)["ingest"]["reconnects"] >= 1, 60, "a reconnect")
+        before = client.stats(sid)["ingest"]["frames_encoded"]
+        _wait(lambda: client.stats(sid)["ingest"]["frames_encoded"] > before, 60, "frames after the reconnect")
+        assert client.stats(sid)["state"] == "running"
+        client.close_stream(sid)
+
+
+def test_file_stream_and_bad_inputs_leave_others_working(service):
+    client, cfg = service
+    good = client.create_stream("clip.mp4", fps=10, frames_per_chunk=4)["stream_id"]
+    url = client.url
+    cases = [
+        (lambda: client.create_stream("../outside/secret.mp4"), 403, "ForbiddenSourceError"),
+        (lambda: client.create_stream("link.mp4"), 403, "ForbiddenSourceError"),
+        (lambda: client.create_stream("missing.mp4"), 404, "SourceNotFoundError"),
+        (lambda: client.create_stream(f"rtsp://127.0.0.1:{free_port()}/x"), 422, "SourceUnreachableError"),
+        (lambda: client.create_stream(stream_id=good), 409, "StreamExistsError"),
+        (lambda: client.stats("nope"), 404, "StreamNotFoundError"),
+        (lambda: client.ask_text("nope", "hi"), 404, "StreamNotFoundError"),
+        (lambda: client.push_frames(good, *_frames(1)), 409, "StreamStateError"),
+        (lambda: _post(url + f"/streams/{good}/frames", b"\xc1\x00"), 400, "ProtocolError"),
+        (lambda: _post(url + f"/streams/{good}/frames", b"\x00" * 2_000_001), 413, "PayloadTooLargeError"),
+    ]
+    for call, status, kind in cases:
+        with pytest.raises(ServiceError) as info:
+            call()
+        assert (info.value.status, info.value.kind) == (status, kind), info.value
+    _wait(lambda: client.stats(good)["state"] == "ended", 90, "the file stream to end")
+    st = client.stats(good)
+    assert st["ingest"]["frames_encoded"] == 20 and st["ingest"]["frames_dropped"] == 0
+    assert client.ask_text(good, "Summarize.", max_new_tokens=2)[1]["tokens"] >= 1
+    metrics = client.metrics()
+    assert f'stc_stream_frames_encoded{{stream="{good}"}} 20.0' in metrics
+    assert client.health()["deployments"] == {"ingress": "HEALTHY", "vision": "HEALTHY", "llm": "HEALTHY"}
+    client.close_stream(good)
+
+
+def test_a_replica_without_the_stream_refuses_instead_of_guessing(service):
+    handle = serve.get_deployment_handle(VISION, app_name="stc")
+    with pytest.raises(Exception) as info:
+        handle.options(multiplexed_model_id="ghost").stats.remote("ghost").result()
+    assert isinstance(unwrap(info.value), StreamMisroutedError)
+    assert "holds no state for stream 'ghost'" in str(unwrap(info.value))
+
+
+def _post(url: str, body: bytes) -> dict:
+    req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/msgpack"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        err = json.loads(exc.read())["error"]
+        raise ServiceError(err["status"], err["type"], err["message"]) from None
