@@ -260,12 +260,14 @@ class KVSession:
                     proj = self.llm.decoder.layers[i].self_attn.q_proj
                     hooks.append(proj.register_forward_hook(lambda m, a, out, i=i: captured.__setitem__(i, out)))
             try:
-                self.llm.forward(question[None], cache=probe, position_ids=torch.arange(n, device=self.llm.device)[None])
+                positions = torch.arange(n, device=self.llm.device)[None]
+                self.llm.forward(question[None], cache=probe, position_ids=positions)
             finally:
                 for h in hooks:
                     h.remove()
         if captured:  # [1, n, heads * hd] -> [layers, heads, n, hd]
-            x = torch.stack([captured[i][0].view(n, -1, self.llm.head_dim).transpose(0, 1) for i in self.summary_layers])
+            x = torch.stack([captured[i][0].view(n, -1, self.llm.head_dim).transpose(0, 1)
+                             for i in self.summary_layers])
         else:
             keys = torch.stack([probe.layers[i].keys[0] for i in self.summary_layers])  # [layers, kv_heads, n, hd]
             x = apply_rope(keys, -torch.arange(n), self.inv_freq)
@@ -275,12 +277,12 @@ class KVSession:
     def stats(self, dropped_blocks: int) -> SessionStats:
         """A snapshot (read without the session lock; counts may be one call stale)."""
         bpt = self.llm.kv_bytes_per_token()
-        store = self.store
+        store, window = self.store, list(self.window)  # list(deque) is atomic under the GIL
         return SessionStats(
             stream_id=self.stream_id, policy=self.cfg.policy, stream_tokens=self.stream_tokens, blocks=self.blocks,
             resident_tokens=self.cache.length, peak_resident_tokens=self.cache.peak,
-            budget_tokens=self.cfg.budget_tokens, sink_tokens=self.sink_len, window_blocks=len(self.window),
-            window_tokens=sum(b.tokens for b in self.window), evicted_blocks=self.evicted,
+            budget_tokens=self.cfg.budget_tokens, sink_tokens=self.sink_len, window_blocks=len(window),
+            window_used_tokens=sum(b.tokens for b in window), evicted_blocks=self.evicted,
             offloaded_blocks=len(store) if store else 0, offloaded_tokens=store.tokens if store else 0,
             offloaded_bytes=store.nbytes if store else 0, dropped_blocks=dropped_blocks,
             reserved_bytes=self.reserved_bytes(), resident_used_bytes=self.cache.length * bpt,

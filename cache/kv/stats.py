@@ -32,7 +32,7 @@ class SessionStats:
     budget_tokens: int
     sink_tokens: int
     window_blocks: int
-    window_tokens: int
+    window_used_tokens: int
     evicted_blocks: int
     offloaded_blocks: int
     offloaded_tokens: int
