@@ -152,7 +152,7 @@ class StreamLoad:
         self.ttft_ms: list[float] = []
         self.server_ttft_ms: list[float] = []
         self.errors: list[str] = []
-        self.timeline: list[tuple[float, int]] = []
+        self.timeline: list[tuple[float, int, int]] = []  # (seconds, frames encoded, frames dropped)
 
     def push_loop(self, stop: threading.Event) -> None:
         period = 1.0 / self.args.push_fps
@@ -183,7 +183,7 @@ class StreamLoad:
         while not stop.wait(1.0):
             try:
                 st = self.client.stats(self.sid)["ingest"]
-                self.timeline.append((time.monotonic() - self.t0, st["frames_encoded"]))
+                self.timeline.append((time.monotonic() - self.t0, st["frames_encoded"], st["frames_dropped"]))
             except Exception as exc:
                 self.errors.append(f"stats: {exc}")
 
@@ -211,6 +211,8 @@ def run_load(client: Any, frames: np.ndarray, args: argparse.Namespace) -> tuple
         client.ask_text(sid, QUESTION, max_new_tokens=2, wait_s=120)  # warm-up of this stream's path
         loads.append(StreamLoad(client, sid, frames, args, t0))
     rss_start = rss_tree_mb(os.getpid())  # service, stream actors and model replicas all up and warm
+    for ld in loads:
+        ld.t0 = time.monotonic()
     stop = threading.Event()
     threads = [threading.Thread(target=getattr(ld, fn), args=(stop,), daemon=True)
                for ld in loads for fn in ("push_loop", "ask_loop", "sample_loop")]
@@ -234,11 +236,12 @@ def plot(path: Path, loads: list[StreamLoad], ttfts: list[float]) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for ld in loads:
         if ld.timeline:
-            ts, ns = zip(*ld.timeline)
-            a.plot(ts, ns, label=ld.sid)
-    a.set_xlabel("seconds")
-    a.set_ylabel("frames encoded")
-    a.legend()
+            ts, enc, drop = zip(*ld.timeline)
+            line = a.plot(ts, enc, label=f"{ld.sid} encoded")[0]
+            a.plot(ts, drop, "--", color=line.get_color(), label=f"{ld.sid} dropped")
+    a.set_xlabel("seconds into the timed phase")
+    a.set_ylabel("frames")
+    a.legend(fontsize=7)
     b.hist(ttfts, bins=20)
     b.set_xlabel("TTFT (ms, client side)")
     b.set_ylabel("questions")
