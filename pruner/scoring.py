@@ -90,13 +90,14 @@ def stc_redundancy(
     """
     x = embeds.float()
     ch = low_variance_channels(x, channel_keep)  # [F, c]
-    sub = x.gather(2, ch[:, None, :].expand(-1, x.shape[1], -1))  # [F, T, c]
-    sub = F.normalize(sub, dim=-1)
-    frame_mean = sub.mean(dim=1, keepdim=True)  # [F, 1, c]
-    mem = F.normalize(memory_before.float().gather(1, ch), dim=-1)[:, None, :]  # [F, 1, c]
-    frame_sim = gaussian_kernel_similarity(sub, frame_mean, bandwidths)  # [F, T]
-    memory_sim = gaussian_kernel_similarity(sub, mem, bandwidths)  # [F, T]
-    return frame_sim + memory_sim
+    sub = F.normalize(x.gather(2, ch[:, None, :].expand(-1, x.shape[1], -1)), dim=-1)  # [F, T, c] unit rows
+    frame_mean = sub.mean(dim=1)  # [F, c]
+    mem = F.normalize(memory_before.float().to(x.device).gather(1, ch), dim=-1)  # [F, c]
+    targets = torch.stack([frame_mean, mem], dim=1)  # [F, 2, c]
+    # |x - y|^2 = |x|^2 + |y|^2 - 2 x.y with |x| = 1: one batched matmul instead of [F, T, c] temporaries
+    dist_sq = 1.0 + targets.pow(2).sum(-1)[:, None, :] - 2.0 * torch.bmm(sub, targets.transpose(1, 2))  # [F, T, 2]
+    dist_sq = dist_sq.clamp_min(0.0)
+    return sum(torch.exp(-dist_sq / (2.0 * a)) for a in bandwidths).sum(dim=-1)  # [F, T]
 
 
 def temporal_dissimilarity(embeds: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
@@ -110,11 +111,14 @@ def temporal_dissimilarity(embeds: torch.Tensor, previous: torch.Tensor | None) 
         ``[F, T]`` in ``[0, 2]``; row 0 is NaN when ``previous`` is ``None`` (nothing to compare with).
     """
     x = embeds.float()
+    norms = x.norm(dim=-1).clamp_min(1e-8)  # [F, T]
+    cos = (x[1:] * x[:-1]).sum(-1) / (norms[1:] * norms[:-1])  # [F-1, T] frame f vs f-1
     if previous is None:
-        prev = torch.cat([torch.full_like(x[:1], float("nan")), x[:-1]], dim=0)  # [F, T, d]
+        first = torch.full_like(norms[:1], float("nan"))  # [1, T]
     else:
-        prev = torch.cat([previous.float()[None].to(x.device), x[:-1]], dim=0)  # [F, T, d]
-    return 1.0 - F.cosine_similarity(x, prev, dim=-1, eps=1e-8)  # [F, T]
+        p = previous.float().to(x.device)  # [T, d]
+        first = ((x[0] * p).sum(-1) / (norms[0] * p.norm(dim=-1).clamp_min(1e-8)))[None]  # [1, T]
+    return 1.0 - torch.cat([first, cos], dim=0)  # [F, T]
 
 
 CHANGE_FLOOR = 1e-5  # float32 cosine noise of identical frames is ~1e-7; below this a frame counts as static

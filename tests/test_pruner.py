@@ -110,7 +110,10 @@ def test_temporal_dissimilarity_zero_when_static_nan_at_start() -> None:
     d = temporal_dissimilarity(x, None)
     assert torch.isnan(d[0]).all()
     torch.testing.assert_close(d[1:], torch.zeros(2, 5), atol=1e-6, rtol=0)
-    assert (temporal_dissimilarity(x, -x[0]) [0] > 1.99).all()  # opposite previous frame: 1 - cos = 2
+    assert (temporal_dissimilarity(x, -x[0])[0] > 1.99).all()  # opposite previous frame: 1 - cos = 2
+    y, prev = torch.randn(4, 6, 8), torch.randn(6, 8)
+    want = 1 - F.cosine_similarity(y, torch.cat([prev[None], y[:-1]]), dim=-1)
+    torch.testing.assert_close(temporal_dissimilarity(y, prev), want)
 
 
 # ---------------------------------------------------------------- budgets and masks
