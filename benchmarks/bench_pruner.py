@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -54,6 +53,7 @@ QUESTIONS = [
     "Does anyone walk to the left?",
     "What happened first?",
 ]
+SHAPES = {"qwen2-0.5b": QWEN2_05B, "qwen2-7b": QWEN2_7B, "tiny": {}}
 SWEEP_POLICIES = ["stc", "stc_adaptive", "uniform", "random", "temporal_diff", "attention"]
 
 
@@ -68,6 +68,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--chunk", type=int, default=8, help="frames per pruner call (a streaming chunk)")
     ap.add_argument("--repeats", type=int, default=2,
                     help="timed prefills per variant (median); the KL pass gives the first one")
+    ap.add_argument("--llm-shape", default=None, choices=list(SHAPES),
+                    help="LLM shape (default: qwen2-0.5b on cpu, qwen2-7b on cuda; tiny = smoke test only)")
     ap.add_argument("--plot", default=None, help="write budget vs prefill ratio vs KL for every policy here")
     ap.add_argument("--sweep", default="25,49,98", help="budgets swept for --plot (tokens per frame)")
     return ap.parse_args()
@@ -94,9 +96,9 @@ def load_frames(path: str, n: int, fps: float) -> tuple[np.ndarray, list[float]]
     return vr.get_batch(idx).asnumpy(), [i / src_fps for i in idx]
 
 
-def build_adapter(device: str) -> LlavaOneVisionAdapter:
-    """Real LLaVA-OneVision classes, random weights: small vision tower, Qwen2-0.5B (cpu) / 7B (cuda) LLM shape."""
-    shape, dtype = (QWEN2_05B, torch.float32) if device == "cpu" else (QWEN2_7B, torch.bfloat16)
+def build_adapter(device: str, shape_name: str) -> LlavaOneVisionAdapter:
+    """Real LLaVA-OneVision classes, random weights: small vision tower, LLM of the named shape."""
+    shape, dtype = SHAPES[shape_name], (torch.float32 if device == "cpu" else torch.bfloat16)
     tokenizer = train_tokenizer("llava_onevision")
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -129,12 +131,12 @@ def encode(adapter: LlavaOneVisionAdapter, rgb: np.ndarray) -> tuple[VisualToken
 def prune(cfg: PrunerConfig, tokens: VisualTokens, attn: torch.Tensor, pts: list[float], chunk: int
           ) -> tuple[list[torch.Tensor], int, float]:
     """Run one stream's pruner chunk by chunk -> per-frame kept tokens, tokens kept, selection seconds."""
-    pruner, kept, t0 = StreamPruner(cfg), [], time.perf_counter()
+    pruner, kept, t0 = StreamPruner(cfg), [], clock()
     for s in range(0, tokens.embeds.shape[0], chunk):
         e = tokens.embeds[s:s + chunk]
         result = pruner.select(e, tokens.positions, pts=pts[s:s + chunk], attention=attn[s:s + chunk])
         kept += result.kept(e)
-    return kept, pruner.stats()["tokens_kept"], time.perf_counter() - t0
+    return kept, pruner.stats()["tokens_kept"], clock() - t0
 
 
 def sync(device: str) -> None:
@@ -142,31 +144,37 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def prefill_time(adapter: LlavaOneVisionAdapter, seq: torch.Tensor) -> float:
-    """Seconds for one prefill of ``seq`` ``[L, d]`` (fresh cache, logits of the last position)."""
+def clock() -> np.ndarray:
+    """``[wall, cpu]`` seconds now. CPU time (this process, all threads) is reported beside wall time because
+    the dev machine is shared: waiting for a core inflates wall time but not CPU time."""
+    return np.array([time.perf_counter(), time.process_time()])
+
+
+def prefill_time(adapter: LlavaOneVisionAdapter, seq: torch.Tensor) -> np.ndarray:
+    """``[wall, cpu]`` seconds for one prefill of ``seq`` ``[L, d]`` (fresh cache, logits of the last position)."""
     from transformers import DynamicCache
 
     device = adapter.device.type
     sync(device)
-    t0 = time.perf_counter()
+    t0 = clock()
     adapter.llm.forward(seq[None], cache=DynamicCache())
     sync(device)
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
 def question_logits(adapter: LlavaOneVisionAdapter, video: torch.Tensor, questions: list[torch.Tensor]
-                    ) -> tuple[torch.Tensor, float]:
+                    ) -> tuple[torch.Tensor, np.ndarray]:
     """Prefill ``video`` ``[L, d]`` + the first question in one timed forward, then each other question on top of
-    the cached video (cropped away after) -> ``([Q, vocab]`` next-token logits, seconds of the first prefill)."""
+    the cached video (cropped away after) -> ``([Q, vocab]`` next-token logits, ``[wall, cpu]`` s of the first prefill)."""
     from transformers import DynamicCache
 
     device = adapter.device.type
     cache = DynamicCache()
     sync(device)
-    t0 = time.perf_counter()
+    t0 = clock()
     first = adapter.llm.forward(torch.cat([video, questions[0]])[None], cache=cache)[0, -1]
     sync(device)
-    seconds = time.perf_counter() - t0
+    seconds = clock() - t0
     out = [first.double().cpu()]
     cache.crop(-questions[0].shape[0])  # negative = remove that many tokens: back to the cached video
     for q in questions[1:]:
@@ -181,13 +189,21 @@ def kl_mean(ref: torch.Tensor, other: torch.Tensor) -> float:
     return float((lp.exp() * (lp - lq)).sum(-1).mean())
 
 
+def mean_shift(embeds: torch.Tensor, kept: list[torch.Tensor]) -> float:
+    """How far the kept tokens' mean moved from all tokens' mean, relative, averaged over frames: a diagnostic
+    of how representative a selection is (what a random-weight LLM, which mostly averages, is sensitive to)."""
+    full = embeds.float().mean(dim=1)  # [F, d]
+    sub = torch.stack([k.float().mean(dim=0) for k in kept])  # [F, d]
+    return float(((sub - full).norm(dim=-1) / full.norm(dim=-1)).mean())
+
+
 class Bench:
     """The model, the encoded video and the prompt pieces shared by every measurement."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         torch.manual_seed(0)
-        self.adapter = build_adapter(args.device)
+        self.adapter = build_adapter(args.device, args.llm_shape)
         rgb, self.pts = load_frames(args.video, args.frames, args.fps)
         self.tokens, self.attn = encode(self.adapter, rgb)
         a = self.adapter
@@ -196,7 +212,7 @@ class Bench:
             self.questions = [a.question_embeds(q) for q in QUESTIONS]
             self.full_video = self.video(list(self.tokens.embeds))
         self.ref_logits: torch.Tensor | None = None
-        self.full_s: list[float] = []
+        self.full_s: list[np.ndarray] = []  # [wall, cpu] samples
 
     def reference(self) -> None:
         """Unpruned next-token logits after every question; its timed prefill is the first unpruned sample."""
@@ -216,9 +232,11 @@ class Bench:
         one timed prefill sample (selection included)."""
         kept, n_kept, select_s = prune(self.config(policy, budget), self.tokens, self.attn, self.pts, self.args.chunk)
         video = self.video(kept)
+        shift = mean_shift(self.tokens.embeds, kept)
         logits, seconds = question_logits(self.adapter, video, self.questions)
         kl = kl_mean(self.ref_logits, logits)
-        return {"kept": n_kept, "select_s": select_s, "kl": kl, "video": video, "pruned_s": [seconds + select_s]}
+        return {"kept": n_kept, "select_s": select_s, "kl": kl, "video": video, "pruned_s": [seconds + select_s],
+                "mean_shift": shift}
 
 
 def check_correctness(b: Bench) -> None:
@@ -240,27 +258,30 @@ def check_correctness(b: Bench) -> None:
             raise SystemExit(f"correctness: {policy} kept {n_kept} tokens, budget {n * b.args.budget}")
 
 
-def timed_ratio(b: Bench, chosen: dict) -> tuple[float, float, float]:
+def timed_ratio(b: Bench, chosen: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """More interleaved prefill timings of the whole sequence (video + first question), up to ``--repeats``
-    samples each with the ones taken during the KL passes -> (median full s, median pruned s, ratio)."""
+    samples each with the ones taken during the KL passes -> ``[wall, cpu]`` medians: full s, pruned s, ratio."""
     q = b.questions[0]
     full_seq, pruned_seq = torch.cat([b.full_video, q]), torch.cat([chosen["video"], q])
     full, pruned = b.full_s, chosen["pruned_s"]
     for _ in range(b.args.repeats - 1):
         full.append(prefill_time(b.adapter, full_seq))
         pruned.append(prefill_time(b.adapter, pruned_seq) + chosen["select_s"])
-    f, p = statistics.median(full), statistics.median(pruned)
+    f, p = np.median(full, axis=0), np.median(pruned, axis=0)
     return f, p, p / f
 
 
-def sweep(b: Bench, chosen: dict, full_s: float) -> dict:
+def sweep(b: Bench, chosen: dict, full_s: np.ndarray) -> dict:
     """KL of every policy at every swept budget, and a prefill ratio per budget (it depends on length only: the
     stc samples, against the median unpruned time ``full_s``)."""
-    out: dict = {"budgets": [], "prefill_ratio": [], "kl": {p: [] for p in SWEEP_POLICIES}}
+    out: dict = {"budgets": [], "prefill_ratio": [], "prefill_ratio_cpu_time": [],
+                 "kl": {p: [] for p in SWEEP_POLICIES}}
     for budget in [int(x) for x in b.args.sweep.split(",")]:
         runs = {p: (chosen[p] if budget == b.args.budget and p in chosen else b.run(p, budget)) for p in SWEEP_POLICIES}
         out["budgets"].append(budget)
-        out["prefill_ratio"].append(round(statistics.median(runs["stc"]["pruned_s"]) / full_s, 4))
+        ratio = np.median(runs["stc"]["pruned_s"], axis=0) / full_s  # [wall, cpu]
+        out["prefill_ratio"].append(round(float(ratio[0]), 4))
+        out["prefill_ratio_cpu_time"].append(round(float(ratio[1]), 4))
         for p in SWEEP_POLICIES:
             out["kl"][p].append(runs[p]["kl"])
     return out
@@ -273,9 +294,12 @@ def plot(path: str, data: dict, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    ax1.plot(data["budgets"], data["prefill_ratio"], "o-k")
+    ax1.plot(data["budgets"], data["prefill_ratio"], "o-k", label="wall time")
+    ax1.plot(data["budgets"], data["prefill_ratio_cpu_time"], "s--", color="gray", label="CPU time")
+    ax1.plot(data["budgets"], [b / 196 for b in data["budgets"]], ":", color="C0", label="tokens kept / all")
+    ax1.legend(fontsize=8)
     ax1.set(xlabel="tokens kept per frame (of 196)", ylabel="prefill time, pruned / unpruned",
-            title="prefill ratio (same for every policy)")
+            title="prefill ratio (stc runs; same length for every policy)")
     for p, kls in data["kl"].items():
         ax2.plot(data["budgets"], kls, "o-", label=p)
     ax2.set(xlabel="tokens kept per frame (of 196)", ylabel="KL(unpruned || pruned), nats", yscale="log",
@@ -288,6 +312,9 @@ def plot(path: str, data: dict, title: str) -> None:
 
 def main() -> None:
     args = parse_args()
+    args.llm_shape = args.llm_shape or ("qwen2-0.5b" if args.device == "cpu" else "qwen2-7b")
+    if args.repeats < 1 or args.frames < 2 or args.chunk < 1:
+        raise SystemExit("--repeats and --chunk must be >= 1 and --frames >= 2")
     t_start = time.perf_counter()
     b = Bench(args)
     check_correctness(b)  # also warms the LLM up before anything is timed
@@ -298,16 +325,20 @@ def main() -> None:
     entropy = float(-(torch.softmax(b.ref_logits, -1) * torch.log_softmax(b.ref_logits, -1)).sum(-1).mean())
     result = {
         "bench": "pruner", "policy": args.policy, "budget_per_frame": args.budget, "frames": args.frames,
-        "video": Path(args.video).name, "llm_shape": "qwen2-0.5b" if args.device == "cpu" else "qwen2-7b",
+        "video": Path(args.video).name, "llm_shape": args.llm_shape,
         "random_weights": True, "tokens_full": int(b.tokens.embeds[:, :, 0].numel()),
         "tokens_kept": chosen[args.policy]["kept"],
         "tokens_kept_ratio": round(chosen[args.policy]["kept"] / b.tokens.embeds[:, :, 0].numel(), 4),
         "seq_len_full": int(b.full_video.shape[0] + b.questions[0].shape[0]),
         "seq_len_pruned": int(chosen[args.policy]["video"].shape[0] + b.questions[0].shape[0]),
-        "prefill_full_s": round(full_s, 4), "prefill_pruned_s": round(pruned_s, 4),
-        "select_ms": round(1e3 * chosen[args.policy]["select_s"], 2), "prefill_ratio": round(ratio, 4),
+        "prefill_full_s": round(float(full_s[0]), 3), "prefill_pruned_s": round(float(pruned_s[0]), 3),
+        "select_ms": round(1e3 * float(chosen[args.policy]["select_s"][0]), 2),
+        "prefill_ratio": round(float(ratio[0]), 4),
+        "prefill_full_cpu_s": round(float(full_s[1]), 3), "prefill_pruned_cpu_s": round(float(pruned_s[1]), 3),
+        "prefill_ratio_cpu_time": round(float(ratio[1]), 4),
         "kl_mean": chosen[args.policy]["kl"], "kl_random": chosen["random"]["kl"],
-        "kl_uniform": chosen["uniform"]["kl"], "ref_entropy_nats": round(entropy, 4),
+        "kl_uniform": chosen["uniform"]["kl"],
+        "mean_shift": {p: round(chosen[p]["mean_shift"], 4) for p in policies}, "ref_entropy_nats": round(entropy, 4),
         "max_entropy_nats": round(float(np.log(b.ref_logits.shape[-1])), 4), "questions": len(QUESTIONS),
         "repeats": args.repeats,
     }
