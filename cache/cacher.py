@@ -187,8 +187,9 @@ class StreamCacher:
     def _plan(self, store: ReferenceStore[ReferenceStates], signatures: np.ndarray) -> _Plan:
         """Step 1: decide per frame: new scene, refresh or reuse (see the module docstring)."""
         plan, cfg = _Plan(), self.config
+        found = store.search_many(signatures, k=len(signatures) + 1)  # one FAISS call; N + 1 covers every exclusion
         for i, sig in enumerate(signatures):
-            slot, score = self._best_slot(store, sig, plan.slots)
+            slot, score = self._best_slot(store, sig, found[i], plan.slots)
             if slot is None or score < cfg.match_threshold:
                 plan.misses += 1
                 plan.slots.append(_Slot(store_id=None, signature=sig, uses=0, frame=i))
@@ -212,16 +213,17 @@ class StreamCacher:
 
     @staticmethod
     def _best_slot(
-        store: ReferenceStore[ReferenceStates], sig: np.ndarray, slots: list[_Slot]
+        store: ReferenceStore[ReferenceStates], sig: np.ndarray, found: list[tuple[int, float]], slots: list[_Slot]
     ) -> tuple[_Slot | None, float]:
-        """The most similar reference: one this chunk already uses or creates, or another stored one."""
+        """The most similar reference: one this chunk already uses or creates, or the best other stored one
+        (``found``: the store's search result for ``sig``, best first)."""
         best, best_score = None, -np.inf
         for slot in slots:
             score = float(np.dot(slot.signature, sig))
             if score > best_score:
                 best, best_score = slot, score
         taken = {s.store_id for s in slots if s.store_id is not None}
-        for ref_id, score in store.search(sig, k=1, exclude=taken):
+        for ref_id, score in [hit for hit in found if hit[0] not in taken][:1]:
             if score > best_score:
                 ref = store.get(ref_id)
                 best, best_score = _Slot(ref_id, ref.signature, ref.uses, payload=ref.payload), score
@@ -285,6 +287,14 @@ class StreamCacher:
         """Counters since creation or the last :meth:`reset` (:meth:`CacheStats.to_dict`)."""
         with self._lock:
             return self._total.to_dict()
+
+    def held_references(self) -> list[dict[str, int]]:
+        """The stored references, least recently used first: ``id``, ``uses`` (since last encoded), ``hits``, ``bytes``."""
+        with self._lock:
+            if self._store is None:
+                return []
+            refs = [self._store.get(i) for i in self._store.ids()]
+            return [{"id": r.ref_id, "uses": r.uses, "hits": r.hits, "bytes": r.nbytes} for r in refs]
 
     def reset(self) -> None:
         """Forget every reference and counter (a new stream, or another model / frame size)."""

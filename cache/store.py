@@ -63,10 +63,13 @@ class ReferenceStore(Generic[P]):
         self._next_id = 0
 
     def _vector(self, signature: np.ndarray) -> np.ndarray:
-        vec = np.ascontiguousarray(np.asarray(signature, dtype=np.float32).reshape(1, -1))  # [1, dim]
-        if vec.shape[1] != self.dim:
+        return self._vectors(np.asarray(signature, dtype=np.float32).reshape(1, -1))  # [1, dim]
+
+    def _vectors(self, signatures: np.ndarray) -> np.ndarray:
+        vec = np.ascontiguousarray(np.asarray(signatures, dtype=np.float32))  # [Q, dim]
+        if vec.ndim != 2 or vec.shape[1] != self.dim:
             raise ValueError(
-                f"signature has {vec.shape[1]} values but this store holds {self.dim}-long signatures; "
+                f"signature has {vec.shape[-1]} values but this store holds {self.dim}-long signatures; "
                 "frames of another size or model cannot share a store. Fix: reset the cacher."
             )
         return vec
@@ -76,14 +79,18 @@ class ReferenceStore(Generic[P]):
 
         ``exclude`` ids are skipped. Fewer than ``k`` pairs come back when the store holds fewer.
         """
-        vec = self._vector(signature)
+        hits = self.search_many(np.asarray(signature, dtype=np.float32).reshape(1, -1), k + len(exclude))[0]
+        return [(i, s) for i, s in hits if i not in exclude][:k]
+
+    def search_many(self, signatures: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
+        """:meth:`search` for ``signatures [Q, dim]`` in one FAISS call: per query, up to ``k`` (id, score), best first."""
+        vecs = self._vectors(signatures)
         with self._lock:
-            want = min(k + len(exclude), len(self._refs))
-            if want == 0:
-                return []
-            scores, ids = self._index.search(vec, want)  # [1, want] each
-        hits = [(int(i), float(s)) for s, i in zip(scores[0], ids[0]) if i >= 0 and int(i) not in exclude]
-        return hits[:k]
+            want = min(k, len(self._refs))
+            if want <= 0:
+                return [[] for _ in range(len(vecs))]
+            scores, ids = self._index.search(vecs, want)  # [Q, want] each
+        return [[(int(i), float(s)) for s, i in zip(srow, irow) if i >= 0] for srow, irow in zip(scores, ids)]
 
     def get(self, ref_id: int) -> StoredRef[P]:
         """The stored reference ``ref_id`` (``KeyError`` naming the id if it was evicted or never stored)."""
