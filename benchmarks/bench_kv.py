@@ -51,7 +51,7 @@ from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cache.kv import KVConfig, LLMEngine  # noqa: E402
+from cache.kv import KVConfig, LLMEngine, SessionStats  # noqa: E402
 from cache.kv.stub import FastForwardLM  # noqa: E402
 from stream.models.llm import TextLM  # noqa: E402
 
@@ -223,14 +223,15 @@ def simulate(llm: FastForwardLM, args: argparse.Namespace, name: str) -> dict:
     return _result(name, minutes, engine.stats("cam"), at_budget, ttft, curve, time.perf_counter() - t_start)
 
 
-def _report_mark(name: str, minute: int, stats, t: dict) -> None:
+def _report_mark(name: str, minute: int, stats: SessionStats, t: dict) -> None:
     print(f"  {name:>12} {minute:3d} min: used {stats.used_bytes / 2**20:8.1f} MiB, resident "
           f"{stats.resident_tokens} tok, offloaded {stats.offloaded_blocks} frames, TTFT best {t['best']:.0f} ms "
           f"(1-min stream now {t['ref_best']:.0f} ms, ratio {t['ratio_vs_1min']:.2f}, cpu-time ratio "
           f"{t['cpu_ratio_vs_1min']:.2f})", flush=True)
 
 
-def _result(name, minutes, stats, at_budget, ttft, curve, seconds) -> dict:
+def _result(name: str, minutes: int, stats: SessionStats, at_budget: tuple[float, int] | None, ttft: dict,
+            curve: list[int], seconds: float) -> dict:
     end = ttft[max(ttft)]
     return {
         "policy": name, "minutes": minutes,
