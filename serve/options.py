@@ -61,7 +61,7 @@ class StreamOptions(StrictModel):
 
         return StreamPruner(self.pruner)
 
-    def make_engine(self, llm: Any, memory_budget_bytes: int | None) -> Any:
+    def make_engine(self, llm: Any, memory_budget_bytes: int) -> Any:
         """The replica's shared LLM engine holding every stream's KV session."""
         from cache.kv.engine import LLMEngine
 
