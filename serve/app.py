@@ -49,11 +49,11 @@ from serve.replicas import (
 from serve.service_config import IngestSettings, ServeSettings
 from serve.streams import StreamRunner, new_stream_id, resolve_source, stream_options, summarize_stage_stats
 from stream.config import SourceConfig
-from stream.errors import RequestError
+from stream.errors import ConfigError, RequestError
 from stream.frames import FrameBatch
 
 __all__ = ["INGRESS", "LLM", "VISION", "Ingress", "LLMDeployment", "RayBackend", "StreamActor", "StreamMisroutedError",
-           "VisionDeployment", "app_builder", "build_app", "default_stage_factory", "start_service", "stop_service",
+           "VisionDeployment", "app_builder", "build_app", "check_fits", "default_stage_factory", "start_service", "stop_service",
            "unwrap"]
 
 STREAM_NAMESPACE = "stc-serve"
@@ -344,10 +344,29 @@ def start_service(config: Any, stage_factory: StageFactory | None = None, **ray_
     s: ServeSettings = config.serve
     if not ray.is_initialized():
         ray.init(address=s.ray_address or "local", include_dashboard=False, **ray_init)
+        if s.ray_address is None:  # a local instance cannot grow: refuse a config that would wait forever
+            try:
+                check_fits(s, ray.cluster_resources())
+            except ConfigError:
+                ray.shutdown()
+                raise
     serve.start(proxy_location=s.http.proxy_location, http_options={"host": s.http.host, "port": s.http.port})
     serve.run(build_app(config, stage_factory), name=s.app_name, route_prefix=s.route_prefix, blocking=False)
     host = "127.0.0.1" if s.http.host in ("0.0.0.0", "::") else s.http.host
     return f"http://{host}:{s.http.port}{s.route_prefix.rstrip('/')}"
+
+
+def check_fits(settings: ServeSettings, available: dict[str, float]) -> None:
+    """Raise :class:`ConfigError` when the replicas (at their minimum) and ingest actors cannot all be scheduled."""
+    need = settings.min_resources()
+    short = {k: (v, float(available.get(k, 0.0))) for k, v in need.items() if v > float(available.get(k, 0.0)) + 1e-9}
+    if short:
+        detail = "; ".join(f"{k}: needs {v:g}, the Ray instance has {have:g}" for k, (v, have) in short.items())
+        raise ConfigError(
+            f"the service config cannot be scheduled ({detail}; replicas x num_cpus/num_gpus of ingress, vision and "
+            "llm, plus serve.max_streams x ingest.num_cpus). Fix: lower serve.*.num_cpus / num_gpus or max_streams, "
+            "or join a bigger cluster with serve.ray_address."
+        )
 
 
 def stop_service() -> None:

@@ -58,7 +58,9 @@ class DeploymentSettings(StrictModel):
         None, ge=1, le=1024, description="Fixed replica count (default 1). Leave unset when `autoscaling` is given."
     )
     autoscaling: AutoscalingSettings | None = Field(None, description="Autoscale between min and max replicas.")
-    num_cpus: float = Field(1.0, ge=0, le=1024, description="CPUs reserved per replica.")
+    num_cpus: float = Field(
+        0.5, ge=0, le=1024, description="CPUs Ray reserves per replica (a scheduling share; torch threads are separate)."
+    )
     num_gpus: float = Field(0.0, ge=0, le=64, description="GPUs per replica (fractions share one GPU).")
     resources: dict[str, float] = Field(
         default_factory=dict, description="Extra Ray custom resources per replica, e.g. {'encoder_node': 1}."
@@ -129,7 +131,9 @@ class IngestSettings(StrictModel):
         "stay about the most recent video), 'drop_newest' discards the incoming chunk. Dropped frames are counted. "
         "File streams never drop: their decoder waits for the encoder instead.",
     )
-    num_cpus: float = Field(0.25, ge=0, le=64, description="CPUs reserved per ingest actor (one actor per stream).")
+    num_cpus: float = Field(
+        0.05, ge=0, le=64, description="CPUs Ray reserves per ingest actor (one actor per stream; mostly waits on I/O)."
+    )
     call_timeout_s: float = Field(
         120.0, gt=0, le=3600, description="Longest wait for one encoder or LLM call before the stream fails."
     )
@@ -152,7 +156,7 @@ class ServeSettings(StrictModel):
     )
     http: HttpSettings = Field(default_factory=HttpSettings, description="HTTP listen address.")
     ingress: DeploymentSettings = Field(
-        default_factory=lambda: DeploymentSettings(num_cpus=0.25),
+        default_factory=lambda: DeploymentSettings(num_cpus=0.1),
         description="The HTTP ingress (FastAPI) deployment.",
     )
     vision: DeploymentSettings = Field(
@@ -200,6 +204,13 @@ class ServeSettings(StrictModel):
                 f"media_root={self.media_root!r} is not a directory. Fix: create it or point it at the video folder."
             )
         return self
+
+    def min_resources(self) -> dict[str, float]:
+        """CPUs and GPUs the replicas need at their minimum count, plus one ingest actor per allowed stream."""
+        deps = (self.ingress, self.vision, self.llm)
+        cpus = sum(d.min_replicas * d.num_cpus for d in deps) + self.max_streams * self.ingest.num_cpus
+        gpus = sum(d.min_replicas * d.num_gpus for d in deps)
+        return {"CPU": round(cpus, 6), "GPU": round(gpus, 6)}
 
     def resolved_api_key(self) -> str | None:
         """The API key (from ``api_key`` or the first line of ``api_key_file``), or ``None`` when auth is off."""

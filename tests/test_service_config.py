@@ -45,13 +45,25 @@ def test_api_key_from_file(tmp_path):
 def test_deployment_options_map_to_ray():
     fixed = DeploymentSettings.parse({"num_replicas": 3, "num_gpus": 0.5, "resources": {"encoder": 1}})
     assert fixed.deployment_options() == {
-        "ray_actor_options": {"num_cpus": 1.0, "num_gpus": 0.5, "resources": {"encoder": 1.0}},
+        "ray_actor_options": {"num_cpus": 0.5, "num_gpus": 0.5, "resources": {"encoder": 1.0}},
         "max_ongoing_requests": 256, "num_replicas": 3,
     }
     auto = DeploymentSettings.parse({"autoscaling": {"min_replicas": 2, "max_replicas": 5}})
     opts = auto.deployment_options()
     assert "num_replicas" not in opts and opts["autoscaling_config"]["max_replicas"] == 5
     assert auto.min_replicas == 2 and DeploymentSettings().min_replicas == 1
+
+
+def test_check_fits_names_what_is_short():
+    pytest.importorskip("ray")
+    from serve.app import check_fits
+
+    settings = ServeSettings.parse({"vision": {"num_cpus": 1, "num_gpus": 1}, "llm": {"num_cpus": 1}})
+    assert settings.min_resources() == {"CPU": pytest.approx(2.9), "GPU": 1.0}
+    check_fits(settings, {"CPU": 4.0, "GPU": 1.0})
+    with pytest.raises(ConfigError, match=r"CPU: needs 2\.9, the Ray instance has 2; GPU: needs 1, the Ray instance has 0"):
+        check_fits(settings, {"CPU": 2.0})
+    assert ServeSettings().min_resources()["CPU"] <= 2.0  # the defaults fit a 2-CPU machine
 
 
 def test_example_configs_load():
