@@ -21,7 +21,6 @@ from stream.config_base import StrictModel
 from stream.errors import ConfigError
 
 DEFAULT_KEEP_RATIO = 0.25
-ADAPTIVE_POLICIES = frozenset({"stc_adaptive"})
 
 
 class PrunerConfig(StrictModel):
@@ -90,13 +89,15 @@ class PrunerConfig(StrictModel):
                 f"tokens_per_frame={self.tokens_per_frame} and keep_ratio={self.keep_ratio} are both set; "
                 "set only one of them"
             )
-        adaptive = self.policy in ADAPTIVE_POLICIES
+        from pruner.policies import get_policy
+
+        adaptive = get_policy(self.policy).adaptive
         if not adaptive:
             for key in ("chunk_budget", "tokens_per_second"):
                 if getattr(self, key) is not None:
                     raise ValueError(
-                        f"{key}={getattr(self, key)} only applies to policy stc_adaptive, not {self.policy!r}; "
-                        f"set policy: stc_adaptive or remove {key}"
+                        f"{key}={getattr(self, key)} only applies to adaptive policies (stc_adaptive), not "
+                        f"{self.policy!r}; set policy: stc_adaptive or remove {key}"
                     )
         if self.chunk_budget is not None and self.tokens_per_second is not None:
             raise ValueError(

@@ -339,7 +339,7 @@ def test_registry_names_and_unknown_policy() -> None:
 @pytest.mark.parametrize(("cfg", "needle"), [
     ({"policy": "nope"}, "allowed: stc, stc_adaptive"),
     ({"tokens_per_frame": 4, "keep_ratio": 0.5}, "set only one"),
-    ({"chunk_budget": 100}, "only applies to policy stc_adaptive"),
+    ({"chunk_budget": 100}, "only applies to adaptive policies"),
     ({"policy": "stc_adaptive", "chunk_budget": 10, "tokens_per_second": 5}, "set only one"),
     ({"policy": "stc_adaptive", "tokens_per_frame": 2, "min_tokens_per_frame": 4}, "below min_tokens_per_frame"),
     ({"bandwidths": [1.0, -2.0]}, "finite and > 0"),
