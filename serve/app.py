@@ -63,9 +63,8 @@ INGRESS = "ingress"
 class RayStageClient:
     """Stage client of a :class:`StreamActor`: vision then LLM through Serve handles, reopening lost state cold."""
 
-    def __init__(self, app_name: str, ingest: IngestSettings) -> None:
-        self.vision = serve.get_deployment_handle(VISION, app_name=app_name)
-        self.llm = serve.get_deployment_handle(LLM, app_name=app_name)
+    def __init__(self, vision: Any, llm: Any, ingest: IngestSettings) -> None:
+        self.vision, self.llm = vision, llm  # deployment handles
         self.ingest = ingest
         self.options: Any = None
         self.resets = 0
@@ -119,7 +118,8 @@ class StreamActor:
 
     def __init__(self, stream_id: str, source_spec: str | None, resolved: str, options: Any,
                  source_config: SourceConfig, ingest: IngestSettings, app_name: str) -> None:
-        self.client = RayStageClient(app_name, ingest)
+        handles = [serve.get_deployment_handle(kind, app_name=app_name) for kind in (VISION, LLM)]
+        self.client = RayStageClient(*handles, ingest)
         self.runner = StreamRunner(stream_id, source_spec, resolved, options, source_config, ingest, self.client)
 
     def start(self) -> StreamStats:
