@@ -32,7 +32,7 @@ from serve.protocol import FrameFormatError
 from serve.ingest import ChunkQueue, IngestWorker, queue_policy, stream_kind
 from serve.service_config import IngestSettings, ServeSettings
 from stream.config import SourceConfig
-from stream.errors import SourceError
+from stream.errors import SourceError, SourceNotFoundError
 from stream.frames import FrameBatch
 from stream.sampler import Chunker, FpsSampler
 from stream.sources import MemorySource, open_source
@@ -65,6 +65,11 @@ def resolve_source(spec: str | None, settings: ServeSettings) -> str:
     if os.path.commonpath([full, root]) != root:
         raise ForbiddenSourceError(
             f"file source {spec!r} resolves outside the media root {root}. Fix: pass a path inside the media root."
+        )
+    if not os.path.isfile(full):
+        raise SourceNotFoundError(
+            f"file source {spec!r} does not exist under the media root {root}. Fix: check the name (paths are "
+            "relative to the media root)."
         )
     return full
 

@@ -1,9 +1,12 @@
-"""The service on a real local Ray instance with the real tiny-model pipeline (one module-scoped ``serve.run``).
+"""The service on a real Ray cluster with the real tiny-model pipeline (one module-scoped ``serve.run``).
 
-Two vision and two LLM replicas, so stickiness is exercised: every stream's state must sit on exactly one replica of
-each, and every chunk of the stream must reach it. Covers a real RTSP stream (GStreamer on loopback serving
-../shared/media/vtest.avi) with a question answered mid-stream and a reconnect after the server drops, pushed
-streams, two concurrent streams, every bad input, metrics, and the misroute guard.
+The cluster (``ray.cluster_utils.Cluster``, two raylets on this machine) is a head without GPUs plus a node with one
+fake GPU; vision and LLM replicas ask for GPU quarters, so all four must land on the GPU node while the ingress and
+the per-stream actors stay schedulable anywhere. Two vision and two LLM replicas exercise stickiness: every
+stream's state must sit on exactly one replica of each, and every chunk of the stream must reach it. Covers a real
+RTSP stream (GStreamer on loopback serving ../shared/media/vtest.avi) with a question answered mid-stream and a
+reconnect after the server drops, pushed streams, two concurrent streams, every bad input, metrics, and the
+misroute guard.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from ray import serve  # noqa: E402
+from ray.cluster_utils import Cluster  # noqa: E402
 
 from serve.app import LLM, VISION, StreamMisroutedError, start_service, stop_service, unwrap  # noqa: E402
 from serve.client import ServiceError, StcClient  # noqa: E402
@@ -30,7 +34,20 @@ pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory, tiny_llava_dir):
+def cluster():
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "num_gpus": 0, "include_dashboard": False})
+    gpu_node = c.add_node(num_cpus=2, num_gpus=1)
+    c.wait_for_nodes()
+    ray.init(address=c.address)
+    try:
+        yield gpu_node
+    finally:
+        stop_service()
+        c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, tiny_llava_dir, cluster):
     media = tmp_path_factory.mktemp("media")
     make_clip(media / "clip.mp4", num_frames=20, fps=10, size=(64, 48))
     secret = make_clip(tmp_path_factory.mktemp("outside") / "secret.mp4", num_frames=4, size=(32, 24))
@@ -42,15 +59,23 @@ def service(tmp_path_factory, tiny_llava_dir):
                    "reconnect_backoff_max_s": 1.0},
         "serve": {
             "http": {"port": free_port()}, "media_root": str(media), "max_push_bytes": 2_000_000,
-            "ingress": {"num_cpus": 0}, "vision": {"num_cpus": 0, "num_replicas": 2},
-            "llm": {"num_cpus": 0, "num_replicas": 2}, "ingest": {"num_cpus": 0, "misroute_retry_s": 5},
+            "ingress": {"num_cpus": 0}, "ingest": {"num_cpus": 0, "misroute_retry_s": 5},
+            "vision": {"num_cpus": 0, "num_gpus": 0.25, "num_replicas": 2},
+            "llm": {"num_cpus": 0, "num_gpus": 0.25, "num_replicas": 2},
         },
     })
-    url = start_service(cfg, num_cpus=4)
-    try:
-        yield StcClient(url, timeout_s=120), cfg
-    finally:
-        stop_service()
+    url = start_service(cfg)
+    yield StcClient(url, timeout_s=120), cluster
+
+
+def test_encoder_and_llm_replicas_land_on_the_gpu_node(service):
+    _, gpu_node = service
+    for kind in (VISION, LLM):
+        placed = _where(kind)
+        assert len(placed) == 2
+        assert {w["node_id"] for w in placed} == {gpu_node.node_id}, f"{kind} replicas off the GPU node"
+        assert all(w["gpu_ids"] for w in placed), f"{kind} replica got no GPU id"
+    assert ray.available_resources().get("GPU", 0.0) == pytest.approx(0.0)  # 4 x 0.25 GPU taken
 
 
 def _frames(n: int, start: int = 0) -> tuple[np.ndarray, list[float]]:
@@ -114,6 +139,7 @@ def test_pushed_streams_concurrently_are_sticky_and_answered(service):
         assert not any(set(ids) & set(w["streams"] + w["routed_ids"]) for w in _where(kind))
 
 
+@pytest.mark.rtsp
 def test_rtsp_stream_question_mid_stream_and_reconnect(service):
     client, _ = service
     with rtsp_server(real_video("vtest.avi"), width=320, fps=10) as server:
@@ -135,7 +161,7 @@ def test_rtsp_stream_question_mid_stream_and_reconnect(service):
 
 
 def test_file_stream_and_bad_inputs_leave_others_working(service):
-    client, cfg = service
+    client, _ = service
     good = client.create_stream("clip.mp4", fps=10, frames_per_chunk=4)["stream_id"]
     url = client.url
     cases = [
