@@ -40,8 +40,16 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel], where:
             allowed = ", ".join(sorted(model.model_fields)) if len(err["loc"]) == 1 else "see the docs"
             lines.append(f"{path}: unknown key. Allowed keys here: {allowed}. Fix: remove or rename it.")
             continue
-        lines.append(f"{path}: got {bad!r}; {err['msg']}. Fix: {_fix_hint(err)}")
+        if err["type"] == "value_error":  # our validators already say what is allowed and the fix
+            lines.append(f"{path}: got {_short(bad)}; {err['msg'].removeprefix('Value error, ')}")
+            continue
+        lines.append(f"{path}: got {_short(bad)}; {err['msg']}. Fix: {_fix_hint(err)}")
     return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "...(cut)"
 
 
 def _fix_hint(err: dict[str, Any]) -> str:
