@@ -38,8 +38,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -50,6 +48,8 @@ import torch
 from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import machine_info  # noqa: E402
 
 from cache.kv import KVConfig, LLMEngine, SessionStats  # noqa: E402
 from cache.kv.stub import FastForwardLM  # noqa: E402
@@ -85,12 +85,6 @@ def parse_args() -> argparse.Namespace:
     return ap.parse_args()
 
 
-def machine_info(device: str) -> dict:
-    info = {"cpu_count": os.cpu_count(), "torch": torch.__version__, "device": device,
-            "platform": platform.platform(), "threads": torch.get_num_threads()}
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def build_llm(args: argparse.Namespace) -> FastForwardLM:

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -33,6 +31,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import machine_info  # noqa: E402
 
 from pruner import PrunerConfig, StreamPruner, attention_received, available_policies, scores_to_tokens  # noqa: E402
 from stream.models.base import PreprocessSpec, VisualTokens  # noqa: E402
@@ -75,12 +75,6 @@ def parse_args() -> argparse.Namespace:
     return ap.parse_args()
 
 
-def machine_info(device: str) -> dict:
-    info = {"cpu_count": os.cpu_count(), "torch": torch.__version__, "device": device,
-            "platform": platform.platform(), "threads": torch.get_num_threads()}
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def load_frames(path: str, n: int, fps: float) -> tuple[np.ndarray, list[float]]:
