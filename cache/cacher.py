@@ -16,7 +16,7 @@ Per chunk (``encode(hidden0 [N, P, D], layers)``, frames in stream order):
 3. **Commit** those states to the store (insert or replace; least recently used evicted).
 4. **Selective encode** of reusing frames, batched per reference (:func:`cache.stc.encode_selective`).
 
-Memory bound: ``max_refs * (4 * L * P * D * store element size + signature_dim * 4 + 8)`` bytes in the store,
+Memory bound: ``max_refs * (3 * L * P * D * store element size + 2 * signature_dim * 4 + 8)`` bytes in the store,
 see :meth:`StreamCacher.memory_bound`; a chunk adds at most its own new references transiently.
 """
 from __future__ import annotations
@@ -115,6 +115,7 @@ class _Plan:
     full: list[int] = field(default_factory=list)  # frames encoded fully, in stream order
     reuse: dict[tuple[str, int], list[int]] = field(default_factory=dict)  # source -> frames reusing it
     stored: dict[int, ReferenceStates] = field(default_factory=dict)  # store id -> payload, for ("ref", id)
+    decisions: list[tuple[str, _Slot]] = field(default_factory=list)  # per frame: kind, its reference
     hits: int = 0
     misses: int = 0
     refreshes: int = 0
@@ -134,6 +135,7 @@ class StreamCacher:
         self._lock = threading.RLock()
         self._last = CacheStats()
         self._total = CacheStats()
+        self._decisions: list[tuple[str, int]] = []
 
     @property
     def runner(self) -> LayerRunner:
@@ -153,6 +155,7 @@ class StreamCacher:
             if not self.config.enabled:
                 out, _ = encode_full(hidden, layers)
                 self._record(CacheStats(chunks=1, frames=len(hidden), frames_full=len(hidden)))
+                self._decisions = [("off", -1)] * len(hidden)
                 return out
             check_layers(layers)
             store = self._ensure_store(len(layers), hidden.shape[1], hidden.shape[2])
@@ -166,6 +169,7 @@ class StreamCacher:
             self._encode_reused(hidden, layers, plan, fresh, out, stats)  # 4
             stats.refs_held, stats.store_bytes = len(store), store.memory_bytes()
             self._record(stats)
+            self._decisions = [(kind, slot.store_id) for kind, slot in plan.decisions]
             return out
 
     def _record(self, stats: CacheStats) -> None:
@@ -194,6 +198,7 @@ class StreamCacher:
                 plan.misses += 1
                 plan.slots.append(_Slot(store_id=None, signature=sig, uses=0, frame=i))
                 plan.full.append(i)
+                plan.decisions.append(("new", plan.slots[-1]))
                 continue
             plan.hits += 1
             drifted = cfg.refresh_below is not None and score < cfg.refresh_below
@@ -201,8 +206,10 @@ class StreamCacher:
                 plan.refreshes += 1
                 slot.signature, slot.uses, slot.frame, slot.payload = sig, 0, i, None
                 plan.full.append(i)
+                plan.decisions.append(("refresh", slot))
                 continue
             slot.uses += 1
+            plan.decisions.append(("reuse", slot))
             if slot.frame is not None:
                 plan.reuse.setdefault(("frame", slot.frame), []).append(i)
             else:
@@ -253,7 +260,7 @@ class StreamCacher:
             if slot.store_id is not None and slot.store_id in store.ids():
                 store.replace(slot.store_id, slot.signature, payload, payload.nbytes, slot.uses)
                 continue
-            _, gone = store.add(slot.signature, payload, payload.nbytes, slot.uses)
+            slot.store_id, gone = store.add(slot.signature, payload, payload.nbytes, slot.uses)
             evicted += len(gone)
         return evicted
 
@@ -288,6 +295,14 @@ class StreamCacher:
         with self._lock:
             return self._total.to_dict()
 
+    def last_chunk_decisions(self) -> list[tuple[str, int]]:
+        """Per frame of the last chunk: ``(kind, reference id)``, kind ``new`` (a new scene, encoded fully and
+        stored), ``refresh`` (encoded fully, replacing the reference it matched), ``reuse`` (selective recompute
+        against that reference) or ``off`` (cache disabled, id -1). Replaying them in order tells which frame's
+        full encode each reused frame was computed against."""
+        with self._lock:
+            return list(self._decisions)
+
     def held_references(self) -> list[dict[str, int]]:
         """The stored references, least recently used first: ``id``, ``uses`` (since last encoded), ``hits``, ``bytes``."""
         with self._lock:
@@ -300,7 +315,7 @@ class StreamCacher:
         """Forget every reference and counter (a new stream, or another model / frame size)."""
         with self._lock:
             self._store, self._shape = None, None
-            self._last, self._total = CacheStats(), CacheStats()
+            self._last, self._total, self._decisions = CacheStats(), CacheStats(), []
 
     def memory_bytes(self) -> int:
         """Bytes held by the reference store now."""

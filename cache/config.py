@@ -44,7 +44,7 @@ class CacherConfig(StrictModel):
         "below this (>= match_threshold), so drift cannot accumulate; null: no similarity-based refresh.",
     )
     max_reuse: int | None = Field(
-        4,
+        3,
         ge=1,
         description="Refresh a reference after this many frames reused it; 1 re-encodes every 2nd frame (STC's "
         "schedule); null: never refresh by count.",

@@ -1,16 +1,17 @@
 """Selective recompute of SigLIP-style encoder layers against a reference frame (the STC-Cacher, arXiv 2512.00891).
 
-A *reference* frame is encoded fully and, per encoder layer, keeps its keys, values, attention output (after
-``out_proj``) and MLP output. A later frame encoded against it, in every layer:
+A *reference* frame is encoded fully and, per encoder layer, keeps its keys, values and its residual update
+``attn_out + mlp_out`` (STC keeps attention and MLP output apart; only their sum is ever reused, so one tensor
+is stored, a quarter less memory and one less pass). A later frame encoded against it, in every layer:
 
 1. computes ``layer_norm1`` and keys for **all** tokens;
 2. picks the tokens whose key is least similar (cosine) to the reference key at the same position: the
    ``ceil(ratio * P)`` least similar, plus every token whose cosine is below ``threshold`` (when given);
 3. computes queries and values for the picked tokens only; the value matrix is the reference's with the picked
-   rows replaced, so a picked token's query attends to **all** tokens' fresh keys and to the mixed values (this is
-   what STC's ``custom_siglip.py`` does too; keys must be computed for every token anyway to pick tokens);
-4. takes ``out_proj`` and the MLP of the picked tokens only and the reference's attention / MLP output for the
-   others; the residual stream itself is the frame's own (``x + attn_out``, then ``+ mlp_out``).
+   rows replaced, so a picked token's query attends to **all** tokens' fresh keys and to the mixed values (as
+   STC's ``custom_siglip.py`` does; keys must be computed for every token anyway to pick tokens);
+4. computes ``out_proj`` and the MLP of the picked tokens only; every other token adds the reference's residual
+   update to its *own* residual stream (``x + attn_out_ref + mlp_out_ref``).
 
 With ``ratio == 1`` every token is picked and the result equals the plain encoder up to float rounding.
 
@@ -30,52 +31,52 @@ from torch import nn
 
 _LAYER_ATTRS = ("layer_norm1", "self_attn", "layer_norm2", "mlp")
 _ATTN_ATTRS = ("q_proj", "k_proj", "v_proj", "out_proj", "num_heads", "head_dim", "scale")
+_STATES = 3  # tensors kept per layer: keys, values, residual update
 
 
 @dataclass(frozen=True)
 class LayerStates:
-    """One encoder layer's tensors for a batch of frames, each ``[N, P, D]`` (``N`` may be 1 to broadcast)."""
+    """One encoder layer's tensors for a batch of frames, each ``[N, P, D]`` (``N`` may be 1 to broadcast).
+
+    ``update`` is the layer's residual update ``attn_out + mlp_out`` (``layer(x) - x``).
+    """
 
     keys: torch.Tensor
     values: torch.Tensor
-    attn_out: torch.Tensor
-    mlp_out: torch.Tensor
+    update: torch.Tensor
 
 
 @dataclass(frozen=True)
 class ReferenceStates:
-    """Everything a reference frame keeps, stacked over layers: four ``[L, P, D]`` tensors."""
+    """Everything a reference frame keeps, stacked over layers: three ``[L, P, D]`` tensors."""
 
     keys: torch.Tensor
     values: torch.Tensor
-    attn_out: torch.Tensor
-    mlp_out: torch.Tensor
+    update: torch.Tensor
 
     @classmethod
     def allocate(
         cls, num_layers: int, tokens: int, dim: int, dtype: torch.dtype, device: torch.device | str
     ) -> "ReferenceStates":
-        """Uninitialised storage for one frame: four ``[L, P, D]`` tensors."""
+        """Uninitialised storage for one frame: three ``[L, P, D]`` tensors."""
 
         def new() -> torch.Tensor:
             return torch.empty(num_layers, tokens, dim, dtype=dtype, device=device)
 
-        return cls(new(), new(), new(), new())
+        return cls(new(), new(), new())
 
     def write_layer(self, index: int, states: LayerStates, frame: int) -> None:
         """Copy frame ``frame`` of one layer's batch ``states`` (each ``[N, P, D]``) into layer ``index``."""
         self.keys[index].copy_(states.keys[frame])
         self.values[index].copy_(states.values[frame])
-        self.attn_out[index].copy_(states.attn_out[frame])
-        self.mlp_out[index].copy_(states.mlp_out[frame])
+        self.update[index].copy_(states.update[frame])
 
     def layer(self, index: int, dtype: torch.dtype) -> LayerStates:
         """Layer ``index`` as broadcastable ``[1, P, D]`` tensors in the compute ``dtype``."""
         return LayerStates(
             keys=self.keys[index].unsqueeze(0).to(dtype),
             values=self.values[index].unsqueeze(0).to(dtype),
-            attn_out=self.attn_out[index].unsqueeze(0).to(dtype),
-            mlp_out=self.mlp_out[index].unsqueeze(0).to(dtype),
+            update=self.update[index].unsqueeze(0).to(dtype),
         )
 
     @property
@@ -84,13 +85,13 @@ class ReferenceStates:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: ``4 * L * P * D * element size``."""
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.attn_out, self.mlp_out))
+        """Bytes held: ``3 * L * P * D * element size``."""
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.update))
 
 
 def reference_nbytes(num_layers: int, tokens: int, dim: int, dtype: torch.dtype) -> int:
-    """Bytes of one :class:`ReferenceStates`: keys, values, attention and MLP output for every layer."""
-    return 4 * num_layers * tokens * dim * torch.empty((), dtype=dtype).element_size()
+    """Bytes of one :class:`ReferenceStates`: keys, values and residual update for every layer."""
+    return _STATES * num_layers * tokens * dim * torch.empty((), dtype=dtype).element_size()
 
 
 def check_layers(layers: Sequence[nn.Module]) -> None:
@@ -133,9 +134,9 @@ def full_layer(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, LayerSt
     h = layer.layer_norm1(x)  # [N, P, D]
     q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)  # [N, P, D] each
     attn_out = _attend(attn, q, k, v)  # [N, P, D]
-    x = x + attn_out
-    mlp_out = layer.mlp(layer.layer_norm2(x))  # [N, P, D]
-    return x + mlp_out, LayerStates(k, v, attn_out, mlp_out)
+    mid = x + attn_out
+    mlp_out = layer.mlp(layer.layer_norm2(mid))  # [N, P, D]
+    return mid + mlp_out, LayerStates(k, v, attn_out + mlp_out)
 
 
 def token_similarity(keys: torch.Tensor, ref_keys: torch.Tensor) -> torch.Tensor:
@@ -186,13 +187,12 @@ def selective_layer(
     keys = attn.k_proj(h)  # [N, P, D]
     idx = select_tokens(token_similarity(keys, ref.keys), ratio, threshold)  # [N, k]
     if idx.shape[1] == 0:
-        return x + ref.attn_out + ref.mlp_out, idx
+        return x + ref.update, idx
     h_sel = _gather_rows(h, idx)  # [N, k, D]
     values = _put_rows(ref.values.expand_as(x).clone(), idx, attn.v_proj(h_sel))  # [N, P, D]
     x_sel = _gather_rows(x, idx) + _attend(attn, attn.q_proj(h_sel), keys, values)  # [N, k, D]
-    x = _put_rows(x + ref.attn_out, idx, x_sel)  # [N, P, D]: reference attention output where not recomputed
     x_sel = x_sel + layer.mlp(layer.layer_norm2(x_sel))  # [N, k, D]
-    return _put_rows(x + ref.mlp_out, idx, x_sel), idx
+    return _put_rows(x + ref.update, idx, x_sel), idx  # the reference's update where not recomputed
 
 
 @torch.inference_mode()

@@ -110,16 +110,22 @@ def test_chunking_does_not_change_results_or_decisions(tiny_llava, aba_rgb: np.n
         torch.testing.assert_close(out, results[0][0], atol=1e-5, rtol=1e-5)
         assert decisions == results[0][1] and tokens == results[0][2]
     assert results[0][1]["misses"] == 2  # A and B; the return to A reuses A's reference
+    one_shot = StreamCacher(CacherConfig(ratio=0.25, max_reuse=2))
+    one_shot.encode(tiny_llava.vision_embed(pv), tiny_llava.vision_layers)
+    kinds = [k for k, _ in one_shot.last_chunk_decisions()]  # a frame may reuse an earlier frame of its own chunk
+    assert kinds == ["new", "reuse", "reuse", "new", "reuse", "reuse", "refresh", "reuse", "reuse"]
 
 
 def test_camera_cut_back_reuses_the_earlier_reference(tiny_adapter, aba_rgb: np.ndarray) -> None:
     pv = tiny_adapter.preprocess(aba_rgb)
     cacher = StreamCacher(CacherConfig(ratio=0.25, max_reuse=None))
-    per_chunk = []
+    per_chunk, decisions = [], []
     for start in (0, 3, 6):  # one chunk per shot: A, B, A
         tiny_adapter.encode_vision(pv[start:start + 3], layer_runner=cacher.runner)
         per_chunk.append(cacher.last_chunk_stats())
+        decisions += cacher.last_chunk_decisions()
     assert [(c["misses"], c["hits"], c["frames_full"]) for c in per_chunk] == [(1, 2, 1), (1, 2, 1), (0, 3, 0)]
+    assert decisions == [("new", 0), ("reuse", 0), ("reuse", 0), ("new", 1), ("reuse", 1), ("reuse", 1)] + [("reuse", 0)] * 3
     refs = cacher.held_references()
     assert [(r["id"], r["hits"]) for r in refs] == [(1, 2), (0, 5)]  # A (id 0) served its 2 + the 3 returning frames
     assert per_chunk[-1]["refs_held"] == 2
@@ -182,7 +188,7 @@ def test_memory_stays_under_the_stated_bound_over_many_frames(one_thread) -> Non
     for dtype_name, elem, frames in (("auto", 4, 10_000), ("float16", 2, 400)):
         cacher = StreamCacher(CacherConfig(ratio=0.25, max_refs=3, store_dtype=dtype_name))
         bound = cacher.memory_bound(len(layers), p, d, torch.float32)
-        assert bound == 3 * (4 * len(layers) * p * d * elem + 2 * 4 * 16 * d + 8)
+        assert bound == 3 * (3 * len(layers) * p * d * elem + 2 * 4 * 16 * d + 8)
         for step in range(frames // 20):  # new scenes and returns of earlier ones, 20 frames per chunk
             chunk = hidden[[(step * 3 + k // 3) % 8 for k in range(20)]]
             cacher.encode(chunk + 0.01 * torch.randn(chunk.shape, generator=g), layers)
@@ -198,7 +204,7 @@ def test_float16_references_stay_exact_at_ratio_one(tiny_llava, real_frames: np.
     cacher = StreamCacher(CacherConfig(ratio=1.0, store_dtype="float16", max_reuse=None))
     out = tiny_llava.encode_vision(pv, layer_runner=cacher.runner)
     torch.testing.assert_close(out, tiny_llava.encode_vision(pv), atol=1e-5, rtol=1e-5)
-    assert cacher.held_references()[0]["bytes"] == 4 * 2 * 729 * 64 * 2
+    assert cacher.held_references()[0]["bytes"] == 3 * 2 * 729 * 64 * 2
 
 
 def test_disabled_reset_and_shape_errors(tiny_llava, real_frames: np.ndarray) -> None:

@@ -69,8 +69,8 @@ def _video(n: int = 4, seed: int = 1) -> torch.Tensor:
 
 
 def _masked_oracle(layer: nn.Module, x: torch.Tensor, ref: stc.LayerStates, mask: torch.Tensor) -> torch.Tensor:
-    """Brute force: compute everything for every token, then take the reference's value/attention/MLP where
-    ``mask [N, P]`` is False."""
+    """Brute force: compute every token with the reference's values where ``mask [N, P]`` is False, then give
+    those tokens ``x + the reference's residual update`` instead."""
     a, m = layer.self_attn, mask.unsqueeze(-1)
     h = layer.layer_norm1(x)
     q, k, v = a.q_proj(h), a.k_proj(h), a.v_proj(h)
@@ -78,10 +78,9 @@ def _masked_oracle(layer: nn.Module, x: torch.Tensor, ref: stc.LayerStates, mask
     n, p, d = x.shape
     heads = lambda t: t.view(n, p, a.num_heads, a.head_dim).transpose(1, 2)  # noqa: E731
     w = torch.softmax(heads(q) @ heads(k).transpose(-1, -2) * a.scale, dim=-1)  # [N, H, P, P]
-    attn = a.out_proj((w @ heads(v)).transpose(1, 2).reshape(n, p, d))
-    x = x + torch.where(m, attn, ref.attn_out)
-    mlp = layer.mlp(layer.layer_norm2(x))
-    return x + torch.where(m, mlp, ref.mlp_out)
+    mid = x + a.out_proj((w @ heads(v)).transpose(1, 2).reshape(n, p, d))
+    out = mid + layer.mlp(layer.layer_norm2(mid))
+    return torch.where(m, out, x + ref.update)
 
 
 def _ref_layer_states(refs: stc.ReferenceStates, i: int) -> stc.LayerStates:
@@ -100,9 +99,11 @@ def test_full_path_matches_hf_forward(tower: Tower) -> None:
     out, refs = stc.encode_full(tower.embed(pv), tower.layers, keep=[2])
     torch.testing.assert_close(tower.finish(out), tower.reference(pv), atol=1e-5, rtol=1e-5)
     alone, refs_alone = stc.encode_full(tower.embed(pv[2:3]), tower.layers, keep=[0])
-    torch.testing.assert_close(refs[0].mlp_out, refs_alone[0].mlp_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(refs[0].update, refs_alone[0].update, atol=1e-5, rtol=1e-5)
     layer0 = tower.layers[0]
-    torch.testing.assert_close(refs[0].keys[0], layer0.self_attn.k_proj(layer0.layer_norm1(tower.embed(pv)[2])))
+    h2 = tower.embed(pv)[2:3]
+    torch.testing.assert_close(refs[0].keys[0], layer0.self_attn.k_proj(layer0.layer_norm1(h2))[0])
+    torch.testing.assert_close(refs[0].update[0], layer0(h2, attention_mask=None)[0] - h2[0], atol=1e-5, rtol=1e-5)
 
 
 @torch.inference_mode()
@@ -174,7 +175,7 @@ def test_reference_states_size_and_dtype(tower: Tower) -> None:
     for dtype in (torch.float32, torch.float16):
         _, refs = stc.encode_full(hidden, tower.layers, keep=[0, 1], store_dtype=dtype)
         assert len(refs) == 2 and refs[1].keys.dtype == dtype
-        assert refs[0].nbytes == stc.reference_nbytes(len(tower.layers), p, d, dtype) == 4 * len(tower.layers) * p * d * (4 if dtype == torch.float32 else 2)
+        assert refs[0].nbytes == stc.reference_nbytes(len(tower.layers), p, d, dtype) == 3 * len(tower.layers) * p * d * (4 if dtype == torch.float32 else 2)
     with pytest.raises(ValueError, match="does not match this encoder"):
         stc.encode_selective(hidden[:, :8], tower.layers, refs[0], 0.5)
 

@@ -1,0 +1,283 @@
+"""STC-Cacher benchmark: ViT time and fidelity of selective recompute on real video, full-size SigLIP-so400m shape.
+
+The tower is LLaVA-OneVision's (SigLIP-so400m/14 at 384 px: hidden 1152, 27 layers, 16 heads, MLP 4304, 729 tokens)
+with random weights (seeded). Frames are decoded with decord at ``--fps`` and preprocessed with the shared
+``stream.models.preprocess.frames_to_pixel_values``. The stream is fed chunk by chunk (``--chunk`` frames) to the
+full encoder and, interleaved chunk by chunk, to one :class:`cache.cacher.StreamCacher` per setting.
+
+Metrics per setting (all frames of the stream, reference encodes included):
+
+* ``time_ratio``: total cached ViT wall time / total full ViT wall time (patch embedding + layers), same run.
+  With ``--passes R`` the stream is replayed R times (decisions are deterministic) and each chunk's minimum is used.
+* ``flop_ratio``: the same ratio from counted work (analytic matmul FLOPs per layer; noise-free cross-check).
+* ``fidelity``: mean over frames of ``1 - ||cached - full||^2 / ||copy - full||^2`` where ``copy`` is the full
+  output of the frame's reference (what a frame-level cache would return). Fully encoded frames are exact and
+  count 1.0; ``fidelity_reused`` averages the reused frames only. Raw cosine is inflated with random weights
+  (``copy_cos_mean`` shows how much a plain frame copy already scores), hence this normalisation.
+* ``cos_mean`` / ``cos_p5``: token cosine of cached vs full output, mean and 5th percentile over all tokens.
+
+Before timing: ``ratio=1.0`` must reproduce the full encoder (correctness check), and one frame is encoded as
+warm-up. The last stdout line is one JSON object (primary setting's numbers at top level, every setting under
+``sweep``, machine info). ``--plot out.png`` draws time ratio vs fidelity for the sweep.
+
+Example (about 10 min on a busy 2-core CPU; CPU-time clock on one thread so other load does not skew ratios)::
+
+    python benchmarks/bench_cacher.py --video ../shared/media/vtest.avi --frames 12 --fps 1 --threads 1 --clock cpu
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cache.cacher import StreamCacher  # noqa: E402
+from cache.config import CacherConfig  # noqa: E402
+from stream.models.preprocess import frames_to_pixel_values  # noqa: E402
+
+SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+              image_size=384, patch_size=14)
+PRIMARY = "ratio=0.1,max_reuse=3"
+SWEEP = [
+    "ratio=0.25,max_reuse=1",  # STC's schedule: a full encode every 2nd frame
+    "ratio=0.25,max_reuse=3",  # CacherConfig's defaults
+    PRIMARY,
+    "ratio=0.1,max_reuse=5",
+    "ratio=0.05,max_reuse=3",
+    "ratio=0.0,threshold=0.97,max_reuse=3",
+    "ratio=0.1,max_reuse=none,refresh_below=0.992",  # refresh on signature drift only
+]
+
+
+def parse_setting(text: str) -> CacherConfig:
+    """``"ratio=0.25,max_reuse=4"`` -> a validated :class:`CacherConfig` (``none`` for null)."""
+    data: dict[str, Any] = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        data[key.strip()] = None if value.strip().lower() == "none" else json.loads(value)
+    return CacherConfig.parse(data, f"setting {text!r}")
+
+
+def machine_info(device: str) -> dict[str, Any]:
+    info = {"cpu_count": os.cpu_count(), "torch": torch.__version__, "device": device, "threads": torch.get_num_threads(),
+            "python": platform.python_version(), "platform": platform.platform()}
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def load_frames(video: str, frames: int, fps: float) -> np.ndarray:
+    """``[N, H, W, 3]`` uint8: ``frames`` frames sampled at ``fps`` from the start of ``video`` (decord)."""
+    import decord
+
+    vr = decord.VideoReader(video)
+    step = vr.get_avg_fps() / fps
+    idx = [int(round(i * step)) for i in range(frames)]
+    if idx[-1] >= len(vr):
+        raise SystemExit(f"{video} has {len(vr)} frames; {frames} frames at {fps} fps need {idx[-1] + 1}. "
+                         "Fix: lower --frames or raise --fps.")
+    return vr.get_batch(idx).asnumpy()
+
+
+def build_tower(device: str, dtype: torch.dtype, layers: int) -> torch.nn.Module:
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        tower = SiglipVisionModel(SiglipVisionConfig(**{**SO400M, "num_hidden_layers": layers}))
+    return tower.to(dtype).eval()
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+_clock = time.perf_counter
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.inference_mode()
+def timed(tower: torch.nn.Module, pv: torch.Tensor, cacher: StreamCacher | None, device: str) -> tuple[torch.Tensor, float]:
+    """ViT output (before post-norm: LLaVA-OV uses the last layer as is) and seconds on the chosen clock."""
+    _sync(device)
+    t0 = _clock()
+    hidden = tower.embeddings(pv)  # [N, P, D]
+    if cacher is None:
+        for layer in tower.encoder.layers:
+            hidden = layer(hidden, attention_mask=None)
+    else:
+        hidden = cacher.encode(hidden, tower.encoder.layers)
+    _sync(device)
+    return hidden, _clock() - t0
+
+
+def layer_flops(tokens: int, dim: int, inter: int, recomputed: float | None = None) -> float:
+    """Matmul FLOPs of one layer for one frame; ``recomputed`` tokens (None: all, the plain layer)."""
+    if recomputed is None:
+        return 2 * tokens * dim * (4 * dim + 2 * inter) + 4 * tokens * tokens * dim
+    k = recomputed
+    return 2 * tokens * dim * dim + 2 * k * dim * (3 * dim + 2 * inter) + 4 * k * tokens * dim
+
+
+def flop_ratio(stats: dict[str, Any], tokens: int, dim: int, inter: int, layers: int) -> float:
+    full = layers * layer_flops(tokens, dim, inter)
+    cached = stats["frames_full"] * full
+    reused = stats["frames_reused"]
+    if reused:
+        cached += sum(reused * layer_flops(tokens, dim, inter, r / reused) for r in stats["tokens_recomputed"])
+    return cached / (stats["frames"] * full)
+
+
+def quality(cached: torch.Tensor, full: torch.Tensor, decisions: list[tuple[str, int]]) -> dict[str, float]:
+    """Fidelity vs a frame-level copy, and token cosines (see the module docstring)."""
+    source: dict[int, int] = {}  # reference id -> frame whose full encode it holds
+    fid, fid_reused, copy_cos = [], [], []
+    for i, (kind, ref_id) in enumerate(decisions):
+        if kind != "reuse":
+            source[ref_id] = i
+            fid.append(1.0)
+            continue
+        copy = full[source[ref_id]]
+        err = float(((cached[i] - full[i]) ** 2).sum())
+        base = float(((copy - full[i]) ** 2).sum())
+        value = 1.0 - err / base if base > 0 else 1.0
+        fid.append(value)
+        fid_reused.append(value)
+        copy_cos.append(torch.nn.functional.cosine_similarity(copy, full[i], dim=-1).mean().item())
+    cos = torch.nn.functional.cosine_similarity(cached.float(), full.float(), dim=-1).flatten()  # [N * P]
+    return {
+        "fidelity": float(np.mean(fid)),
+        "fidelity_reused": float(np.mean(fid_reused)) if fid_reused else 1.0,
+        "fidelity_reused_min": float(np.min(fid_reused)) if fid_reused else 1.0,
+        "cos_mean": cos.mean().item(),
+        "cos_p5": torch.quantile(cos, 0.05).item(),
+        "copy_cos_mean": float(np.mean(copy_cos)) if copy_cos else 1.0,
+    }
+
+
+def check_exact(tower: torch.nn.Module, pv: torch.Tensor, device: str, tol: float) -> float:
+    """ratio=1.0 (every token recomputed) against the plain encoder on the first 2 frames; raises when off."""
+    full, _ = timed(tower, pv[:2], None, device)
+    cacher = StreamCacher(CacherConfig(ratio=1.0, max_reuse=None, match_threshold=-1.0))
+    cached = torch.cat([timed(tower, pv[i:i + 1], cacher, device)[0] for i in range(2)])
+    assert cacher.stats()["frames_reused"] == 1, cacher.stats()
+    err = (cached - full).abs().max().item()
+    if not err <= tol:
+        raise SystemExit(f"correctness check failed: ratio=1.0 differs from the full encoder by {err} > {tol}")
+    return err
+
+
+def run_stream(tower, pv, configs, chunk, device, passes):
+    """Full and cached encodes, interleaved per chunk; per-chunk minimum over passes."""
+    n = len(pv)
+    starts = list(range(0, n, chunk))
+    t_full = np.full(len(starts), np.inf)
+    t_cached = np.full((len(configs), len(starts)), np.inf)
+    for _ in range(passes):
+        cachers = [StreamCacher(c) for c in configs]
+        full_out, cached_out, decisions = [], [[] for _ in configs], [[] for _ in configs]
+        for j, s in enumerate(starts):
+            out, t = timed(tower, pv[s:s + chunk], None, device)
+            full_out.append(out)
+            t_full[j] = min(t_full[j], t)
+            for k, cacher in enumerate(cachers):
+                out, t = timed(tower, pv[s:s + chunk], cacher, device)
+                cached_out[k].append(out)
+                decisions[k] += cacher.last_chunk_decisions()
+                t_cached[k, j] = min(t_cached[k, j], t)
+    full = torch.cat(full_out)
+    return full, [torch.cat(o) for o in cached_out], decisions, [c.stats() for c in cachers], t_full, t_cached
+
+
+def plot(results: list[dict[str, Any]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in results:
+        ax.scatter(r["time_ratio"], r["fidelity"], s=40)
+        ax.annotate(r["setting"], (r["time_ratio"], r["fidelity"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.axvline(0.40, ls="--", lw=0.8, c="gray")
+    ax.axhline(0.80, ls="--", lw=0.8, c="gray")
+    ax.set_xlabel("time ratio (cached / full ViT time, references included)")
+    ax.set_ylabel("fidelity (1 = exact, 0 = frame copy)")
+    ax.set_title("STC-Cacher on SigLIP-so400m shape (random weights)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--video", default=str(Path(__file__).resolve().parents[2] / "shared/media/vtest.avi"))
+    p.add_argument("--frames", type=int, default=12)
+    p.add_argument("--fps", type=float, default=1.0)
+    p.add_argument("--chunk", type=int, default=4, help="frames per encode call (a streaming chunk)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--layers", type=int, default=27, help="encoder depth (27 = so400m; fewer only for smoke runs)")
+    p.add_argument("--setting", default=PRIMARY, help="primary cacher setting, e.g. 'ratio=0.15,max_reuse=4'")
+    p.add_argument("--sweep", default=";".join(SWEEP), help="';'-separated settings for the sweep ('' = primary only)")
+    p.add_argument("--passes", type=int, default=1, help="replay the stream this many times, keep per-chunk minima")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                   help="wall time, or this process's CPU time ('cpu': with --threads 1, robust to other load on a "
+                        "shared CPU; cpu device only)")
+    p.add_argument("--plot", default=None, help="write time ratio vs fidelity to this PNG")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda asked but torch sees no CUDA device. Fix: use --device cpu.")
+    if args.clock == "cpu" and args.device == "cuda":
+        raise SystemExit("--clock cpu measures CPU time, not GPU work. Fix: use --clock wall with --device cuda.")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    global _clock
+    _clock = CLOCKS[args.clock]
+    dtype = getattr(torch, args.dtype)
+
+    names = list(dict.fromkeys([args.setting, *filter(None, args.sweep.split(";"))]))
+    configs = [parse_setting(s) for s in names]
+    rgb = load_frames(args.video, args.frames, args.fps)
+    pv = frames_to_pixel_values(rgb, 384, (0.5,) * 3, (0.5,) * 3, "bicubic").to(args.device, dtype)
+    tower = build_tower(args.device, dtype, args.layers)
+    tol = 1e-3 if dtype == torch.float32 else 5e-2
+    exact_err = check_exact(tower, pv, args.device, tol)
+    print(f"correctness: ratio=1.0 vs full encoder max |diff| = {exact_err:.2e} (tol {tol})", flush=True)
+    timed(tower, pv[:1], None, args.device)  # warm-up
+
+    full, cached, decisions, stats, t_full, t_cached = run_stream(tower, pv, configs, args.chunk, args.device,
+                                                                  args.passes)
+    dims = (SO400M["image_size"] // SO400M["patch_size"]) ** 2, SO400M["hidden_size"], SO400M["intermediate_size"]
+    results = []
+    for k, name in enumerate(names):
+        row = {"setting": name, "time_ratio": float(t_cached[k].sum() / t_full.sum()),
+               "flop_ratio": flop_ratio(stats[k], *dims, args.layers), **quality(cached[k], full, decisions[k]),
+               "reuse_rate": stats[k]["reuse_rate"], "frames_full": stats[k]["frames_full"],
+               "recompute_fraction": stats[k]["recompute_fraction"], "refs_held": stats[k]["refs_held"],
+               "store_mb": round(stats[k]["store_bytes"] / 2**20, 1)}
+        results.append({k2: round(v, 4) if isinstance(v, float) else v for k2, v in row.items()})
+        print(f"{name:45s} time {row['time_ratio']:.3f} flops {row['flop_ratio']:.3f} fidelity {row['fidelity']:.3f} "
+              f"(reused {row['fidelity_reused']:.3f}) cos {row['cos_mean']:.4f} p5 {row['cos_p5']:.4f} "
+              f"reuse {row['reuse_rate']:.2f}", flush=True)
+    if args.plot:
+        plot(results, args.plot)
+    summary = {**results[0], "frames": args.frames, "fps": args.fps, "chunk": args.chunk, "video": Path(args.video).name,
+               "layers": args.layers, "dtype": args.dtype, "passes": args.passes, "clock": args.clock, "exact_max_diff": exact_err,
+               "full_s_per_frame": round(float(t_full.sum()) / args.frames, 3), "sweep": results,
+               "machine": machine_info(args.device)}
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
