@@ -37,9 +37,10 @@ class CreateStreamRequest(_Request):
     frames_per_chunk: int | None = Field(None, ge=1, le=4096, description="Frames per encoder call (default: config).")
     options: dict[str, Any] = Field(
         default_factory=dict,
-        description="Per-stream pipeline options (prune budget/policy, cache ratio, KV budget/policy); "
-        "unknown keys are rejected. Default: the service config.",
-        examples=[{"prune_budget": 0.25, "kv_budget_tokens": 4096}],
+        description="Per-stream overrides of the service config's `sampler`, `cacher` and `pruner` sections "
+        "(e.g. pruner budget/policy, cache ratio); unknown keys are rejected. The `kv` section is the LLM "
+        "replica's and cannot differ per stream.",
+        examples=[{"pruner": {"tokens_per_frame": 49, "policy": "stc"}, "cacher": {"ratio": 0.25}}],
     )
 
 

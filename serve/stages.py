@@ -193,6 +193,11 @@ class LLMStage:
 
     def open(self, stream_id: str, options: StreamOptions | None = None) -> None:
         """Open a session and prefill the prompt prefix (the KV settings are the replica's, see ``defaults.kv``)."""
+        if options is not None and options.kv != self.defaults.kv:
+            raise RequestError(
+                f"per-stream KV settings are not supported: this LLM replica runs kv={self.defaults.kv.model_dump()}; "
+                "got a different kv section. Fix: drop `kv` from the stream options (set it in the service config)."
+            )
         prefix = self.adapter.llm.embed(self.adapter.stream_prefix_ids())  # [L, d]
         self.engine.open(stream_id, prefix)
 

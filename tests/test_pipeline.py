@@ -101,3 +101,13 @@ def test_attention_policy_runs_and_conflicts_with_cacher_clearly(tiny_llava) -> 
     assert pipe.stats["s"].visual_tokens == 2 * 30
     with pytest.raises(ConfigError, match="cacher.enabled=false"):
         _options(pruner={"enabled": True, "policy": "attention"}, cacher={"enabled": True})
+
+
+def test_per_stream_kv_override_is_refused_clearly(tiny_llava) -> None:
+    from stream.errors import RequestError
+
+    pipe = StreamPipeline(tiny_llava, _options())
+    other = _options().merged({"kv": {"budget_tokens": 4096}})
+    with pytest.raises(RequestError, match="per-stream KV settings are not supported"):
+        pipe.open("x", other)
+    assert "x" not in pipe.vision.streams()  # nothing half-open left behind
