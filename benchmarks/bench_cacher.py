@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
@@ -40,6 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import machine_info  # noqa: E402
 from cache.cacher import StreamCacher  # noqa: E402
 from cache.config import CacherConfig  # noqa: E402
 from stream.models.preprocess import frames_to_pixel_values  # noqa: E402
@@ -65,14 +65,6 @@ def parse_setting(text: str) -> CacherConfig:
         key, _, value = item.partition("=")
         data[key.strip()] = None if value.strip().lower() == "none" else json.loads(value)
     return CacherConfig.parse(data, f"setting {text!r}")
-
-
-def machine_info(device: str) -> dict[str, Any]:
-    info = {"cpu_count": os.cpu_count(), "torch": torch.__version__, "device": device, "threads": torch.get_num_threads(),
-            "python": platform.python_version(), "platform": platform.platform()}
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def load_frames(video: str, frames: int, fps: float) -> np.ndarray:
@@ -107,7 +99,9 @@ def _sync(device: str) -> None:
 
 
 @torch.inference_mode()
-def timed(tower: torch.nn.Module, pv: torch.Tensor, cacher: StreamCacher | None, device: str) -> tuple[torch.Tensor, float]:
+def timed(
+    tower: torch.nn.Module, pv: torch.Tensor, cacher: StreamCacher | None, device: str
+) -> tuple[torch.Tensor, float]:
     """ViT output (before post-norm: LLaVA-OV uses the last layer as is) and seconds on the chosen clock."""
     _sync(device)
     t0 = _clock()
@@ -208,7 +202,8 @@ def plot(results: list[dict[str, Any]], path: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in results:
         ax.scatter(r["time_ratio"], r["fidelity"], s=40)
-        ax.annotate(r["setting"], (r["time_ratio"], r["fidelity"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        ax.annotate(r["setting"], (r["time_ratio"], r["fidelity"]), fontsize=7, xytext=(4, 3),
+                    textcoords="offset points")
     ax.axvline(0.40, ls="--", lw=0.8, c="gray")
     ax.axhline(0.80, ls="--", lw=0.8, c="gray")
     ax.set_xlabel("time ratio (cached / full ViT time, references included)")
@@ -272,10 +267,11 @@ def main(argv: list[str] | None = None) -> None:
               f"reuse {row['reuse_rate']:.2f}", flush=True)
     if args.plot:
         plot(results, args.plot)
-    summary = {**results[0], "frames": args.frames, "fps": args.fps, "chunk": args.chunk, "video": Path(args.video).name,
-               "layers": args.layers, "dtype": args.dtype, "passes": args.passes, "clock": args.clock, "exact_max_diff": exact_err,
+    summary = {**results[0], "frames": args.frames, "fps": args.fps, "chunk": args.chunk,
+               "video": Path(args.video).name, "layers": args.layers, "dtype": args.dtype, "passes": args.passes,
+               "clock": args.clock, "exact_max_diff": exact_err,
                "full_s_per_frame": round(float(t_full.sum()) / args.frames, 3), "sweep": results,
-               "machine": machine_info(args.device)}
+               "machine": machine_info(args.device, python=platform.python_version())}
     print(json.dumps(summary))
 
 

@@ -304,7 +304,7 @@ class StreamCacher:
             return list(self._decisions)
 
     def held_references(self) -> list[dict[str, int]]:
-        """The stored references, least recently used first: ``id``, ``uses`` (since last encoded), ``hits``, ``bytes``."""
+        """Stored references, least recently used first: ``id``, ``uses`` (since last encoded), ``hits``, ``bytes``."""
         with self._lock:
             if self._store is None:
                 return []

@@ -83,7 +83,8 @@ class ReferenceStore(Generic[P]):
         return [(i, s) for i, s in hits if i not in exclude][:k]
 
     def search_many(self, signatures: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
-        """:meth:`search` for ``signatures [Q, dim]`` in one FAISS call: per query, up to ``k`` (id, score), best first."""
+        """:meth:`search` for ``signatures [Q, dim]`` in one FAISS call: per query up to ``k`` (id, score), best
+        first."""
         vecs = self._vectors(signatures)
         with self._lock:
             want = min(k, len(self._refs))

@@ -1,6 +1,7 @@
 """cache.stc: selective recompute against brute-force oracles, on real HF SigLIP / Idefics3 vision layers."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -130,7 +131,8 @@ def test_selective_layer_matches_masked_oracle(tower: Tower, ratio: float, thres
         sim = F.cosine_similarity(keys, ref.keys, dim=-1)  # [N, P]
         order = sim.argsort(dim=-1)  # least similar first
         k = idx.shape[1]
-        want = max(int(torch.tensor(ratio * sim.shape[1]).ceil()), int((sim < threshold).sum(-1).max()) if threshold else 0)
+        below = int((sim < threshold).sum(-1).max()) if threshold is not None else 0
+        want = max(math.ceil(ratio * sim.shape[1]), below)
         assert k == want
         assert torch.equal(idx.sort(dim=-1).values, order[:, :k].sort(dim=-1).values)
         mask = torch.zeros_like(sim, dtype=torch.bool).scatter_(1, order[:, :k], True)
@@ -175,7 +177,9 @@ def test_reference_states_size_and_dtype(tower: Tower) -> None:
     for dtype in (torch.float32, torch.float16):
         _, refs = stc.encode_full(hidden, tower.layers, keep=[0, 1], store_dtype=dtype)
         assert len(refs) == 2 and refs[1].keys.dtype == dtype
-        assert refs[0].nbytes == stc.reference_nbytes(len(tower.layers), p, d, dtype) == 3 * len(tower.layers) * p * d * (4 if dtype == torch.float32 else 2)
+        elem = 4 if dtype == torch.float32 else 2
+        want = 3 * len(tower.layers) * p * d * elem  # keys, values, residual update per layer
+        assert refs[0].nbytes == stc.reference_nbytes(len(tower.layers), p, d, dtype) == want
     with pytest.raises(ValueError, match="does not match this encoder"):
         stc.encode_selective(hidden[:, :8], tower.layers, refs[0], 0.5)
 
