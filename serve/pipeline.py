@@ -64,6 +64,7 @@ class StreamPipeline:
         self.vision = VisionStage(adapter, self.options)
         self.llm = LLMStage(adapter, self.options, memory_budget_bytes)
         self.stats: dict[str, PipelineStats] = {}
+        self._options: dict[str, StreamOptions] = {}
 
     def open(self, stream_id: str | None = None, options: StreamOptions | None = None) -> str:
         sid = stream_id or uuid.uuid4().hex[:12]
@@ -74,12 +75,14 @@ class StreamPipeline:
             self.vision.close(sid)
             raise
         self.stats[sid] = PipelineStats()
+        self._options[sid] = options or self.options
         return sid
 
     def close(self, stream_id: str) -> None:
         self.vision.close(stream_id)
         self.llm.close(stream_id)
         self.stats.pop(stream_id, None)
+        self._options.pop(stream_id, None)
 
     def push_chunk(self, stream_id: str, batch: FrameBatch) -> EncodedChunk:
         """Encode one chunk and prefill it into the stream's context."""
@@ -98,7 +101,7 @@ class StreamPipeline:
     def ingest(self, stream_id: str, frames: Iterable[Frame],
                on_chunk: Callable[[EncodedChunk], None] | None = None) -> PipelineStats:
         """Sample ``frames`` at the stream's fps, cut chunks, and push each chunk as soon as it is full."""
-        opts = self.options
+        opts = self._options[stream_id]
         sampler, chunker = FpsSampler(opts.sampler.fps), Chunker(opts.sampler.frames_per_chunk)
         for frame in frames:
             if not sampler.accept(frame):
