@@ -144,7 +144,7 @@ class HealthResponse(BaseModel):
 
 
 # ---- service errors (each carries its HTTP status; see stream.errors for the source family) ----
-from stream.errors import RequestError, StcError  # noqa: E402
+from stream.errors import RequestError, StcError, StreamExistsError, StreamNotFoundError  # noqa: E402,F401 (re-exported)
 
 
 class UnauthorizedError(RequestError):
@@ -157,18 +157,6 @@ class ForbiddenSourceError(RequestError):
     """The source is not allowed: a file outside the media root, file sources disabled, or a URL scheme refused."""
 
     status = 403
-
-
-class StreamNotFoundError(RequestError):
-    """No open stream has this id."""
-
-    status = 404
-
-
-class StreamExistsError(RequestError):
-    """A stream with the requested id is already open."""
-
-    status = 409
 
 
 class StreamStateError(RequestError):

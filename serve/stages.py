@@ -19,19 +19,12 @@ import torch
 from serve.messages import AnswerStats, EncodedChunk
 from pruner.attention import attention_received, scores_to_tokens
 from serve.options import StreamOptions
-from stream.errors import RequestError
+from stream.errors import RequestError, StreamExistsError, StreamNotFoundError
 from stream.frames import FrameBatch
 from stream.models.base import VLMAdapter
 
 
-class UnknownStreamError(RequestError):
-    """The stream id is not open on this replica."""
-
-    status = 404
-
-
-class StreamExistsError(RequestError):
-    status = 409
+UnknownStreamError = StreamNotFoundError  # 404; the name the pipeline exports
 
 
 @contextlib.contextmanager

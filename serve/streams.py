@@ -186,7 +186,7 @@ class StreamRunner:
             self.worker.close()
         try:
             self.client.close(self.stream_id)
-        except (StreamNotFoundError, KeyError, LookupError):
+        except LookupError:  # StreamNotFoundError: already gone
             pass
 
     def _worker(self) -> IngestWorker:
@@ -255,11 +255,8 @@ class DirectStageClient:
         for stage in (self.vision, self.llm):
             try:
                 stage.close(stream_id)
-            except LookupError:
+            except LookupError:  # StreamNotFoundError: this stage never held it or already closed it
                 pass
-            except Exception as exc:  # an unknown-stream error of the stage: already gone
-                if getattr(exc, "status", None) != 404:
-                    raise
 
 
 async def iterate_in_thread(make: Callable[[], Iterator[str]]) -> AsyncIterator[str]:

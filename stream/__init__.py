@@ -12,6 +12,8 @@ from stream.errors import (
     SourceTimeoutError,
     SourceUnreachableError,
     StcError,
+    StreamExistsError,
+    StreamNotFoundError,
 )
 from stream.frames import Frame, FrameBatch
 
@@ -26,4 +28,6 @@ __all__ = [
     "SourceTimeoutError",
     "SourceUnreachableError",
     "StcError",
+    "StreamExistsError",
+    "StreamNotFoundError",
 ]

@@ -26,6 +26,21 @@ class ConfigError(RequestError, ValueError):
     """A configuration value is invalid; the message names the field, the bad value, what is allowed and the fix."""
 
 
+class StreamNotFoundError(RequestError, LookupError):
+    """No open stream has this id (never opened, or closed) -- on this replica, engine or service."""
+
+    status = 404
+
+    def __str__(self) -> str:  # LookupError's KeyError cousins would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class StreamExistsError(RequestError):
+    """A stream with this id is already open."""
+
+    status = 409
+
+
 class SourceError(RequestError):
     """A frame source cannot be opened or read."""
 
