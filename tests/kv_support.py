@@ -98,9 +98,11 @@ class RecordingLM(TextLM):
         super().__init__(llm.decoder, llm.lm_head)
         self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def forward(self, embeds, cache=None, position_ids=None, attention_mask=None, logits_to_keep=1):
-        logits = super().forward(embeds, cache, position_ids, attention_mask, logits_to_keep)
-        self.calls.append((position_ids[0].cpu().clone(), logits[0, -1].clone()))
+    def forward(self, embeds, cache=None, position_ids=None, attention_mask=None, logits_to_keep=1, **kw):
+        logits = super().forward(embeds, cache, position_ids, attention_mask, logits_to_keep, **kw)
+        pos = position_ids.reshape(-1, position_ids.shape[-1])[0]  # first row of [B, L] / [R, B, L]
+        n = int(kw["logits_at"][0]) + 1 if kw.get("logits_at") is not None else len(pos)
+        self.calls.append((pos[:n].cpu().clone(), logits[0, -1].clone()))
         return logits
 
     def logits_at(self, first_position: int, length: int) -> torch.Tensor:

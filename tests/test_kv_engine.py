@@ -105,19 +105,19 @@ def test_closing_a_stream_frees_its_memory(llm):
     engine.open("a", PREFIX)  # the id can be reused
 
 
-def test_close_waits_for_an_answer_in_flight_and_stops_it(llm):
+def test_close_stops_an_answer_in_flight_at_the_next_step(llm):
     engine = LLMEngine(llm, kv_config(policy="sink_window", **SMALL), 1 << 30)
     engine.open("a", PREFIX)
     engine.append("a", embeds(8, 5))
     answer = engine.ask("a", QUESTION, 30)
-    next(answer)
+    next(answer)  # the answer is in flight and its client reads no further
     closer = threading.Thread(target=engine.close, args=("a",))
     closer.start()
-    time.sleep(0.2)
-    assert closer.is_alive()  # blocked on the stream's lock held by the answer
-    assert len(list(answer)) <= 1  # the answer sees the close and stops
     closer.join(10)
-    assert not closer.is_alive() and engine.memory_bytes() == 0
+    assert not closer.is_alive() and engine.memory_bytes() == 0  # close did not wait for the answer to end
+    steps = engine.scheduler_stats().steps
+    rest = list(answer)  # the tokens generated before the close, then a quiet end
+    assert len(rest) < 29 and engine.scheduler_stats().steps == steps
     with pytest.raises(UnknownStreamError):
         engine.append("a", embeds(8, 6))
 

@@ -16,6 +16,27 @@ from pydantic import Field, model_validator
 from stream.config_base import StrictModel
 
 
+class SchedulerConfig(StrictModel):
+    """The shared engine's step loop (continuous batching): what one step may run."""
+
+    max_batch_rows: int = Field(
+        16, ge=1, description="Most streams in one forward (per micro-batch: decode rows, prefill rows). 1 = no "
+        "batching (one stream's work per forward, as a serial engine).",
+    )
+    token_budget: int = Field(
+        512, ge=1, description="Most prefill tokens (questions + chunks) of one step, as vLLM's "
+        "max_num_batched_tokens; a longer piece is prefilled in slices over several steps (chunked prefill). "
+        "Decode rows (one token per answer in flight) come on top.",
+    )
+    questions_first: bool = Field(
+        True, description="Question prefills go before chunk prefills (time to first token)."
+    )
+    max_ingest_wait_steps: int = Field(
+        4, ge=0, description="Ageing: a chunk that has waited this many steps goes before questions, so ingest is "
+        "never starved.",
+    )
+
+
 class KVConfig(StrictModel):
     """Bounded KV cache of one stream, and what happens to tokens that leave it."""
 
@@ -67,6 +88,10 @@ class KVConfig(StrictModel):
     summary_layers: list[int] = Field(
         default_factory=list,
         description="offload: decoder layers whose keys form a block's retrieval vector (empty = all layers).",
+    )
+
+    scheduler: SchedulerConfig = Field(
+        default_factory=SchedulerConfig, description="The engine's batching policy (shared by all streams)."
     )
 
     @property

@@ -9,29 +9,36 @@ Typical use (the pipeline feeds it from the model adapter)::
         ...                                                                        # decode / stream out
     engine.close("cam1")
 
-Concurrency: every public method may be called from any thread. Calls on the same stream are serialised by that
-stream's lock (an ``ask`` iterator holds it until it is exhausted or closed, so appends to that stream wait for
-the answer). Calls on different streams run concurrently, but every model forward (one chunk, one question, one
-decoded token) runs under one engine-wide model lock -- on CPU parallel forwards would only fight over cores; answers
-on different streams interleave token by token. Lock order: registry -> session -> budget -> block store; the model
-lock is only taken with no budget/store lock held.
+Pieces (prefix, chunk, question) are :class:`~stream.models.inputs.LLMInput` or a bare ``[L, d]`` tensor (1-D
+positions).
+
+Concurrency: every public method may be called from any thread. All model work goes through one step loop
+(:mod:`cache.kv.scheduler`): each step batches one decode token of every answer in flight, then question and chunk
+prefills up to a token budget, across streams. Per stream, work is FIFO: an answer sees exactly the chunks appended
+before it was asked, and a chunk appended during that stream's answer waits for it; other streams never wait for
+an answer. ``append`` and ``open`` return when their piece is prefilled; ``ask`` returns an iterator fed by the loop
+(closing it cancels the answer at the next step boundary). Lock order: registry -> scheduler -> budget -> block
+store.
 """
 from __future__ import annotations
 
 import itertools
 import threading
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Union
 
 import torch
 
 from cache.kv.budget import ReplicaBudget
 from cache.kv.config import KVConfig, Sampling
 from cache.kv.errors import KVCapacityError, StreamExistsError, UnknownStreamError
-from cache.kv.rope import rope_inv_freq
+from cache.kv.scheduler import Scheduler, SchedulerStats, token_stream
 from cache.kv.session import KVSession, reserved_bytes
 from cache.kv.stats import EngineStats, SessionStats
 from stream.errors import ConfigError, RequestError
+from stream.models.inputs import LLMInput
 from stream.models.llm import TextLM
+
+Piece = Union[LLMInput, torch.Tensor]
 
 
 class LLMEngine:
@@ -48,7 +55,7 @@ class LLMEngine:
 
     def __init__(self, llm: TextLM, config: KVConfig, memory_budget_bytes: int) -> None:
         self.llm, self.config = llm, config
-        self.inv_freq = rope_inv_freq(llm.decoder, llm.head_dim)
+        self.inv_freq = llm.inv_freq  # validates the rope type up front
         self.summary_layers = _resolve_layers(config.summary_layers, llm.num_layers)
         if config.policy == "offload" and config.retrieval_score == "query_key":
             _check_q_proj(llm, self.summary_layers)
@@ -60,14 +67,14 @@ class LLMEngine:
                 f"{llm.kv_bytes_per_token()} bytes per token). Fix: raise it or lower kv.budget_tokens."
             )
         self.budget = ReplicaBudget(memory_budget_bytes)
-        self._model_lock = threading.Lock()
+        self.scheduler = Scheduler(llm, config.scheduler)
         self._registry_lock = threading.Lock()
         self._sessions: dict[str, KVSession] = {}
         self._seq = itertools.count()
 
     # ------------------------------------------------------------------ streams
-    def open(self, stream_id: str, prefix_embeds: torch.Tensor) -> SessionStats:
-        """Open a stream: reserve its memory and prefill its prefix ``[L, d]`` (kept as attention sink).
+    def open(self, stream_id: str, prefix_embeds: Piece) -> SessionStats:
+        """Open a stream: reserve its memory and prefill its prefix (kept as attention sink).
 
         Raises:
             StreamExistsError: ``stream_id`` is already open (409).
@@ -76,36 +83,33 @@ class LLMEngine:
         """
         if not isinstance(stream_id, str) or not stream_id:
             raise RequestError(f"stream_id must be a non-empty string, got {stream_id!r}")
-        prefix = self._check_embeds(prefix_embeds, "prefix_embeds", allow_empty=True)
-        if prefix.shape[0] > self.config.sink_tokens:
+        prefix = self._check_piece(prefix_embeds, "prefix_embeds", allow_empty=True)
+        if prefix.tokens > self.config.sink_tokens:
             raise RequestError(
-                f"prefix_embeds has {prefix.shape[0]} tokens but kv.sink_tokens={self.config.sink_tokens}; "
+                f"prefix_embeds has {prefix.tokens} tokens but kv.sink_tokens={self.config.sink_tokens}; "
                 "raise kv.sink_tokens or shorten the stream prompt"
             )
         session = self._register(stream_id)
         try:
-            session.prefill_prefix(prefix)
+            self.scheduler.wait(self.scheduler.submit(stream_id, "prefix", session.prefill_prefix(prefix)))
         except BaseException:
             self._unregister(stream_id, session)
             raise
-        finally:
-            session.lock.release()
         return self.stats(stream_id)
 
     def _register(self, stream_id: str) -> KVSession:
-        """Reserve, allocate and register a session; returns it with its lock held."""
+        """Reserve, allocate and register a session."""
         with self._registry_lock:
             if stream_id in self._sessions:
                 raise StreamExistsError(f"stream {stream_id!r} is already open; close it first or use another id")
             session = self._new_session(stream_id)
-            session.lock.acquire()
             self._sessions[stream_id] = session
             return session
 
     def _new_session(self, stream_id: str) -> KVSession:
         offload = self.config.policy == "offload"
         # reserve first (a store handle is needed for offload), so nothing is allocated beyond the budget
-        session_args = (stream_id, self.llm, self.config, self.inv_freq, self.summary_layers, self._model_lock)
+        session_args = (stream_id, self.llm, self.config, self.summary_layers)
         self.budget.reserve(stream_id, reserved_bytes(self.llm, self.config))
         try:
             session = KVSession(*session_args, self.budget.store_block if offload else None, self._seq.__next__)
@@ -128,61 +132,74 @@ class LLMEngine:
         return freed
 
     def close(self, stream_id: str) -> int:
-        """Close a stream and free its memory; waits for its in-flight call. Returns the bytes freed."""
+        """Close a stream and free its memory; its queued work fails with ``UnknownStreamError``, an answer in
+        flight stops at the next step boundary. Returns the bytes freed."""
         session = self._get(stream_id)
-        session.closed = True  # an answer in flight stops after its current token
-        with session.lock:
-            return self._unregister(stream_id, session)
+        with self._registry_lock:
+            if self._sessions.get(stream_id) is session:
+                del self._sessions[stream_id]  # no new work is accepted from now on
+        session.closed = True
+        freed: list[int] = []
+        done = threading.Event()
 
-    def append(self, stream_id: str, embeds: torch.Tensor, meta: Mapping[str, Any] | None = None) -> None:
-        """Prefill one chunk ``[L, d]`` (visual tokens + interleaved text) as one block of ``stream_id``.
+        def release() -> None:  # on the loop thread, after the stream's tasks were closed
+            freed.append(self._unregister(stream_id, session))
+            done.set()
+
+        self.scheduler.cancel_stream(stream_id, UnknownStreamError(f"stream {stream_id!r} was closed"), release)
+        done.wait()
+        return freed[0]
+
+    def append(self, stream_id: str, embeds: Piece, meta: Mapping[str, Any] | None = None) -> None:
+        """Prefill one chunk (visual tokens + interleaved text) as one block of ``stream_id``; returns when done.
 
         ``meta`` (e.g. ``{"pts": [...], "frames": [...]}``) is kept with the block and reported when the block is
         retrieved for a question.
         """
         session = self._get(stream_id)
-        embeds = self._check_embeds(embeds, "embeds")
+        piece = self._check_piece(embeds, "embeds")
         limit = min(self.config.window_tokens, self.config.reserve_tokens)
-        if embeds.shape[0] > limit:
+        if piece.tokens > limit:
             raise RequestError(
-                f"chunk of {embeds.shape[0]} tokens exceeds the {limit} a block may hold (min of kv.window_tokens="
+                f"chunk of {piece.tokens} tokens exceeds the {limit} a block may hold (min of kv.window_tokens="
                 f"{self.config.window_tokens}, kv.reserve_tokens={self.config.reserve_tokens}); send fewer frames "
                 "per chunk or raise kv.reserve_tokens / kv.budget_tokens"
             )
-        with session.lock:
-            self._check_open(session, stream_id)
-            session.append(embeds, dict(meta or {}))
+        self._check_open(session, stream_id)
+        self.scheduler.wait(self.scheduler.submit(stream_id, "chunk", session.append(piece, dict(meta or {}))))
 
     def ask(
         self,
         stream_id: str,
-        question_embeds: torch.Tensor,
+        question_embeds: Piece,
         max_new_tokens: int,
         eos_ids: Iterable[int] = (),
         sampling: Sampling | None = None,
     ) -> Iterator[int]:
-        """Answer a question ``[q, d]`` against the stream so far; an iterator of generated token ids.
+        """Answer a question against the stream so far; an iterator of generated token ids.
 
-        Arguments are checked now; the work starts at the first ``next()``. The stream's context is restored when
-        the iterator is exhausted or closed (the question and answer are not kept). EOS is not yielded.
+        Arguments are checked now; the question is queued at the first ``next()`` and sees every chunk appended
+        before that. The stream's context is restored when the answer ends or the iterator is closed (the
+        question and answer are not kept). EOS is not yielded.
         """
         session = self._get(stream_id)
-        question = self._check_embeds(question_embeds, "question_embeds")
+        question = self._check_piece(question_embeds, "question_embeds")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise RequestError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        if question.shape[0] + max_new_tokens > self.config.reserve_tokens:
+        if question.tokens + max_new_tokens > self.config.reserve_tokens:
             raise RequestError(
-                f"question ({question.shape[0]} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+                f"question ({question.tokens} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
                 f"kv.reserve_tokens={self.config.reserve_tokens}; shorten the question, lower max_new_tokens or "
                 "raise kv.reserve_tokens"
             )
         return self._answer(session, stream_id, question, max_new_tokens, list(eos_ids), sampling or Sampling())
 
-    def _answer(self, session: KVSession, stream_id: str, question: torch.Tensor, max_new: int,
+    def _answer(self, session: KVSession, stream_id: str, question: LLMInput, max_new: int,
                 eos_ids: list[int], sampling: Sampling) -> Iterator[int]:
-        with session.lock:
-            self._check_open(session, stream_id)
-            yield from session.answer(question, max_new, eos_ids, sampling)
+        self._check_open(session, stream_id)
+        work = session.answer(question, max_new, eos_ids, sampling)
+        task = self.scheduler.submit(stream_id, "question", work, answer=True)
+        yield from token_stream(self.scheduler, task)
 
     # ------------------------------------------------------------------ reports
     def stats(self, stream_id: str) -> SessionStats:
@@ -203,6 +220,10 @@ class LLMEngine:
         """Bytes each open stream reserves."""
         return reserved_bytes(self.llm, self.config)
 
+    def scheduler_stats(self) -> SchedulerStats:
+        """Counters of the step loop (steps, batched rows, prefill tokens, queued tasks)."""
+        return self.scheduler.snapshot()
+
     def stream_ids(self) -> list[str]:
         with self._registry_lock:
             return list(self._sessions)
@@ -220,7 +241,12 @@ class LLMEngine:
         if session.closed:
             raise UnknownStreamError(f"stream {stream_id!r} was closed")
 
-    def _check_embeds(self, embeds: torch.Tensor, name: str, allow_empty: bool = False) -> torch.Tensor:
+    def _check_piece(self, piece: Piece, name: str, allow_empty: bool = False) -> LLMInput:
+        """A bare ``[L, d]`` tensor or an :class:`LLMInput` -> a validated ``LLMInput`` on the model's device."""
+        if isinstance(piece, LLMInput):
+            embeds = piece.embeds
+        else:
+            embeds = piece
         if not isinstance(embeds, torch.Tensor) or embeds.ndim != 2 or embeds.shape[1] != self.llm.hidden_size:
             got = list(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
             raise RequestError(f"{name} must be a [tokens, {self.llm.hidden_size}] tensor, got {got}")
@@ -228,7 +254,16 @@ class LLMEngine:
             raise RequestError(f"{name} is empty; give at least one token")
         if not embeds.is_floating_point():
             raise RequestError(f"{name} must be floating point embeddings, got {embeds.dtype}")
-        return embeds.to(self.llm.device, self.llm.dtype)
+        embeds = embeds.to(self.llm.device, self.llm.dtype)
+        if not isinstance(piece, LLMInput):
+            return LLMInput(embeds)
+        rows = self.llm.position_rows
+        if piece.positions is not None and piece.positions.shape[0] not in (1, rows):
+            raise RequestError(
+                f"{name}.positions has {piece.positions.shape[0]} rows but {type(self.llm.decoder).__name__} takes "
+                f"{rows}; build the input with the model's adapter"
+            )
+        return LLMInput(embeds, piece.positions, piece.deepstack, piece.visual_mask, dict(piece.meta))
 
 
 def _resolve_layers(layers: list[int], num_layers: int) -> list[int]:

@@ -130,3 +130,87 @@ class BoundedCache(Cache):
         """Drop everything from ``length`` on (roll back a question and its answer)."""
         for layer in self.layers:
             layer.length = min(layer.length, length)
+
+
+class _RowsLayer(CacheLayerMixin):
+    """One decoder layer of a ragged batch: row ``b`` appends its first ``new[b]`` tokens to its own buffer."""
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self, rows: list[BoundedLayer], new: list[int], kv_len: int) -> None:
+        super().__init__()
+        self.rows, self.new, self.kv_len = rows, new, kv_len
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Row buffers exist already; nothing to do."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Write row ``b``'s ``[kv_heads, new[b], hd]`` (padding dropped); return ``[B, kv_heads, kv_len, hd]``.
+
+        Key slots a row does not use (past its own length) hold stale values; the engine's 4-D mask hides them.
+        """
+        for b, row in enumerate(self.rows):
+            n = self.new[b]
+            end = row.length + n
+            if end > row.capacity:
+                raise KVBufferFullError(f"KV buffer overflow: {end} tokens > capacity {row.capacity}")
+            row.k_buf[0, :, row.length : end] = key_states[b, :, :n]
+            row.v_buf[0, :, row.length : end] = value_states[b, :, :n]
+            row.length = end
+        if len(self.rows) == 1:
+            row = self.rows[0]
+            return row.k_buf[:, :, : self.kv_len], row.v_buf[:, :, : self.kv_len]
+        keys = torch.stack([r.k_buf[0, :, : self.kv_len] for r in self.rows])  # [B, kv_heads, kv_len, hd]
+        values = torch.stack([r.v_buf[0, :, : self.kv_len] for r in self.rows])
+        return keys, values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.kv_len, 0
+
+    def get_seq_length(self) -> int:
+        return min(r.length for r in self.rows)
+
+    def get_max_length(self) -> int:
+        return min(r.capacity for r in self.rows)
+
+    def reset(self) -> None:
+        """A batch view owns no tokens; rows are reset through their own session."""
+
+
+class RowsCache(Cache):
+    """A ragged batch over the :class:`BoundedCache` of several streams (one row each), for one forward call.
+
+    Row ``b`` holds ``past[b]`` tokens and appends ``new[b]`` (the batch is padded to ``max(new)``); keys come
+    back as ``[B, kv_heads, kv_len, hd]`` with ``kv_len = max(past + new)`` (static per step; at most the
+    sessions' ``capacity``). Pair it with :func:`ragged_mask`.
+    """
+
+    def __init__(self, caches: list[BoundedCache], new: list[int]) -> None:
+        self.past = [c.length for c in caches]
+        self.new = list(new)
+        self.kv_len = max(p + n for p, n in zip(self.past, self.new))
+        self.caches = caches
+        layers = [_RowsLayer([c.layers[i] for c in caches], self.new, self.kv_len) for i in range(len(caches[0].layers))]
+        super().__init__(layers=layers)
+
+    def finish(self) -> None:
+        """Record the sessions' peaks after the forward call."""
+        for c in self.caches:
+            c.peak = max(c.peak, c.length)
+
+
+def ragged_mask(past: list[int], new: list[int], kv_len: int, device: torch.device) -> torch.Tensor:
+    """Exact attention of a ragged batch: ``[B, 1, max(new), kv_len]`` bool, True = attend.
+
+    Query ``i < new[b]`` of row ``b`` sees that row's ``past[b]`` held tokens and its own new tokens up to itself
+    (causal); padding queries ``i >= new[b]`` see the same as the row's last real query (their output is unused).
+    """
+    width = max(new)
+    past_t = torch.tensor(past, device=device)[:, None]  # [B, 1]
+    new_t = torch.tensor(new, device=device)[:, None]
+    q = torch.arange(width, device=device)[None, :]  # [1, Lq]
+    limit = past_t + torch.minimum(q, new_t - 1) + 1  # [B, Lq]: keys < limit are visible
+    keys = torch.arange(kv_len, device=device)[None, None, :]  # [1, 1, kv]
+    return (keys < limit[:, :, None])[:, None]  # [B, 1, Lq, kv]

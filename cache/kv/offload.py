@@ -34,6 +34,9 @@ class StoredBlock:
         stream_pos: stream position (un-rebased) of its first token.
         keys, values: ``[layers, kv_heads, tokens, head_dim]`` keys without RoPE, values; tensors or :class:`QTensor`.
         meta: the caller's block metadata (pts, frame indices...).
+        positions: ``[R, tokens]`` int64 rotary positions relative to the block's first position (``None`` =
+            ``arange(tokens)``); keys are stored un-rotated at ``stream_pos + positions``.
+        extent: how far the block advances the stream position (``tokens`` for plain RoPE; ``0`` = ``tokens``).
     """
 
     block_id: int
@@ -43,10 +46,17 @@ class StoredBlock:
     keys: torch.Tensor | QTensor
     values: torch.Tensor | QTensor
     meta: dict[str, Any] = field(default_factory=dict)
+    positions: torch.Tensor | None = None
+    extent: int = 0
 
     @property
     def nbytes(self) -> int:
         return _nbytes(self.keys) + _nbytes(self.values)
+
+    @property
+    def span(self) -> int:
+        """Positions the block covers (its extent)."""
+        return self.extent or self.tokens
 
 
 def _nbytes(t: torch.Tensor | QTensor) -> int:

@@ -16,13 +16,21 @@ Layout of the resident buffer (:class:`~cache.kv.kvcache.BoundedCache`)::
   before the window, so the model sees ``sinks, retrieved, window, question`` at consecutive positions (StreamingLLM);
   with nothing evicted this is exactly the plain layout. RoPE is relative, so when positions reach
   ``rebase_position`` the whole window is rotated back once ("re-base") and positions stay small.
+* **Pieces** are :class:`~stream.models.inputs.LLMInput`: positions relative to the piece's start (``[R, L]``, M-RoPE
+  has ``R = 3``) and an ``extent`` that advances the stream position. Each block keeps its base position and its
+  relative positions; keys only ever move by *uniform* shifts (all rows by the same ``delta``, an ordinary rotation,
+  so also exact for M-RoPE). Un-rotated copies (sinks, offloaded blocks) go through ``TextLM.rotate_keys``.
+* **Coroutines.** The model work of :meth:`KVSession.prefill_prefix`, :meth:`KVSession.append` and
+  :meth:`KVSession.answer` is written as generators that *yield* a :class:`Forward` (the tokens to run through the
+  model into this session's cache) and are *sent* the logits of its last token; ``answer`` also yields each
+  generated token id (an ``int``). The scheduler (:mod:`cache.kv.scheduler`) batches the forwards of many sessions
+  into one model call; :func:`drive` runs one coroutine alone. Buffer edits between forwards stay per stream.
 """
 from __future__ import annotations
 
-import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Generator, Iterable
 
 import torch
 from transformers import DynamicCache
@@ -31,36 +39,81 @@ from cache.kv import policies
 from cache.kv.config import KVConfig, Sampling
 from cache.kv.kvcache import BoundedCache
 from cache.kv.offload import BlockStore, StoredBlock, pack_block, unpack_block
-from cache.kv.rope import apply_rope, move_rope
 from cache.kv.sampling import next_token
 from cache.kv.stats import RetrievedBlock, SessionStats
+from stream.models.inputs import LLMInput
 from stream.models.llm import TextLM
 
 # (stream_id, block, vector, stream_cap) -> stored?
 StoreBlockFn = Callable[[str, StoredBlock, torch.Tensor, int], bool]
 
 
+def piece_extras(piece: LLMInput) -> dict[str, Any]:
+    """The family-specific decoder inputs of a piece (DeepStack features + visual mask), passed through as is."""
+    if piece.deepstack is None:
+        return {}
+    return {"deepstack": piece.deepstack, "visual_mask": piece.visual_mask}
+
+
+def drive(work: Work, llm: TextLM) -> list[int]:
+    """Run one session coroutine alone (batch of one); returns the token ids it yielded."""
+    from cache.kv.scheduler import run_batch  # the batched forward lives with the scheduler
+
+    tokens, value = [], None
+    try:
+        while True:
+            item = work.send(value)
+            if isinstance(item, int):
+                tokens.append(item)
+                value = None
+            else:
+                value = run_batch(llm, [(item, 0, item.tokens)])[0]
+    except StopIteration:
+        return tokens
+
+
+@dataclass(eq=False)
+class Forward:
+    """Model work a session coroutine asks for: ``embeds`` ``[L, d]`` at absolute ``positions`` ``[R, L]`` into the
+    session's cache; ``extra`` = the piece's family-specific decoder inputs (DeepStack features...)."""
+
+    session: "KVSession"
+    embeds: torch.Tensor
+    positions: torch.Tensor
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokens(self) -> int:
+        return int(self.embeds.shape[0])
+
+
+# a session coroutine: yields Forward (is sent [vocab] logits of its last token) or an int token (is sent None)
+Work = Generator["Forward | int", "torch.Tensor | None", None]
+
+
 @dataclass(eq=False)
 class WindowBlock:
-    """A resident block: ``pos`` is the rotary position of its first token, ``stream_pos`` its stream position."""
+    """A resident block: ``pos`` is the rotary position of its first token, ``stream_pos`` its stream position,
+    ``rel`` its relative positions ``[R, tokens]``, ``extent`` how many positions it covers."""
 
     block_id: int
     tokens: int
     pos: int
     stream_pos: int
     meta: dict[str, Any] = field(default_factory=dict)
+    rel: torch.Tensor | None = None
+    extent: int = 0
 
 
 class KVSession:
-    """The bounded KV state of one stream. Callers serialise calls with :attr:`lock` (the engine does).
+    """The bounded KV state of one stream. Its coroutines must be driven by one thread at a time (the engine's
+    step loop drives all of them).
 
     Args:
         stream_id: the stream's id (for the replica budget and messages).
         llm: the shared language model.
         config: the KV settings.
-        inv_freq: the model's rotary inverse frequencies ``[head_dim / 2]``.
         summary_layers: decoder layers that form retrieval vectors (validated by the engine).
-        model_lock: held around every model call (torch ops of all streams are serialised on it).
         store_block: admits an offloaded block under the replica budget (``offload`` only).
         next_seq: engine-wide arrival counter for offloaded blocks.
     """
@@ -70,78 +123,77 @@ class KVSession:
         stream_id: str,
         llm: TextLM,
         config: KVConfig,
-        inv_freq: torch.Tensor,
         summary_layers: list[int],
-        model_lock: threading.Lock,
         store_block: StoreBlockFn | None = None,
         next_seq: Callable[[], int] | None = None,
     ) -> None:
         self.stream_id, self.llm, self.cfg = stream_id, llm, config
-        self.inv_freq, self.summary_layers, self.model_lock = inv_freq, summary_layers, model_lock
+        self.summary_layers = summary_layers
         self._store_block, self._next_seq = store_block, next_seq
+        self.rows = llm.position_rows
         shape = (llm.num_layers, config.budget_tokens, llm.num_kv_heads, llm.head_dim)
         self.cache = BoundedCache(shape[0], shape[1], shape[2], shape[3], llm.dtype, llm.device)
         offload = config.policy == "offload"
         self.store = BlockStore(len(summary_layers) * llm.num_kv_heads * llm.head_dim) if offload else None
-        self.lock = threading.Lock()
         self.closed = False
         self.window: deque[WindowBlock] = deque()
         self.sink_keys: torch.Tensor | None = None  # [layers, kv_heads, sinks, hd] without RoPE
-        self.sink_len = self.sink_pos = 0
+        self.sink_rel: torch.Tensor | None = None  # [R, sinks] relative positions of the prefix
+        self.sink_len = self.sink_extent = self.sink_pos = 0
         self.next_pos = self.pos_offset = self.stream_tokens = 0
         self.blocks = self.evicted = self.rebases = 0
         self.min_block_tokens = config.budget_tokens
         self.last_retrieval: tuple[RetrievedBlock, ...] = ()
 
+    def _rel(self, piece: LLMInput) -> torch.Tensor:
+        return piece.position_rows(self.rows).to("cpu", torch.long)  # [R, L]
+
+    def _shifted(self, rel: torch.Tensor, base: int) -> torch.Tensor:
+        return rel + int(base)
+
     # ------------------------------------------------------------------ ingest
     @torch.inference_mode()
-    def prefill_prefix(self, embeds: torch.Tensor) -> None:
-        """Prefill the stream prefix ``[L, d]`` at positions ``0..L-1``; it stays resident as the attention sink."""
-        n = embeds.shape[0]
+    def prefill_prefix(self, piece: LLMInput) -> Work:
+        """Prefill the stream prefix at relative positions from 0; it stays resident as the attention sink."""
+        n = piece.tokens
         if n:
-            self._forward(embeds, torch.arange(n))
+            rel = self._rel(piece)
+            yield Forward(self, piece.embeds, rel, piece_extras(piece))
             keys, _ = self.cache.read(0, n)  # [layers, kv_heads, n, hd]
-            self.sink_keys = apply_rope(keys, -torch.arange(n), self.inv_freq)
-        self.sink_len, self.next_pos, self.stream_tokens = n, n, n
+            self.sink_keys, self.sink_rel = self.llm.rotate_keys(keys, -rel), rel
+        self.sink_len, self.sink_extent, self.next_pos, self.stream_tokens = n, piece.extent, piece.extent, n
 
     @torch.inference_mode()
-    def append(self, embeds: torch.Tensor, meta: dict[str, Any]) -> None:
-        """Prefill one chunk ``[L, d]`` as a new block, then evict the oldest blocks beyond the window."""
+    def append(self, piece: LLMInput, meta: dict[str, Any]) -> Work:
+        """Prefill one chunk as a new block, then evict the oldest blocks beyond the window."""
         # 1. keep positions bounded and sinks right before the window
         self._rebase()
-        self._place_sinks(retrieved_tokens=0)
+        self._place_sinks(retrieved_extent=0)
         # 2. prefill at the next positions (attends to sinks + the whole window)
-        n = embeds.shape[0]
-        self._forward(embeds, torch.arange(self.next_pos, self.next_pos + n))
+        n, rel = piece.tokens, self._rel(piece)
+        yield Forward(self, piece.embeds, self._shifted(rel, self.next_pos), piece_extras(piece))
         stream_pos = self.next_pos + self.pos_offset
-        self.window.append(WindowBlock(self.blocks, n, self.next_pos, stream_pos, dict(meta)))
+        block_meta = {**piece.meta, **meta}
+        self.window.append(WindowBlock(self.blocks, n, self.next_pos, stream_pos, block_meta, rel, piece.extent))
         self.blocks += 1
-        self.next_pos += n
+        self.next_pos += piece.extent
         self.stream_tokens += n
         self.min_block_tokens = min(self.min_block_tokens, n)
         # 3. evict what no longer fits
         self._evict()
-
-    def _forward(self, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """``[L, d]`` through the model into the resident cache; logits of the last position ``[1, 1, vocab]``."""
-        with self.model_lock:
-            return self.llm.forward(
-                embeds[None], cache=self.cache, position_ids=positions.to(self.llm.device)[None], logits_to_keep=1
-            )
 
     @property
     def window_start(self) -> int:
         """Rotary position of the first window token (``next_pos`` when the window is empty)."""
         return self.window[0].pos if self.window else self.next_pos
 
-    def _place_sinks(self, retrieved_tokens: int) -> None:
+    def _place_sinks(self, retrieved_extent: int) -> None:
         """compact: rotate the sinks (from their un-rotated copy) to sit before retrieved blocks and window."""
         if self.cfg.position_mode != "compact" or not self.sink_len:
             return
-        start = policies.compact_sink_start(self.window_start, retrieved_tokens, self.sink_len)
+        start = policies.compact_sink_start(self.window_start, retrieved_extent, self.sink_extent)
         if start != self.sink_pos:
-            positions = torch.arange(start, start + self.sink_len)
-            self.cache.write_keys(0, apply_rope(self.sink_keys, positions, self.inv_freq))
+            self.cache.write_keys(0, self.llm.rotate_keys(self.sink_keys, self._shifted(self.sink_rel, start)))
             self.sink_pos = start
 
     def _evict(self) -> None:
@@ -164,26 +216,26 @@ class KVSession:
             k = keys[:, :, offset : offset + b.tokens]
             v = values[:, :, offset : offset + b.tokens]
             offset += b.tokens
-            canonical = apply_rope(k, -torch.arange(b.pos, b.pos + b.tokens), self.inv_freq)
+            canonical = self.llm.rotate_keys(k, -self._shifted(b.rel, b.pos))
             vector = policies.block_summary(canonical[self.summary_layers])
             packed_k, packed_v = pack_block(canonical, v, self.cfg.quant)
-            block = StoredBlock(b.block_id, self._next_seq(), b.tokens, b.stream_pos, packed_k, packed_v, b.meta)
+            block = StoredBlock(b.block_id, self._next_seq(), b.tokens, b.stream_pos, packed_k, packed_v, b.meta,
+                                b.rel, b.extent)
             self._store_block(self.stream_id, block, vector, self.cfg.offload_bytes)
 
     def _rebase(self) -> None:
-        """compact: rotate the window back so the largest position stays below ``rebase_position``."""
+        """compact: shift the window back uniformly so the largest position stays below ``rebase_position``."""
         if self.cfg.position_mode != "compact":
             return
         if self.next_pos + self.cfg.reserve_tokens <= self.cfg.rebase_position:
             return
         room = self.cfg.retrieve_tokens if self.store is not None else 0
-        shift = self.window_start - (self.sink_len + room)  # afterwards retrieved blocks fit between sinks & window
+        shift = self.window_start - (self.sink_extent + room)  # afterwards retrieved blocks fit between sinks & window
         if shift <= 0:
             return
         if self.window:
-            src = torch.cat([torch.arange(b.pos, b.pos + b.tokens) for b in self.window])
             keys, _ = self.cache.read(self.sink_len, self.cache.length)
-            self.cache.write_keys(self.sink_len, move_rope(keys, src, src - shift, self.inv_freq))
+            self.cache.write_keys(self.sink_len, self.llm.shift_keys(keys, -shift))
         for b in self.window:
             b.pos -= shift
         self.next_pos -= shift
@@ -192,39 +244,37 @@ class KVSession:
 
     # ------------------------------------------------------------------ questions
     @torch.inference_mode()
-    def answer(
-        self, question: torch.Tensor, max_new_tokens: int, eos_ids: Iterable[int], sampling: Sampling
-    ) -> Iterator[int]:
-        """Answer ``question`` ``[q, d]`` against the stream so far; yields token ids (EOS is not yielded).
+    def answer(self, question: LLMInput, max_new_tokens: int, eos_ids: Iterable[int], sampling: Sampling) -> Work:
+        """Answer ``question`` against the stream so far; yields forwards and generated token ids (not EOS).
 
-        The stream's resident state is restored when the iterator finishes or is closed.
+        The stream's resident state is restored when the coroutine finishes or is closed (cancellation).
         """
         saved, eos = self.cache.length, set(eos_ids)
         generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
         try:
             # 1. bounded positions; 2. bring back relevant offloaded blocks; 3. sinks before them
             self._rebase()
-            allowance = self.cfg.reserve_tokens - question.shape[0] - max_new_tokens
+            allowance = self.cfg.reserve_tokens - question.tokens - max_new_tokens
             retrieved = self._place_retrieved(self._retrieve(question, min(self.cfg.retrieve_tokens, allowance)))
-            self._place_sinks(retrieved_tokens=retrieved)
+            self._place_sinks(retrieved_extent=retrieved)
             # 4. prefill the question after the window, then decode
-            pos = self.next_pos
-            logits = self._forward(question, torch.arange(pos, pos + question.shape[0]))
-            pos += question.shape[0]
+            rel = self._rel(question)
+            logits = yield Forward(self, question.embeds, self._shifted(rel, self.next_pos), piece_extras(question))
+            pos = self.next_pos + question.extent
             for step in range(max_new_tokens):
-                token = next_token(logits[0, -1], sampling.temperature, sampling.top_k, sampling.top_p, generator)
+                token = next_token(logits, sampling.temperature, sampling.top_k, sampling.top_p, generator)
                 if token in eos:
                     return
                 yield token
                 if step + 1 == max_new_tokens or self.closed:
                     return
                 embed = self.llm.embed(torch.tensor([token], device=self.llm.device))  # [1, d]
-                logits = self._forward(embed, torch.tensor([pos]))
+                logits = yield Forward(self, embed, torch.full((self.rows, 1), pos, dtype=torch.long))
                 pos += 1
         finally:
             self.cache.truncate(saved)
 
-    def _retrieve(self, question: torch.Tensor, allowance: int) -> list[tuple[StoredBlock, float]]:
+    def _retrieve(self, question: LLMInput, allowance: int) -> list[tuple[StoredBlock, float]]:
         """Offloaded blocks most relevant to ``question`` that fit ``allowance`` tokens, in stream order."""
         self.last_retrieval = ()
         if self.store is None or allowance <= 0 or not len(self.store):
@@ -239,38 +289,40 @@ class KVSession:
         return picked
 
     def _place_retrieved(self, picked: list[tuple[StoredBlock, float]]) -> int:
-        """Rotate retrieved blocks to their positions and write them after the window; returns their token count."""
-        total = sum(b.tokens for b, _ in picked)
+        """Rotate retrieved blocks to their positions and write them after the window; returns their extent."""
+        total = sum(b.span for b, _ in picked)
         pos = self.window_start - total  # compact: contiguous, right before the window
         for block, _ in picked:
             keys, values = unpack_block(block, self.llm.dtype, self.llm.device)
             start = pos if self.cfg.position_mode == "compact" else block.stream_pos - self.pos_offset
-            keys = apply_rope(keys, torch.arange(start, start + block.tokens), self.inv_freq)
+            rel = block.positions if block.positions is not None else torch.arange(block.tokens)[None]
+            keys = self.llm.rotate_keys(keys, self._shifted(rel, start))
             self.cache.write(self.cache.length, keys, values)
-            pos += block.tokens
+            pos += block.span
         return total
 
-    def _question_vector(self, question: torch.Tensor) -> torch.Tensor:
-        """Probe: run the question alone and summarise its un-rotated queries (or keys) of the summary layers."""
-        n = question.shape[0]
+    def _question_vector(self, question: LLMInput) -> torch.Tensor:
+        """Probe: run the question alone and summarise its un-rotated queries (or keys) of the summary layers.
+
+        Runs unbatched, on the step loop's thread (the hooks see no other forward)."""
+        n, rel = question.tokens, self._rel(question)
         probe, captured, hooks = DynamicCache(), {}, []
-        with self.model_lock:  # hooks must not see other streams' forwards
-            if self.cfg.retrieval_score == "query_key":
-                for i in self.summary_layers:
-                    proj = self.llm.decoder.layers[i].self_attn.q_proj
-                    hooks.append(proj.register_forward_hook(lambda m, a, out, i=i: captured.__setitem__(i, out)))
-            try:
-                positions = torch.arange(n, device=self.llm.device)[None]
-                self.llm.forward(question[None], cache=probe, position_ids=positions)
-            finally:
-                for h in hooks:
-                    h.remove()
+        if self.cfg.retrieval_score == "query_key":
+            for i in self.summary_layers:
+                proj = self.llm.decoder.layers[i].self_attn.q_proj
+                hooks.append(proj.register_forward_hook(lambda m, a, out, i=i: captured.__setitem__(i, out)))
+        try:
+            positions = rel.to(self.llm.device)[:, None]  # [R, 1, n]
+            self.llm.forward(question.embeds[None], cache=probe, position_ids=positions, **piece_extras(question))
+        finally:
+            for h in hooks:
+                h.remove()
         if captured:  # [1, n, heads * hd] -> [layers, heads, n, hd]
             x = torch.stack([captured[i][0].view(n, -1, self.llm.head_dim).transpose(0, 1)
                              for i in self.summary_layers])
         else:
             keys = torch.stack([probe.layers[i].keys[0] for i in self.summary_layers])  # [layers, kv_heads, n, hd]
-            x = apply_rope(keys, -torch.arange(n), self.inv_freq)
+            x = self.llm.rotate_keys(keys, -rel)
         return policies.query_summary(x, self.llm.num_kv_heads)
 
     # ------------------------------------------------------------------ reports

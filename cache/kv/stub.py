@@ -28,10 +28,14 @@ class FastForwardLM(TextLM):
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         logits_to_keep: int = 1,
+        logits_at: torch.Tensor | None = None,
+        **extra,
     ) -> torch.Tensor:
         """Real forward, or (fast-forward) random KV appended to ``cache`` and zero logits ``[B, keep, vocab]``."""
         if not self.fast_forward or cache is None:
-            return super().forward(embeds, cache, position_ids, attention_mask, logits_to_keep)
+            return super().forward(embeds, cache, position_ids, attention_mask, logits_to_keep, logits_at, **extra)
+        if logits_at is not None:
+            logits_to_keep = 1
         batch, length = embeds.shape[:2]
         shape = (batch, self.num_kv_heads, length, self.head_dim)
         for layer in range(self.num_layers):

@@ -6,6 +6,10 @@ model class, so a stream session works the same for LLaVA-OneVision (Qwen2), Smo
 """
 from __future__ import annotations
 
+import inspect
+from functools import cached_property
+from typing import Any
+
 import torch
 from torch import nn
 from transformers import Cache, PreTrainedModel
@@ -54,6 +58,13 @@ class TextLM:
         """``[L]`` or ``[B, L]`` int64 -> ``[L, d]`` / ``[B, L, d]`` input embeddings."""
         return self.decoder.get_input_embeddings()(ids.to(self.device))
 
+    @cached_property
+    def cache_argument(self) -> str:
+        """The decoder's keyword for the KV cache: ``cache`` (transformers >= 5.24, where ``past_key_values`` is
+        deprecated until its removal in 5.40) or ``past_key_values`` (earlier 5.x releases)."""
+        params = inspect.signature(self.decoder.forward).parameters
+        return "cache" if "cache" in params else "past_key_values"
+
     @torch.inference_mode()
     def forward(
         self,
@@ -62,25 +73,75 @@ class TextLM:
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         logits_to_keep: int = 1,
+        logits_at: torch.Tensor | None = None,
+        **extra: Any,
     ) -> torch.Tensor:
         """Run ``embeds`` ``[B, L, d]`` through the decoder, appending to ``cache`` in place.
 
         Args:
-            position_ids: ``[B, L]`` int64 rotary positions; default continues from ``cache``'s length.
-            attention_mask: optional ``[B, past + L]`` 0/1 mask (padding); ``None`` = causal over everything.
-            logits_to_keep: how many final positions get logits (0 = all).
+            position_ids: ``[R, B, L]`` int64 rotary positions (``R`` = 1 plain RoPE, 3 M-RoPE); ``R = 1`` may be
+                given squeezed as ``[B, L]``. Default: continue from ``cache``'s length.
+            attention_mask: optional ``[B, past + L]`` 0/1 padding mask, or an exact 4-D ``[B, 1, L, kv]`` bool mask
+                (True = attend) that the decoder uses as is; ``None`` = causal over everything.
+            logits_to_keep: how many final positions get logits (0 = all); ignored with ``logits_at``.
+            logits_at: ``[B]`` int64, the one position of each row that gets logits (ragged batches: each row's
+                last real token).
+            extra: family-specific per-token inputs passed through to the decoder unchanged (e.g. DeepStack
+                features and the visual mask of Qwen3-VL).
 
         Returns:
-            ``[B, logits_to_keep or L, vocab]`` float logits.
+            ``[B, logits_to_keep or L, vocab]`` float logits (``[B, 1, vocab]`` with ``logits_at``).
         """
+        if position_ids is not None and position_ids.ndim == 3 and position_ids.shape[0] == 1:
+            position_ids = position_ids[0]  # [B, L]: plain RoPE decoders take 2-D positions
+        kwargs = {self.cache_argument: cache}
         out = self.decoder(
             inputs_embeds=embeds.to(self.device, self.dtype),
-            past_key_values=cache,
             position_ids=position_ids,
             attention_mask=attention_mask,
             use_cache=cache is not None,
+            **kwargs,
+            **extra,
         )
         hidden = out.last_hidden_state  # [B, L, d]
-        if logits_to_keep:
+        if logits_at is not None:
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            hidden = hidden[rows, logits_at.to(hidden.device)][:, None]  # [B, 1, d]
+        elif logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         return self.lm_head(hidden).float()
+
+    # ------------------------------------------------------------------ rotary positions of cached keys
+    @property
+    def position_rows(self) -> int:
+        """Rows of rotary positions the decoder takes: 1 (plain RoPE)."""
+        return 1
+
+    @cached_property
+    def inv_freq(self) -> torch.Tensor:
+        """Rotary inverse frequencies ``[head_dim / 2]`` float32 (validated: static rope type, whole heads)."""
+        from cache.kv.rope import rope_inv_freq  # lazy: cache.kv imports this module
+
+        return rope_inv_freq(self.decoder, self.head_dim)
+
+    def rotate_keys(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Apply the decoder's rotary embedding at ``positions`` ``[R, n]`` to keys ``[..., n, head_dim]``.
+
+        Negative positions rotate backwards, so ``rotate_keys(rotate_keys(k, p), -p) == k`` up to rounding, and a
+        uniform shift ``rotate_keys(k, full(delta))`` moves keys by ``delta`` (also under M-RoPE, where every row
+        shifts by the same ``delta``). Plain RoPE (``R = 1``); computed in float32, returned in ``keys.dtype``.
+        """
+        from cache.kv.rope import apply_rope
+
+        if positions.ndim == 1:
+            positions = positions[None]
+        if positions.shape[0] != 1 and not bool((positions == positions[:1]).all()):
+            raise ValueError(
+                f"{type(self.decoder).__name__} uses 1-D RoPE but got {positions.shape[0]} different position rows"
+            )
+        return apply_rope(keys, positions[0], self.inv_freq)
+
+    def shift_keys(self, keys: torch.Tensor, delta: int) -> torch.Tensor:
+        """Move keys ``[..., n, head_dim]`` by a uniform position shift ``delta`` (one rotation by ``delta``)."""
+        n = keys.shape[-2]
+        return self.rotate_keys(keys, torch.full((self.position_rows, n), int(delta), dtype=torch.long))
