@@ -28,8 +28,9 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -123,6 +124,7 @@ class Scheduler:
         self._cancelled: list[Task] = []
         self._after_step: list[Callable[[], None]] = []
         self._running = False
+        self._held = 0
         self._seq = itertools.count()
         self.stats = SchedulerStats()
 
@@ -163,6 +165,19 @@ class Scheduler:
             self._after_step.append(then)
             self._wake()
 
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        """Pause the loop at the next step boundary while inside: a burst of work submitted meanwhile (N clients
+        asking at once) is scheduled together when it ends."""
+        with self._cond:
+            self._held += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._held -= 1
+                self._cond.notify()
+
     def _wake(self) -> None:
         """(under the lock) start the loop thread if it is not running, else wake it."""
         if not self._running:
@@ -174,6 +189,8 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._cond:
+                while self._held:
+                    self._cond.wait()
                 cancelled, self._cancelled = self._cancelled, []
                 after, self._after_step = self._after_step, []
                 for task in cancelled:
@@ -276,6 +293,13 @@ class Scheduler:
         with self._cond:
             self._remove(task)
         task.finish(exc)
+
+    def queued(self, stream_id: str | None = None) -> int:
+        """Tasks queued or running (of one stream, or all)."""
+        with self._cond:
+            if stream_id is not None:
+                return len(self._queues.get(stream_id, []))
+            return sum(len(q) for q in self._queues.values())
 
     def snapshot(self) -> SchedulerStats:
         """A copy of the counters."""

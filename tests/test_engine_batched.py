@@ -1,0 +1,211 @@
+"""Continuous batching: batched == serial (fp32), per-stream ordering, no cross-stream waiting, cancellation, bounds."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from cache.kv import LLMEngine
+from cache.kv.config import SchedulerConfig
+from cache.kv.scheduler import run_batch
+from cache.kv.session import KVSession, drive
+from cache.kv.stub import FastForwardLM
+from stream.models.inputs import LLMInput
+from stream.models.llm import TextLM
+from tests.kv_support import embeds, kv_config, stream, tiny_lm
+from tests.kv_support import one_torch_thread  # noqa: F401  (autouse fixture)
+
+PREFIX = embeds(5, 1)
+SMALL = dict(budget_tokens=8 + 24 + 40, sink_tokens=8, reserve_tokens=40, retrieve_tokens=16)
+N = 4
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return tiny_lm("qwen2", layers=2)
+
+
+def _cfg(rows: int = 16, budget: int = 512, **kw):
+    return kv_config(scheduler=SchedulerConfig(max_batch_rows=rows, token_budget=budget), **{**SMALL, **kw})
+
+
+def _filled(llm, cfg, n=N, chunks=5, tokens=8) -> LLMEngine:
+    """N streams with different contexts (different chunk counts, so different KV lengths)."""
+    engine = LLMEngine(llm, cfg, 1 << 30)
+    for i in range(n):
+        engine.open(f"s{i}", PREFIX)
+        for c in stream(chunks + i % 3, tokens, seed=1000 * (i + 1)):
+            engine.append(f"s{i}", c)
+    return engine
+
+
+def _concurrent(engine: LLMEngine, jobs: dict[str, tuple]) -> dict[str, list[int]]:
+    """Ask every (question, max_new) of ``jobs`` at once (one burst) and collect the answers."""
+    out, errors = {}, []
+
+    def run(name, question, k):
+        try:
+            out[name] = list(engine.ask(name, question, k))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(n, *job)) for n, job in jobs.items()]
+    with engine.scheduler.hold():
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while engine.scheduler.queued() < len(jobs) and time.monotonic() < deadline:
+            time.sleep(0.005)
+    for t in threads:
+        t.join(60)
+    assert not errors
+    return out
+
+
+@pytest.mark.parametrize("policy", ["sink_window", "offload"])
+def test_concurrent_greedy_answers_equal_one_at_a_time(llm, policy):
+    questions = {f"s{i}": (embeds(3 + i, 50 + i), 10 + 3 * i) for i in range(N)}  # ragged lengths
+    serial_engine = _filled(llm, _cfg(rows=1, policy=policy))
+    serial = {name: list(serial_engine.ask(name, q, k)) for name, (q, k) in questions.items()}
+    engine = _filled(llm, _cfg(policy=policy))
+    batched = _concurrent(engine, questions)
+    assert batched == serial
+    assert len({tuple(v) for v in serial.values()}) == N  # the streams really differ
+    assert engine.scheduler_stats().max_rows_in_step == N  # ... and really shared forwards
+
+
+@torch.inference_mode()
+def test_chunks_prefilled_in_one_batch_match_one_at_a_time(llm):
+    """Same KV and next-token logits (fp32, atol 1e-5) for ragged past lengths and chunk lengths."""
+    cfg = kv_config(**SMALL, policy="sink_window")
+
+    def sessions():
+        out = []
+        for i in range(N):
+            s = KVSession(f"s{i}", llm, cfg, [0, 1])
+            drive(s.prefill_prefix(LLMInput(PREFIX)), llm)
+            for c in stream(i, 8, 7 * i):
+                drive(s.append(LLMInput(c), {}), llm)
+            out.append(s)
+        return out
+
+    chunks = [embeds(4 + 3 * i, 300 + i) for i in range(N)]
+    alone, batched = sessions(), sessions()
+    assert len({s.cache.length for s in alone}) == N
+    logits_alone = []
+    for s, c in zip(alone, chunks):
+        fwd = next(s.append(LLMInput(c), {}))  # oracle: HF's own causal mask over the stream's cache
+        logits_alone.append(llm.forward(fwd.embeds[None], cache=s.cache, position_ids=fwd.positions[:, None])[0, -1])
+    fwds = [next(s.append(LLMInput(c), {})) for s, c in zip(batched, chunks)]
+    logits_batched = run_batch(llm, [(f, 0, f.tokens) for f in fwds])
+    for a, b, la, lb in zip(alone, batched, logits_alone, logits_batched):
+        assert a.cache.length == b.cache.length
+        ka, va = a.cache.read(0, a.cache.length)
+        kb, vb = b.cache.read(0, b.cache.length)
+        torch.testing.assert_close(kb, ka, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(vb, va, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lb, la, atol=1e-5, rtol=1e-5)
+
+
+class SlowLM(TextLM):
+    """Every forward takes at least ``delay`` seconds (makes step boundaries observable)."""
+
+    def __init__(self, llm: TextLM, delay: float) -> None:
+        super().__init__(llm.decoder, llm.lm_head)
+        self.delay = delay
+
+    def forward(self, *args, **kw):
+        time.sleep(self.delay)
+        return super().forward(*args, **kw)
+
+
+def test_a_long_answer_does_not_delay_another_streams_appends(llm):
+    engine = _filled(SlowLM(llm, 0.01), _cfg(reserve_tokens=40), n=2)
+    answer = engine.ask("s0", embeds(3, 9), 36)
+    next(answer)  # a long answer is in flight on s0
+    for i in range(3):
+        before = engine.scheduler_stats().steps
+        engine.append("s1", embeds(8, 700 + i))
+        assert engine.scheduler_stats().steps - before <= 2  # the step in progress + the one that runs the chunk
+    assert engine.stats("s1").blocks == 5 + 1 + 3
+    rest = list(answer)
+    assert len(rest) == 35  # the answer was in flight the whole time
+
+
+def test_question_during_a_chunk_prefill_sees_that_chunk(llm):
+    """Rule: an answer sees exactly the chunks appended before the question was asked (chunked prefill too)."""
+    q, chunk, late = embeds(4, 77), embeds(24, 78), embeds(8, 79)
+    ref = _filled(llm, _cfg(reserve_tokens=40), n=1)
+    ref.append("s0", chunk)
+    expected = list(ref.ask("s0", q, 8))
+    ref.append("s0", late)
+    expected_after = list(ref.ask("s0", q, 8))
+    engine = _filled(SlowLM(llm, 0.02), _cfg(reserve_tokens=40, budget=4), n=1)  # 24 tokens = 6 prefill steps
+    appender = threading.Thread(target=engine.append, args=("s0", chunk))
+    appender.start()
+    deadline = time.monotonic() + 10
+    while not engine.scheduler.stats.prefill_tokens and time.monotonic() < deadline:
+        time.sleep(0.001)
+    mid = engine.stats("s0").blocks
+    got = {}
+    asker = threading.Thread(target=lambda: got.setdefault("a", list(engine.ask("s0", q, 8))))
+    asker.start()
+    time.sleep(0.03)
+    late_appender = threading.Thread(target=engine.append, args=("s0", late))  # asked after: not seen
+    late_appender.start()
+    for t in (appender, asker, late_appender):
+        t.join(30)
+    assert mid == 5 + 0  # the question arrived while the chunk was mid-prefill
+    assert got["a"] == expected
+    assert list(engine.ask("s0", q, 8)) == expected_after
+
+
+def test_cancelling_an_answer_frees_its_scratch_at_once(llm):
+    engine = _filled(SlowLM(llm, 0.005), _cfg(), n=2)
+    before = engine.stats("s0").resident_tokens
+    answer = engine.ask("s0", embeds(3, 9), 30)
+    next(answer)
+    assert engine.stats("s0").resident_tokens > before
+    answer.close()  # client disconnect
+    assert engine.stats("s0").resident_tokens == before
+    assert engine.scheduler.queued("s0") == 0
+    engine.append("s0", embeds(8, 5))  # the stream goes on
+    assert engine.stats("s0").blocks == 6
+
+
+def test_bounds_hold_over_10000_frames_with_batched_questions(llm):
+    ff = FastForwardLM(llm)
+    cfg = _cfg(policy="offload", quant="int8", offload_bytes=40_000)
+    budget = 4 * (cfg.budget_tokens + cfg.sink_tokens) * ff.kv_bytes_per_token() + 200_000
+    engine = LLMEngine(ff, cfg, budget)
+    names = [f"s{i}" for i in range(4)]
+    for n in names:
+        engine.open(n, PREFIX)
+    errors, peaks = [], []
+    frame = embeds(6, 3)
+
+    def worker(name: str) -> None:
+        try:
+            for f in range(2500):  # 4 x 2,500 = 10,000 single-frame chunks
+                ff.fast_forward = True
+                engine.append(name, frame, {"frame": f})
+                if f % 500 == 499:
+                    assert len(list(engine.ask(name, embeds(3, f), 4))) <= 4
+                    st = engine.stats(name)
+                    peaks.append(st.peak_resident_tokens)
+                    assert st.peak_resident_tokens <= cfg.budget_tokens and st.offloaded_bytes <= cfg.offload_bytes
+                    assert engine.memory_bytes() <= budget
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors
+    assert sum(engine.stats(n).stream_tokens for n in names) == 4 * (5 + 2500 * 6)
+    assert engine.scheduler_stats().max_rows_in_step > 1  # streams were batched
+    assert max(peaks) <= cfg.budget_tokens and engine.memory_bytes() <= budget
