@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Callable
 
 import ray
@@ -139,6 +140,11 @@ class VisionDeployment(_StickyStage):
         return await asyncio.to_thread(self.stage.encode, stream_id, batch)
 
 
+# An LLM call blocks until the engine's step loop has run it. A pool as wide as the replica's request cap lets every
+# concurrent request wait at once, so their work meets in one batched step (asyncio's default pool has cpu + 4).
+_LLM_CALLS = ThreadPoolExecutor(max_workers=256, thread_name_prefix="llm-call")
+
+
 @serve.deployment(name=LLM)
 class LLMDeployment(_StickyStage):
     """The shared LLM with every stream's bounded KV session (:class:`serve.stages.LLMStage`)."""
@@ -148,7 +154,7 @@ class LLMDeployment(_StickyStage):
     async def append(self, stream_id: str, chunk: Any) -> dict[str, Any]:
         """Prefill one encoded chunk into the stream's KV session."""
         self._require(stream_id)
-        return await asyncio.to_thread(self.stage.append, chunk) or {}
+        return await asyncio.get_running_loop().run_in_executor(_LLM_CALLS, self.stage.append, chunk) or {}
 
     async def ask(self, stream_id: str, question: str, max_new_tokens: int) -> AsyncIterator[str]:
         """Stream the answer's text pieces (the stream's context is restored afterwards by the stage)."""

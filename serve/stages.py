@@ -215,7 +215,8 @@ class LLMStage:
         t0 = time.perf_counter()
         embeds = self.adapter.chunk_embeds(chunk.frames(), chunk.pts)  # [L, d]
         self.engine.append(chunk.stream_id, embeds, {"pts": chunk.pts, "frame_tokens": chunk.tokens_per_frame})
-        return {"prefill_ms": _ms(t0), "llm_tokens": int(embeds.shape[0])}
+        tokens = embeds.tokens if hasattr(embeds, "tokens") else int(embeds.shape[0])  # LLMInput or [L, d]
+        return {"prefill_ms": _ms(t0), "llm_tokens": tokens}
 
     def ask(self, stream_id: str, question: str, max_new_tokens: int = 64,
             stats: AnswerStats | None = None) -> Iterator[str]:
