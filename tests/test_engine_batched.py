@@ -1,11 +1,13 @@
 """Continuous batching: batched == serial (fp32), per-stream ordering, no cross-stream waiting, cancellation, bounds."""
 from __future__ import annotations
 
+import inspect
 import threading
 import time
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 from cache.kv import LLMEngine
 from cache.kv.config import SchedulerConfig
@@ -209,3 +211,47 @@ def test_bounds_hold_over_10000_frames_with_batched_questions(llm):
     assert sum(engine.stats(n).stream_tokens for n in names) == 4 * (5 + 2500 * 6)
     assert engine.scheduler_stats().max_rows_in_step > 1  # streams were batched
     assert max(peaks) <= cfg.budget_tokens and engine.memory_bytes() <= budget
+
+
+def test_llm_input_pieces_with_relative_positions_and_extent(llm):
+    """LLMInput == bare tensor; a piece whose positions skip (extent > tokens) lands where a plain cache puts it."""
+    cfg = kv_config(budget_tokens=256, policy="sink_window")
+    chunks = stream(3, 8, seed=40)
+    bare, typed = LLMEngine(llm, cfg, 1 << 30), LLMEngine(llm, cfg, 1 << 30)
+    q = embeds(4, 41)
+    for e, wrap in ((bare, lambda x: x), (typed, LLMInput)):
+        e.open("s", wrap(PREFIX))
+        for c in chunks:
+            e.append("s", wrap(c))
+    assert list(typed.ask("s", LLMInput(q), 6)) == list(bare.ask("s", q, 6))
+    gappy = LLMInput(embeds(6, 42), positions=torch.tensor([[0, 1, 2, 5, 6, 9]]))  # extent 10
+    typed.append("s", gappy)
+    assert typed.stats("s").next_position == 5 + 24 + 10
+    # oracle: a plain DynamicCache fed the same pieces at the same absolute positions
+    with torch.inference_mode():
+        cache, pos = DynamicCache(), 0
+        for piece in [PREFIX, *chunks]:
+            llm.forward(piece[None], cache=cache, position_ids=torch.arange(pos, pos + len(piece))[None])
+            pos += len(piece)
+        llm.forward(gappy.embeds[None], cache=cache, position_ids=(gappy.positions + pos))
+        pos += 10
+        logits = llm.forward(q[None], cache=cache, position_ids=torch.arange(pos, pos + 4)[None])
+    assert list(typed.ask("s", q, 1)) == [int(logits[0, -1].argmax())]
+
+
+def test_rotate_keys_inverts_and_shifts_uniformly(llm):
+    keys = torch.randn(2, 2, 7, llm.head_dim)
+    pos = torch.arange(3, 10)[None]
+    rotated = llm.rotate_keys(keys, pos)
+    torch.testing.assert_close(llm.rotate_keys(rotated, -pos), keys, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(llm.shift_keys(rotated, 40), llm.rotate_keys(keys, pos + 40), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="1-D RoPE"):
+        llm.rotate_keys(keys, torch.stack([pos[0], pos[0] + 1, pos[0]]))
+
+
+def test_forward_uses_the_supported_cache_argument(llm, recwarn):
+    params = inspect.signature(llm.decoder.forward).parameters
+    assert llm.cache_argument == ("cache" if "cache" in params else "past_key_values")
+    engine = _filled(llm, _cfg(), n=1)
+    list(engine.ask("s0", embeds(3, 9), 3))
+    assert not [w for w in recwarn if "past_key_values" in str(w.message)]
