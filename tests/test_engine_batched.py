@@ -255,3 +255,25 @@ def test_forward_uses_the_supported_cache_argument(llm, recwarn):
     engine = _filled(llm, _cfg(), n=1)
     list(engine.ask("s0", embeds(3, 9), 3))
     assert not [w for w in recwarn if "past_key_values" in str(w.message)]
+
+
+def test_prefill_policy_questions_first_ageing_and_token_budget():
+    from cache.kv.scheduler import Task, pick_prefills
+    from cache.kv.session import Forward
+
+    def task(kind, seq, arrival, tokens, extra=None):
+        t = Task("s%d" % seq, kind, iter(()), seq, arrival)
+        t.pending = Forward(None, torch.zeros(tokens, 4), torch.zeros(1, tokens, dtype=torch.long), extra or {})
+        return t
+
+    cfg = SchedulerConfig(max_batch_rows=8, token_budget=10, max_ingest_wait_steps=3)
+    chunk, question = task("chunk", 0, arrival=5, tokens=8), task("question", 1, arrival=6, tokens=4)
+    rows = pick_prefills([chunk, question], step=6, cfg=cfg)
+    assert [(r[0].kind, r[1], r[2]) for r in rows] == [("question", 0, 4), ("chunk", 0, 6)]  # chunk sliced
+    rows = pick_prefills([chunk, question], step=8, cfg=cfg)  # the chunk has waited 3 steps: it goes first
+    assert [(r[0].kind, r[1], r[2]) for r in rows] == [("chunk", 0, 8), ("question", 0, 2)]
+    fifo = SchedulerConfig(max_batch_rows=8, token_budget=10, questions_first=False, max_ingest_wait_steps=99)
+    assert [r[0].kind for r in pick_prefills([question, chunk], step=6, cfg=fifo)] == ["chunk", "question"]
+    special = task("chunk", 2, arrival=0, tokens=30, extra={"deepstack": 1})
+    assert [(r[1], r[2]) for r in pick_prefills([special, question], step=99, cfg=cfg)] == [(0, 30)]  # alone, whole
+    assert len(pick_prefills([task("chunk", i, 0, 1) for i in range(20)], 0, cfg)) == 8  # row cap

@@ -235,27 +235,7 @@ class Scheduler:
             self.stats.queued_tasks = sum(len(q) for q in self._queues.values())
 
     def _pick_prefills(self, tasks: list[Task]) -> list[tuple[Task, int, int]]:
-        """Rows of this step's prefill micro-batch: ``(task, start, end)`` slices within the token budget."""
-        step, cfg = self.stats.steps, self.cfg
-
-        def rank(t: Task) -> tuple[int, int, int]:
-            aged = t.kind != "question" and step - t.arrival_step >= cfg.max_ingest_wait_steps
-            question = t.kind == "question" and cfg.questions_first
-            return (0 if aged else 1, 0 if question else 1, t.seq)
-
-        rows, budget = [], cfg.token_budget
-        for t in sorted(tasks, key=rank):
-            if len(rows) == cfg.max_batch_rows or budget <= 0:
-                break
-            if t.pending.extra and rows:
-                continue  # pieces with family extras run alone
-            take = min(t.pending.tokens - t.done, budget)
-            if t.pending.extra:
-                rows = [(t, t.done, t.pending.tokens)]
-                break
-            rows.append((t, t.done, t.done + take))
-            budget -= take
-        return rows
+        return pick_prefills(tasks, self.stats.steps, self.cfg)
 
     def _run(self, rows: list[tuple[Task, int, int]]) -> None:
         try:
@@ -304,6 +284,34 @@ class Scheduler:
     def snapshot(self) -> SchedulerStats:
         """A copy of the counters."""
         return SchedulerStats(**vars(self.stats))
+
+
+def pick_prefills(tasks: list[Task], step: int, cfg: SchedulerConfig) -> list[tuple[Task, int, int]]:
+    """Rows of a step's prefill micro-batch: ``(task, start, end)`` token slices within ``cfg.token_budget``.
+
+    Order: chunks waiting ``max_ingest_wait_steps`` or more (ageing), then questions if ``questions_first``, then
+    arrival. A piece with family extras (DeepStack) runs alone and whole; otherwise the last admitted piece may be
+    cut (the rest of it goes next step).
+    """
+
+    def rank(t: Task) -> tuple[int, int, int]:
+        aged = t.kind != "question" and step - t.arrival_step >= cfg.max_ingest_wait_steps
+        question = t.kind == "question" and cfg.questions_first
+        return (0 if aged else 1, 0 if question else 1, t.seq)
+
+    rows: list[tuple[Task, int, int]] = []
+    budget = cfg.token_budget
+    for t in sorted(tasks, key=rank):
+        if len(rows) == cfg.max_batch_rows or budget <= 0:
+            break
+        if t.pending.extra:
+            if rows:
+                continue
+            return [(t, t.done, t.pending.tokens)]
+        take = min(t.pending.tokens - t.done, budget)
+        rows.append((t, t.done, t.done + take))
+        budget -= take
+    return rows
 
 
 def token_stream(scheduler: Scheduler, task: Task):
