@@ -11,6 +11,9 @@ What is measured (all reported in the JSON ``simulation`` field):
   the real session path (blocks, window, budget); the chunks' keys/values are random
   (:class:`cache.kv.stub.FastForwardLM`) -- the attention work of every later step is the same as with real KV.
 * Questions: N questions of ``--question`` tokens, then ``--new-tokens`` greedy tokens each (EOS never stops them).
+  ``decode_tokens_per_s_*`` count the tokens after each answer's first one over the decode phase (batched: from
+  the last first-token to the last token; serial: the sum of each answer's first-to-last time), comparable with the
+  plain-HF decode ratio; ``answer_tokens_per_s_*`` = all tokens over the whole burst (question prefills included).
   *Batched*: all N are asked at once (one burst, the engine's step loop batches them). *Serial*: the same
   questions, one at a time to the end (a batch-1 engine, as before this engine). TTFT of question i = from the
   burst's start to its first token (serial: question i waits for the i-1 before it). ``exact_match``: batched
@@ -101,13 +104,15 @@ def burst(engine: LLMEngine, jobs: list, clock, args) -> tuple[float, list[float
     return clock() - start, [m - start for m in marks if m is not None], results
 
 
-def ask_job(engine: LLMEngine, name: str, question: torch.Tensor, k: int):
+def ask_job(engine: LLMEngine, name: str, question: torch.Tensor, k: int, clock):
+    """Returns (tokens, clock at the first token, clock at the last token)."""
     def job(mark):
-        out = []
+        out, first = [], None
         for token in engine.ask(name, question, k):
             mark()
+            first = first if first is not None else clock()
             out.append(token)
-        return out
+        return out, first, clock()
     return job
 
 
@@ -163,20 +168,26 @@ def main() -> None:
             engine.append(name, torch.randn(chunk_tokens, d, generator=gen))
     llm.fast_forward = False
     questions = [torch.randn(args.question, d, generator=gen) * 0.5 for _ in names]
-    # warm-up (allocator, kernels): one short answer
-    list(engine.ask(names[0], questions[0], 2))
+    # warm-up (allocator, kernels): a short answer on every stream, batched and alone
+    burst(engine, [ask_job(engine, nm, q, 3, clock) for nm, q in zip(names, questions)], clock, args)
+    list(engine.ask(names[0], questions[0], 3))
     # 2. N concurrent questions: batched
-    t_batched, ttft, answers = burst(engine, [ask_job(engine, nm, q, k) for nm, q in zip(names, questions)], clock, args)
+    jobs = [ask_job(engine, nm, q, k, clock) for nm, q in zip(names, questions)]
+    t_batched, ttft, results = burst(engine, jobs, clock, args)
+    answers = [r[0] for r in results]
+    decode_time_b = max(r[2] for r in results) - max(r[1] for r in results)  # after every first token
     # 3. the same questions one at a time (batch-1 engine over the same streams)
     batched_scheduler = engine.scheduler
     engine.scheduler = type(batched_scheduler)(llm, serial_cfg.scheduler)
-    start, ttft_serial, serial_answers = clock(), [], []
+    start, ttft_serial, serial_answers, decode_time_s = clock(), [], [], 0.0
     for nm, q in zip(names, questions):
         out = []
         for token in engine.ask(nm, q, k):
             if not out:
-                ttft_serial.append(clock() - start)
+                first = clock()
+                ttft_serial.append(first - start)
             out.append(token)
+        decode_time_s += clock() - first
         serial_answers.append(out)
     sync(args)
     t_serial = clock() - start
@@ -191,14 +202,17 @@ def main() -> None:
     t_prefill_batched, _, _ = burst(engine, [append_job(engine, nm, c) for nm, c in zip(names, chunks)], clock, args)
     # 5. the plain-HF limit, same run
     hf = hf_ratio(llm, n, args, clock)
-    tokens = sum(len(a) for a in answers)
+    tokens, tokens_serial = sum(len(a) for a in answers), sum(len(a) for a in serial_answers)
     p99 = lambda xs: sorted(xs)[max(0, int(round(0.99 * len(xs))) - 1)]  # noqa: E731
-    decode_b, decode_s = tokens / t_batched, sum(len(a) for a in serial_answers) / t_serial
+    decode_b, decode_s = (tokens - n) / decode_time_b, (tokens_serial - n) / decode_time_s
     result = {
         "streams": n,
         "decode_tokens_per_s_batched": round(decode_b, 3),
         "decode_tokens_per_s_serial": round(decode_s, 3),
         "throughput_ratio": round(decode_b / decode_s, 3),
+        "answer_tokens_per_s_batched": round(tokens / t_batched, 3),
+        "answer_tokens_per_s_serial": round(tokens_serial / t_serial, 3),
+        "answer_throughput_ratio": round(tokens / t_batched / (tokens_serial / t_serial), 3),
         "ttft_p50_ms": round(1000 * statistics.median(ttft), 1),
         "ttft_p99_ms": round(1000 * p99(ttft), 1),
         "ttft_p50_ms_serial": round(1000 * statistics.median(ttft_serial), 1),
