@@ -26,6 +26,7 @@ work and all KV buffer edits, so sessions need no locks.
 from __future__ import annotations
 
 import itertools
+import logging
 import queue
 import threading
 from contextlib import contextmanager
@@ -40,6 +41,7 @@ from cache.kv.session import Forward, Work
 from stream.models.llm import TextLM
 
 _END = object()  # end of an answer's token queue
+log = logging.getLogger(__name__)
 
 
 @torch.inference_mode()
@@ -200,12 +202,22 @@ class Scheduler:
                     self._running = False
                     return
             for task in cancelled:
-                task.work.close()  # runs the session's finally: rolls the answer's scratch KV back
-                task.finish(task.error)
+                try:
+                    task.work.close()  # runs the session's finally: rolls the answer's scratch KV back
+                finally:
+                    task.finish(task.error)
             for fn in after:
-                fn()
+                try:
+                    fn()
+                except Exception:  # noqa: BLE001 - a failed callback must not stop every stream's work
+                    log.exception("step loop: post-step callback failed")
             if heads:
-                self._step(heads)
+                try:
+                    self._step(heads)
+                except Exception as exc:  # noqa: BLE001 - a bug fails the step's tasks, never the loop
+                    log.exception("step loop: step failed")
+                    for task in heads:
+                        self._fail(task, exc)
 
     def _remove(self, task: Task) -> None:
         q = self._queues.get(task.stream_id)
