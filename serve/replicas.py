@@ -140,11 +140,6 @@ class VisionDeployment(_StickyStage):
         return await asyncio.to_thread(self.stage.encode, stream_id, batch)
 
 
-# An LLM call blocks until the engine's step loop has run it. A pool as wide as the replica's request cap lets every
-# concurrent request wait at once, so their work meets in one batched step (asyncio's default pool has cpu + 4).
-_LLM_CALLS = ThreadPoolExecutor(max_workers=256, thread_name_prefix="llm-call")
-
-
 @serve.deployment(name=LLM)
 class LLMDeployment(_StickyStage):
     """The shared LLM with every stream's bounded KV session (:class:`serve.stages.LLMStage`)."""
@@ -154,7 +149,12 @@ class LLMDeployment(_StickyStage):
     async def append(self, stream_id: str, chunk: Any) -> dict[str, Any]:
         """Prefill one encoded chunk into the stream's KV session."""
         self._require(stream_id)
-        return await asyncio.get_running_loop().run_in_executor(_LLM_CALLS, self.stage.append, chunk) or {}
+        # An append blocks until the engine's step loop has run it. A pool as wide as the replica's request cap
+        # lets every concurrent append wait at once, so they meet in one batched step (asyncio's default pool has
+        # cpu + 4 threads). Created in the replica (an executor cannot be pickled with the class).
+        if getattr(self, "_calls", None) is None:
+            self._calls = ThreadPoolExecutor(max_workers=256, thread_name_prefix="llm-call")
+        return await asyncio.get_running_loop().run_in_executor(self._calls, self.stage.append, chunk) or {}
 
     async def ask(self, stream_id: str, question: str, max_new_tokens: int) -> AsyncIterator[str]:
         """Stream the answer's text pieces (the stream's context is restored afterwards by the stage)."""
