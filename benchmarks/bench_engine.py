@@ -140,7 +140,8 @@ def hf_ratio(llm: TextLM, n: int, args: argparse.Namespace, clock) -> dict:
             llm.forward(x, cache=cache)
         sync(args)
         out[batch] = batch * args.hf_steps / (clock() - start)
-    return {"hf_tokens_per_s_batch1": out[1], "hf_tokens_per_s_batchN": out[n], "hf_dynamic_cache_ratio": out[n] / out[1]}
+    return {"hf_tokens_per_s_batch1": out[1], "hf_tokens_per_s_batchN": out[n],
+            "hf_dynamic_cache_ratio": out[n] / out[1]}
 
 
 def main() -> None:

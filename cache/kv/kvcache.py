@@ -192,7 +192,8 @@ class RowsCache(Cache):
         self.new = list(new)
         self.kv_len = max(p + n for p, n in zip(self.past, self.new))
         self.caches = caches
-        layers = [_RowsLayer([c.layers[i] for c in caches], self.new, self.kv_len) for i in range(len(caches[0].layers))]
+        depth = len(caches[0].layers)
+        layers = [_RowsLayer([c.layers[i] for c in caches], self.new, self.kv_len) for i in range(depth)]
         super().__init__(layers=layers)
 
     def finish(self) -> None:
