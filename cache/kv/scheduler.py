@@ -42,6 +42,7 @@ from stream.models.llm import TextLM
 
 _END = object()  # end of an answer's token queue
 log = logging.getLogger(__name__)
+LOOP_THREAD = "kv-step-loop"
 
 
 @torch.inference_mode()
@@ -184,7 +185,7 @@ class Scheduler:
         """(under the lock) start the loop thread if it is not running, else wake it."""
         if not self._running:
             self._running = True
-            threading.Thread(target=self._loop, name="kv-step-loop", daemon=True).start()
+            threading.Thread(target=self._loop, name=LOOP_THREAD, daemon=True).start()
         self._cond.notify()
 
     # ------------------------------------------------------------------ the loop
@@ -342,4 +343,5 @@ def token_stream(scheduler: Scheduler, task: Task):
     finally:
         if not finished:  # the client went away: free the scratch KV now (within the current step)
             scheduler.cancel(task)
-            task.finished.wait()
+            if threading.current_thread().name != LOOP_THREAD:  # never wait on ourselves (finalised by GC there)
+                task.finished.wait()
