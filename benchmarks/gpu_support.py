@@ -53,6 +53,10 @@ class Skip(Exception):
     """A check that does not apply here (the reason is reported)."""
 
 
+class Fail(Exception):
+    """A check that cannot even start (its input could not be built); reported as a failure with the reason."""
+
+
 # ---- context -----------------------------------------------------------------------------------------------------
 @dataclass
 class Context:
@@ -229,15 +233,13 @@ def peak_wrapper(script: str, argv: list[str]) -> None:
 
 
 def prepare(ctx: Context, video: str | None) -> None:
-    """The input video (the real one if present, else a synthetic clip) and, on cuda, the service's model folder."""
+    """The input video: the one given, else the real test video if present, else a synthetic clip."""
     if video:
         ctx.video = Path(video)
     elif DEFAULT_VIDEO.is_file():
         ctx.video = DEFAULT_VIDEO
     else:
         ctx.video = synthetic_video(ctx.out / "synthetic.mp4")
-    if ctx.cuda and ctx.service_model is None:
-        ctx.service_model = str(service_model(ctx.out / "models" / "llava-ov-so400m-qwen2-0.5b"))
 
 
 def synthetic_video(path: Path, seconds: int = 40, fps: int = 10, size: tuple[int, int] = (320, 240)) -> Path:
