@@ -188,8 +188,9 @@ def test_reference_store_lives_on_gpu_with_its_bytes(gpu_pair) -> None:
     held, stats = torch.cuda.memory_allocated() - before, cacher.stats()
     side = pv.shape[-1] // fp32.model.config.vision_config.patch_size  # patches per side
     per_ref = 3 * len(fp32.vision_layers) * side ** 2 * fp32.vision_layers[0].embed_dim * 4  # K, V, update; fp32
-    assert stats["refs_held"] >= 1 and stats["store_bytes"] == stats["refs_held"] * per_ref
-    assert held >= stats["store_bytes"], (held, stats["store_bytes"])  # stored on the GPU, not on the host
+    tensors = stats["refs_held"] * per_ref
+    assert stats["refs_held"] >= 1 and 0 <= stats["store_bytes"] - tensors <= stats["refs_held"] * (64 << 10)
+    assert held >= tensors, (held, tensors)  # the reference tensors are on the GPU (the FAISS entries on the host)
     cacher.reset()
     gc.collect()
     assert torch.cuda.memory_allocated() - before < (1 << 20)
