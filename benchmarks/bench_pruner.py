@@ -63,6 +63,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--budget", type=int, default=49, help="tokens kept per frame (of 196); adaptive: on average")
     ap.add_argument("--policy", default="stc", choices=available_policies())
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="model dtype (default: float32 on cpu, bfloat16 on cuda)")
     ap.add_argument("--frames", type=int, default=16, help="frames sampled from the video")
     ap.add_argument("--fps", type=float, default=1.0, help="sampling rate (frames per second of video)")
     ap.add_argument("--chunk", type=int, default=8, help="frames per pruner call (a streaming chunk)")
@@ -90,9 +92,10 @@ def load_frames(path: str, n: int, fps: float) -> tuple[np.ndarray, list[float]]
     return vr.get_batch(idx).asnumpy(), [i / src_fps for i in idx]
 
 
-def build_adapter(device: str, shape_name: str) -> LlavaOneVisionAdapter:
+def build_adapter(device: str, shape_name: str, dtype_name: str | None = None) -> LlavaOneVisionAdapter:
     """Real LLaVA-OneVision classes, random weights: small vision tower, LLM of the named shape."""
-    shape, dtype = SHAPES[shape_name], (torch.float32 if device == "cpu" else torch.bfloat16)
+    shape = SHAPES[shape_name]
+    dtype = getattr(torch, dtype_name) if dtype_name else (torch.float32 if device == "cpu" else torch.bfloat16)
     tokenizer = train_tokenizer("llava_onevision")
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -197,7 +200,7 @@ class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         torch.manual_seed(0)
-        self.adapter = build_adapter(args.device, args.llm_shape)
+        self.adapter = build_adapter(args.device, args.llm_shape, args.dtype)
         rgb, self.pts = load_frames(args.video, args.frames, args.fps)
         self.tokens, self.attn = encode(self.adapter, rgb)
         a = self.adapter
@@ -242,7 +245,7 @@ def check_correctness(b: Bench) -> None:
         short = b.video(list(b.tokens.embeds[:2]))
         one_shot = b.adapter.llm.forward(torch.cat([short, b.questions[1]])[None])[0, -1].double().cpu()
         cached = question_logits(b.adapter, short, b.questions[:2])[0][1]
-        tol = 1e-3 if b.args.device == "cpu" else 5e-2
+        tol = 1e-3 if b.adapter.llm.dtype == torch.float32 else 5e-2
         if not torch.allclose(one_shot, cached, atol=tol, rtol=0):
             raise SystemExit(f"correctness: cached question logits differ by {float((one_shot - cached).abs().max())}")
     n = b.tokens.embeds.shape[0]
@@ -319,7 +322,7 @@ def main() -> None:
     entropy = float(-(torch.softmax(b.ref_logits, -1) * torch.log_softmax(b.ref_logits, -1)).sum(-1).mean())
     result = {
         "bench": "pruner", "policy": args.policy, "budget_per_frame": args.budget, "frames": args.frames,
-        "video": Path(args.video).name, "llm_shape": args.llm_shape,
+        "video": Path(args.video).name, "llm_shape": args.llm_shape, "dtype": str(b.adapter.llm.dtype),
         "random_weights": True, "tokens_full": int(b.tokens.embeds[:, :, 0].numel()),
         "tokens_kept": chosen[args.policy]["kept"],
         "tokens_kept_ratio": round(chosen[args.policy]["kept"] / b.tokens.embeds[:, :, 0].numel(), 4),

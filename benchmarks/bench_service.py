@@ -37,6 +37,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--streams", type=int, default=2, help="concurrent pushed streams")
     p.add_argument("--seconds", type=float, default=20.0, help="length of the timed load phase")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="model dtype (default: float32 on cpu, bfloat16 on cuda)")
     p.add_argument("--model", help="model folder / hub id (default: built-in tiny model)")
     p.add_argument("--push-fps", type=float, default=4.0, help="frames per second pushed per stream")
     p.add_argument("--fps", type=float, default=4.0, help="service sampling rate (frames kept per second)")
@@ -107,7 +109,8 @@ def make_config(args: argparse.Namespace) -> Any:
     from serve.config import ServiceConfig
 
     return ServiceConfig.parse({
-        "model": {"name": args.model, "device": args.device},
+        "model": {"name": args.model, "device": args.device,
+                  "dtype": args.dtype or ("bfloat16" if args.device == "cuda" else "float32")},
         "sampler": {"fps": args.fps, "frames_per_chunk": args.chunk},
         "cacher": {"enabled": not args.no_cache},
         "serve": {
@@ -295,6 +298,7 @@ def main() -> int:
         "push_fps": args.push_fps, "sample_fps": args.fps, "chunk": args.chunk, "frame_size": list(args.size),
         "cacher": not args.no_cache, "vision_replicas": args.vision_replicas, "llm_replicas": args.llm_replicas,
         "model": args.model or "tiny-llava_onevision (random weights)", "device": args.device,
+        "dtype": cfg.model.dtype,
         "cpu_count": os.cpu_count(), "torch": torch.__version__, "ray": ray.__version__,
         "python": platform.python_version(),
     }

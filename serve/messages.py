@@ -33,6 +33,14 @@ class EncodedChunk:
                 f"embeds must be [sum(tokens_per_frame)={sum(self.tokens_per_frame)}, d], got {list(self.embeds.shape)}"
             )
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (Ray's transport between the vision and LLM replicas) with ``embeds`` on the CPU: a CUDA tensor
+        unpickles only where its device exists, and the LLM replica may sit on another GPU or node, or have no GPU.
+        Pickling a CUDA tensor copies it to host memory anyway; the LLM stage moves it to its own device."""
+        state = dict(self.__dict__)
+        state["embeds"] = self.embeds.detach().cpu()
+        return state
+
     def frames(self) -> list[torch.Tensor]:
         """Per-frame ``[t_i, d]`` views."""
         return list(torch.split(self.embeds, self.tokens_per_frame, dim=0))
