@@ -44,6 +44,14 @@ from stream.models.llm import TextLM
 
 QWEN2_05B = dict(hidden_size=896, num_attention_heads=14, num_key_value_heads=2, intermediate_size=4864,
                  tie_word_embeddings=True, rope_theta=1_000_000.0)
+# name -> (config, default layers, default vocab); "tiny" is for smoke runs only
+SHAPES = {
+    "qwen2-0.5b": (QWEN2_05B, 24, 151936),
+    "qwen2-7b": (dict(hidden_size=3584, num_attention_heads=28, num_key_value_heads=4, intermediate_size=18944,
+                      tie_word_embeddings=False, rope_theta=1_000_000.0), 28, 152064),
+    "tiny": (dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                  tie_word_embeddings=True, rope_theta=10_000.0), 2, 512),
+}
 
 
 def parse_args() -> argparse.Namespace:
@@ -53,21 +61,29 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--new-tokens", type=int, default=16, help="greedy tokens per answer")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--plot", default=None, help="write TTFT per question (batched vs serial) here (png)")
-    ap.add_argument("--layers", type=int, default=24, help="decoder layers (24 = Qwen2-0.5B)")
-    ap.add_argument("--vocab", type=int, default=151936, help="vocabulary (151936 = Qwen2-0.5B)")
+    ap.add_argument("--shape", default="qwen2-0.5b", choices=sorted(SHAPES), help="LLM shape (random weights)")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="default: bfloat16 on cuda, float32 on cpu")
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shape's, 24 for 0.5B)")
+    ap.add_argument("--vocab", type=int, default=None, help="vocabulary (default: the shape's)")
     ap.add_argument("--question", type=int, default=16, help="tokens per question")
     ap.add_argument("--chunk", type=int, default=64, help="tokens per chunk (context fill and arriving chunks)")
     ap.add_argument("--hf-steps", type=int, default=4, help="timed plain-HF decode steps per batch size")
     ap.add_argument("--clock", default="cpu", choices=["cpu", "wall"])
     ap.add_argument("--threads", type=int, default=1, help="torch threads on cpu")
-    return ap.parse_args()
+    args = ap.parse_args()
+    _, layers, vocab = SHAPES[args.shape]
+    args.layers = args.layers or layers
+    args.vocab = args.vocab or vocab
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    return args
 
 
 def build_llm(args: argparse.Namespace) -> FastForwardLM:
     torch.manual_seed(0)
-    cfg = Qwen2Config(**QWEN2_05B, num_hidden_layers=args.layers, vocab_size=args.vocab,
+    cfg = Qwen2Config(**SHAPES[args.shape][0], num_hidden_layers=args.layers, vocab_size=args.vocab,
                       max_position_embeddings=1 << 20)
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    dtype = getattr(torch, args.dtype)
     model = Qwen2ForCausalLM(cfg).eval().to(args.device, dtype)
     return FastForwardLM(TextLM.from_causal_lm(model))
 
@@ -226,7 +242,7 @@ def main() -> None:
         "hf_tokens_per_s_batchN": round(hf["hf_tokens_per_s_batchN"], 3),
         "scheduler": vars(batched_scheduler.snapshot()),
         "clock": "process CPU time, 1 torch thread" if args.clock == "cpu" else "wall",
-        "simulation": {"layers": args.layers, "vocab": args.vocab, "context": args.context, "new_tokens": k,
+        "simulation": {"shape": args.shape, "layers": args.layers, "vocab": args.vocab, "context": args.context, "new_tokens": k,
                        "question_tokens": args.question, "chunk_tokens": chunk_tokens, "weights": "random",
                        "context_kv": "random (FastForwardLM), real session path", "dtype": str(llm.dtype)},
         "machine": machine_info(args.device),

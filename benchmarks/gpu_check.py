@@ -103,15 +103,8 @@ def plan_engine(ctx: Context) -> Plan:
     text = help_text(ctx, "bench_engine.py")
     if text is None:
         raise Skip("not present: benchmarks/bench_engine.py (batched engine) is not in this checkout")
-    args = ["--streams", "2" if ctx.smoke else "64", "--device", ctx.device]
-    if ctx.smoke:
-        for flag, value in (("--context", "64"), ("--new-tokens", "2"), ("--layers", "1")):
-            args += _first_option(text, [(flag, "")]) and [flag, value]
-        args += _first_option(text, [("--llm-shape", "tiny"), ("--shape", "tiny")])
-    else:
-        args += _first_option(text, [("--llm-shape", "qwen2-7b"), ("--shape", "qwen2-7b"), ("--shape", "7b"),
-                                     ("--model-shape", "qwen2-7b")])
-    args += _first_option(text, [("--dtype", "")]) and ["--dtype", ctx.dtype]
+    args = ["--streams", "2" if ctx.smoke else "64", "--device", ctx.device, "--dtype", ctx.dtype]
+    args += ["--shape", "tiny", "--context", "64", "--new-tokens", "2"] if ctx.smoke else ["--shape", "qwen2-7b"]
     keys = ("streams", "decode_tokens_per_s_batched", "decode_tokens_per_s_serial", "throughput_ratio",
             "ttft_p50_ms", "ttft_p99_ms", "ttft_p99_ratio", "exact_match", "llm_shape", "shape")
 
@@ -122,9 +115,7 @@ def plan_engine(ctx: Context) -> Plan:
             return "batched answers differ from serial ones (exact_match false)"
         return None
 
-    note = "" if ctx.smoke or any(a in args for a in ("--llm-shape", "--shape", "--model-shape")) else \
-        "no 7B shape option found in bench_engine.py --help: its default shape was used"
-    return Plan(ctx.script("bench_engine.py", *args), 150 if ctx.cuda else 60, lambda o: pick(o, *keys), judge, note)
+    return Plan(ctx.script("bench_engine.py", *args), 150 if ctx.cuda else 60, lambda o: pick(o, *keys), judge)
 
 
 def plan_kv(ctx: Context) -> Plan:
