@@ -45,6 +45,7 @@ from serve.replicas import (
     VisionDeployment,
     acall_stream,
     default_stage_factory,
+    replica_gone,
     unwrap,
 )
 from serve.routing import StreamAffinityRouter, rendezvous_pick
@@ -139,7 +140,7 @@ class RayBackend:
                     return None, ""
                 except Exception as exc:
                     err = unwrap(exc)
-                    if not isinstance(err, StreamMisroutedError):
+                    if not isinstance(err, StreamMisroutedError) and not replica_gone(err):
                         raise err from None
                     if time.monotonic() > deadline:
                         break

@@ -167,9 +167,12 @@ class IngestHost:
 
     def memory(self) -> dict[str, Any]:
         """This host's resident memory and stream count (soak benchmark, health)."""
-        import resource
+        import os
 
-        return {"streams": len(self.ids()), "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        import psutil
+
+        return {"streams": len(self.ids()), "pid": os.getpid(),
+                "rss_mb": psutil.Process().memory_info().rss / 2**20}
 
 
 class IngestHostActor(IngestHost):

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import time
 from typing import Any, AsyncIterator, Callable
 
 import ray
+import ray.serve.exceptions
 import torch
 from ray import serve
 
@@ -37,6 +39,12 @@ def default_stage_factory(kind: str, config: Any) -> Any:
     if kind == VISION:
         return VisionStage(adapter, config.stream_options())
     return LLMStage(adapter, config.stream_options(), config.kv_replica_budget_bytes())
+
+
+def replica_gone(err: BaseException) -> bool:
+    """The call's replica died or is unreachable (Serve has not yet noticed): like a misroute, retry elsewhere."""
+    return isinstance(err, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
+                            ray.serve.exceptions.ReplicaUnavailableError))
 
 
 def unwrap(exc: BaseException) -> BaseException:
@@ -147,7 +155,7 @@ class _StreamStage:
     async def where(self) -> dict[str, Any]:
         """This replica's id, node id, streams and GPUs (placement checks and debugging)."""
         ctx = ray.get_runtime_context()
-        return {"replica": self.replica, "node_id": ctx.get_node_id(), "streams": self.slots.ids(),
+        return {"replica": self.replica, "node_id": ctx.get_node_id(), "streams": self.slots.ids(), "pid": os.getpid(),
                 "gpu_ids": ray.get_gpu_ids(), "parameter_bytes": parameter_bytes(self.stage), "reaped": self.reaped}
 
 
@@ -196,6 +204,8 @@ def call_stream(handle: Any, method: str, stream_id: str, token: str, *args: Any
             return getattr(handle, method).remote(stream_id, token, *args).result(timeout_s=timeout_s)
         except Exception as exc:
             err = unwrap(exc)
+            if replica_gone(err):
+                err = StreamMisroutedError(f"the replica serving stream {stream_id!r} is gone ({type(err).__name__})")
             if not isinstance(err, StreamMisroutedError) or time.monotonic() > deadline:
                 raise err from None
         time.sleep(delay)
@@ -210,6 +220,8 @@ async def acall_stream(handle: Any, method: str, stream_id: str, token: str, *ar
             return await getattr(handle, method).remote(stream_id, token, *args)
         except Exception as exc:
             err = unwrap(exc)
+            if replica_gone(err):
+                err = StreamMisroutedError(f"the replica serving stream {stream_id!r} is gone ({type(err).__name__})")
             if not isinstance(err, StreamMisroutedError) or time.monotonic() > deadline:
                 raise err from None
         await asyncio.sleep(delay)

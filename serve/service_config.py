@@ -219,7 +219,10 @@ class ServeSettings(StrictModel):
     )
     max_frames_per_push: int = Field(256, ge=1, le=100_000, description="Frames in one pushed batch at most.")
     max_frame_side: int = Field(4096, ge=16, le=16_384, description="Largest pushed frame height or width (pixels).")
-    max_question_chars: int = Field(4000, ge=1, le=1_000_000, description="Longest question accepted.")
+    max_question_chars: int = Field(
+        960, ge=1, le=1_000_000,
+        description="Longest question accepted (413 above). With max_new_tokens it must fit kv.reserve_tokens.",
+    )
     max_new_tokens: int = Field(512, ge=1, le=65_536, description="Largest max_new_tokens a question may ask for.")
 
     @model_validator(mode="after")
