@@ -185,6 +185,7 @@ def test_bad_requests_leave_other_streams_working(api):
         (api.post("/streams", json={"sauce": "x.mp4"}), 422, "ValidationError"),
         (api.post("/streams", json={"options": {"pruner": {"nope": 1}}}), 400, "ConfigError"),
         (api.post("/streams/ok/questions", json={"question": "x" * 5000}), 413, None),
+        (api.post("/streams/ok/questions", json={"question": "x" * 2000}), 413, "PayloadTooLargeError"),  # hostile
         (api.post("/streams/ok/questions", json={"question": "hi", "max_new_tokens": 10_000}), 422, None),
         (api.post("/streams/ok/questions", json={"question": ""}), 422, "ValidationError"),
     ]
@@ -220,7 +221,8 @@ def test_metrics_health_and_openapi(api):
     assert 'stc_stream_frames_in{stream="m"} 4.0' in text
     assert "stc_streams_open 1.0" in text and "stc_ttft_seconds_count 1.0" in text
     assert 'stc_http_requests_total{route="/streams/{stream_id}/frames",status="200"} 1.0' in text
-    assert api.get("/health").json() == {"status": "ok", "streams": 1, "deployments": {"local": "HEALTHY"}}
+    assert api.get("/health").json() == {"status": "ok", "streams": 1, "deployments": {"local": "HEALTHY"},
+                                         "parameter_bytes": {}}
     paths = api.get("/openapi.json").json()["paths"]
     assert {"/streams", "/streams/{stream_id}", "/streams/{stream_id}/frames", "/streams/{stream_id}/questions",
             "/health", "/metrics"} <= set(paths)
