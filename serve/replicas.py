@@ -33,9 +33,10 @@ StageFactory = Callable[[str, Any], Any]
 def default_stage_factory(kind: str, config: Any) -> Any:
     """Build the real stage of ``kind`` (``"vision"`` or ``"llm"``) from the service config (loads the model)."""
     from serve.stages import LLMStage, VisionStage
-    from stream.models import load_adapter
+    from stream.models.loading import load_adapter_part
 
-    adapter = load_adapter(config.model.name, config.model.device, config.model.dtype)
+    # half the weights per replica: the vision replica never holds the LLM, the LLM replica never the vision tower
+    adapter = load_adapter_part(config.model.name, config.model.device, config.model.dtype, part=kind)
     if kind == VISION:
         return VisionStage(adapter, config.stream_options())
     return LLMStage(adapter, config.stream_options(), config.kv_replica_budget_bytes())
@@ -74,9 +75,11 @@ def to_cpu(message: Any) -> Any:
 
 
 def parameter_bytes(stage: Any) -> int:
-    """Bytes of the model parameters a stage holds (``stage.parameter_bytes()`` or 0 for stages without a model)."""
-    fn = getattr(stage, "parameter_bytes", None)
-    return int(fn()) if callable(fn) else 0
+    """Bytes of the model parameters a stage's adapter holds (0 for stages without a model, e.g. test doubles)."""
+    from stream.models.loading import parameter_bytes as module_bytes
+
+    model = getattr(getattr(stage, "adapter", None), "model", None)
+    return module_bytes(model) if isinstance(model, torch.nn.Module) else 0
 
 
 # ---- stateful deployments ------------------------------------------------------------------------------------------

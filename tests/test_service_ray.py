@@ -78,6 +78,12 @@ def test_encoder_and_llm_replicas_land_on_the_gpu_node(service):
         assert {w["node_id"] for w in placed} == {gpu_node.node_id}, f"{kind} replicas off the GPU node"
         assert all(w["gpu_ids"] for w in placed), f"{kind} replica got no GPU id"
     assert ray.available_resources().get("GPU", 0.0) == pytest.approx(0.0)  # 4 x 0.25 GPU taken
+    from stream.models.loading import load_adapter_part, parameter_bytes
+
+    whole = parameter_bytes(load_adapter_part(service[2].model.name).model)
+    sizes = _retry(lambda: StcClient(service[0].url).health()["parameter_bytes"])
+    assert 0 < sizes[VISION] < whole and 0 < sizes[LLM] < whole  # half the weights per replica, in /health
+    assert sizes[VISION] + sizes[LLM] <= whole + 4096
 
 
 def _frames(n: int, start: int = 0) -> tuple[np.ndarray, list[float]]:
