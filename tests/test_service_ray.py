@@ -81,7 +81,7 @@ def test_encoder_and_llm_replicas_land_on_the_gpu_node(service):
     from stream.models.loading import load_adapter_part, parameter_bytes
 
     whole = parameter_bytes(load_adapter_part(service[2].model.name).model)
-    sizes = _retry(lambda: StcClient(service[0].url).health()["parameter_bytes"])
+    sizes = _retry(lambda: service[0].health()["parameter_bytes"])
     assert 0 < sizes[VISION] < whole and 0 < sizes[LLM] < whole  # half the weights per replica, in /health
     assert sizes[VISION] + sizes[LLM] <= whole + 4096
 
