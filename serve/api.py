@@ -71,6 +71,7 @@ class IngestStats(BaseModel):
     reconnects: int = Field(0, description="Live-source reconnects that succeeded so far.")
     reconnect_attempts: int = Field(0, description="Live-source reconnect tries so far (failed or not).")
     state_resets: int = Field(0, description="Times the stream's model state was rebuilt cold (replica lost).")
+    frames_lost: int = Field(0, description="Encoded frames whose model state was lost by those resets.")
     encode_ms_p50: float | None = Field(None, description="Median encoder+LLM time per chunk (ms).")
     last_pts: float | None = Field(None, description="Presentation time of the newest encoded frame (s).")
 
@@ -141,6 +142,9 @@ class HealthResponse(BaseModel):
     status: Literal["ok", "degraded"]
     streams: int
     deployments: dict[str, str] = Field(default_factory=dict, description="Deployment name -> status.")
+    parameter_bytes: dict[str, int] = Field(
+        default_factory=dict, description="Deployment name -> model parameter bytes of the replica that answered."
+    )
 
 
 # ---- service errors (each carries its HTTP status; see stream.errors for the source family) ----

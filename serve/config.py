@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from cache.config import CacherConfig
 from cache.kv.config import KVConfig
@@ -28,6 +28,9 @@ from stream.config import SamplerConfig, SourceConfig
 from stream.config_base import StrictModel
 from stream.errors import ConfigError
 from stream.models.config import ModelConfig
+
+
+PROMPT_MARGIN_TOKENS = 64  # end-of-video and chat-template tokens around a question
 
 
 def _deep_update(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -64,6 +67,21 @@ class ServiceConfig(StrictModel):
                 raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections "
                                   f"({', '.join(cls.model_fields)}), got {type(data).__name__}")
         return cls.parse(_deep_update(data, overrides or {}))
+
+    @model_validator(mode="after")
+    def _limits_agree(self) -> "ServiceConfig":
+        """The HTTP limits must fit the KV reserve, so a question the API accepts is never refused by the LLM."""
+        s = self.serve
+        if s.max_question_chars + s.max_new_tokens + PROMPT_MARGIN_TOKENS > self.kv.reserve_tokens:
+            raise ConfigError(
+                f"serve.max_question_chars={s.max_question_chars} + serve.max_new_tokens={s.max_new_tokens} + "
+                f"{PROMPT_MARGIN_TOKENS} prompt tokens exceed "
+                f"kv.reserve_tokens={self.kv.reserve_tokens} (a question of up to max_question_chars characters "
+                "must fit the reserve with its answer; counted as one token per character, which holds for ASCII text). "
+                "Fix: lower them "
+                "or raise kv.reserve_tokens."
+            )
+        return self
 
     def stream_options(self) -> StreamOptions:
         """The per-stream defaults (sampler, cacher, pruner, KV)."""

@@ -13,6 +13,7 @@ from typing import Any, AsyncIterator, Protocol
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -137,7 +138,10 @@ def _install_middleware(app: FastAPI, settings: ServeSettings, metrics: _Metrics
             )
             response: Response = error_response(exc.status, type(exc).__name__, str(exc))
         else:
-            response = await call_next(request)
+            try:
+                response = await call_next(request)
+            except Exception as exc:  # noqa: BLE001 - an unexpected failure: still the error shape, and counted
+                response = error_response(500, type(exc).__name__, f"internal error: {exc}")
         route = request.scope.get("route")
         metrics.requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
         return response
@@ -155,6 +159,11 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestError)
     async def on_request_error(_: Request, exc: RequestError) -> JSONResponse:
         return error_response(exc.status, type(exc).__name__, str(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        hint = " Fix: see the routes at /docs." if exc.status_code in (404, 405) else ""
+        return error_response(exc.status_code, "HTTPError", f"{exc.detail} ({request.method} {request.url.path}).{hint}")
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

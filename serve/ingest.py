@@ -140,6 +140,7 @@ class IngestWorker:
         self.chunks_encoded = 0
         self.last_pts: float | None = None
         self.last_stage_stats: dict[str, Any] = {}
+        self.last_activity = time.monotonic()  # newest push or encoded chunk (idle-stream reaping)
         self._handled = 0  # frames the reader finished with (sampled or skipped)
         self._chunk_ms: collections.deque[float] = collections.deque(maxlen=256)  # bounded: recent chunks only
         self._lock = threading.Lock()  # sampler/chunker are touched by the reader and by flush()
@@ -156,6 +157,7 @@ class IngestWorker:
     def push(self, batch: FrameBatch) -> int:
         """Queue pushed frames (pushed streams only); never blocks on the encoder. Returns frames accepted."""
         self.source.push_batch(batch)
+        self.last_activity = time.monotonic()
         return len(batch)
 
     def flush(self) -> None:
@@ -271,6 +273,7 @@ class IngestWorker:
         self.chunks_encoded += 1
         self.last_pts = float(chunk.pts[-1])
         self.last_stage_stats = stage_stats or {}
+        self.last_activity = time.monotonic()
 
     def _fail(self, message: str) -> None:
         if self.state not in ("closed",):

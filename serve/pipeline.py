@@ -11,6 +11,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
+from serve.flow import DirectTransport, StageFlow
 from serve.messages import AnswerStats, EncodedChunk
 from serve.options import StreamOptions
 from serve.stages import LLMStage, UnknownStreamError, VisionStage
@@ -63,31 +64,34 @@ class StreamPipeline:
         self.options = options or StreamOptions()
         self.vision = VisionStage(adapter, self.options)
         self.llm = LLMStage(adapter, self.options, memory_budget_bytes)
+        self.transport = DirectTransport(self.vision, self.llm)
+        self.flows: dict[str, StageFlow] = {}
         self.stats: dict[str, PipelineStats] = {}
         self._options: dict[str, StreamOptions] = {}
 
     def open(self, stream_id: str | None = None, options: StreamOptions | None = None) -> str:
         sid = stream_id or uuid.uuid4().hex[:12]
-        self.vision.open(sid, options or self.options)
-        try:
-            self.llm.open(sid, options or self.options)
-        except Exception:
-            self.vision.close(sid)
-            raise
+        flow = StageFlow(self.transport)
+        flow.open(sid, options or self.options)  # the one stream flow the Ray service uses too
+        self.flows[sid] = flow
         self.stats[sid] = PipelineStats()
         self._options[sid] = options or self.options
         return sid
 
     def close(self, stream_id: str) -> None:
-        self.vision.close(stream_id)
-        self.llm.close(stream_id)
+        flow = self.flows.pop(stream_id, None)
+        if flow is None:
+            raise UnknownStreamError(f"stream {stream_id!r} is not open in this pipeline")
+        flow.close(stream_id)
         self.stats.pop(stream_id, None)
         self._options.pop(stream_id, None)
 
     def push_chunk(self, stream_id: str, batch: FrameBatch) -> EncodedChunk:
         """Encode one chunk and prefill it into the stream's context."""
-        chunk = self.vision.encode(stream_id, batch)
-        llm = self.llm.append(chunk)
+        flow = self.flows.get(stream_id)
+        if flow is None:
+            raise UnknownStreamError(f"stream {stream_id!r} is not open in this pipeline")
+        chunk, llm = flow.encode_append_chunk(stream_id, batch)
         st = self.stats[stream_id]
         st.frames += len(batch)
         st.chunks += 1

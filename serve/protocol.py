@@ -132,6 +132,9 @@ def _unpack(body: bytes, limits: FrameLimits) -> dict[str, Any]:
     return msg
 
 
+MAX_PTS_S = 1e9  # ~31 years of stream time
+
+
 def _read_pts(msg: dict[str, Any], limits: FrameLimits) -> np.ndarray:
     pts = msg.get("pts")
     if not isinstance(pts, list) or not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in pts):
@@ -145,6 +148,11 @@ def _read_pts(msg: dict[str, Any], limits: FrameLimits) -> np.ndarray:
     out = np.asarray(pts, dtype=np.float64)  # [N]
     if not all(math.isfinite(t) for t in pts) or np.any(np.diff(out) < 0):
         raise FrameFormatError(f"'pts' must be finite and non-decreasing, got {pts[:8]}. Fix: send stream times.")
+    if np.any(np.abs(out) > MAX_PTS_S):  # 1e308 would pass and then make every later push 'backwards'
+        raise FrameFormatError(
+            f"'pts' must lie within +-{MAX_PTS_S:g} s, got {float(out[np.argmax(np.abs(out))])}. Fix: send seconds "
+            "since the stream started."
+        )
     return out
 
 

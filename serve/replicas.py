@@ -1,23 +1,29 @@
-"""The two stateful Ray Serve deployments (vision encoder, LLM) and sticky calls to them.
+"""The two stateful Ray Serve deployments (vision encoder, LLM) and the stream-routed calls to them.
 
-A stream's state lives on one vision and one LLM replica. Every call for a stream carries
-``multiplexed_model_id=<stream id>``; ``open`` registers the id with Serve's model multiplexing on the replica that
-got it, and Serve's router then sends that id's requests to that replica. A replica that receives a request for a
-stream it does not hold (router not yet updated, owner busy, owner gone) answers :class:`StreamMisroutedError`
-instead of touching state; :func:`call_sticky` retries with backoff, and the stream's actor then reopens the state
-cold on another replica (counted in ``state_resets``). State is never split or silently recreated.
+A stream's state lives on one vision and one LLM replica, chosen by :class:`serve.routing.StreamAffinityRouter`
+(Serve's public request-router extension point: consistent hashing of the stream id over the live replicas). Every
+call is ``method(stream_id, token, ...)``; the replica checks the incarnation token with :class:`StreamSlots` and
+answers :class:`StreamMisroutedError` -- never touching state -- for a stream incarnation it does not hold (router
+not yet updated, owner gone). :func:`call_stream` retries misroutes for a while; the stream's flow then reopens the
+state cold under a new token (counted in ``state_resets``). State left behind by a dead stream is reaped after
+``serve.state_ttl_s`` without use. Visual tokens leave the vision replica as CPU tensors (:func:`to_cpu`).
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Callable
 
 import ray
+import ray.serve.exceptions
+import torch
 from ray import serve
 
-from serve.api import CapacityError, StreamMisroutedError
+from serve.api import StreamMisroutedError
+from serve.routing import StreamSlots
 from serve.streams import iterate_in_thread
 from stream.frames import FrameBatch
 
@@ -28,12 +34,19 @@ StageFactory = Callable[[str, Any], Any]
 def default_stage_factory(kind: str, config: Any) -> Any:
     """Build the real stage of ``kind`` (``"vision"`` or ``"llm"``) from the service config (loads the model)."""
     from serve.stages import LLMStage, VisionStage
-    from stream.models import load_adapter
+    from stream.models.loading import load_adapter_part
 
-    adapter = load_adapter(config.model.name, config.model.device, config.model.dtype)
+    # half the weights per replica: the vision replica never holds the LLM, the LLM replica never the vision tower
+    adapter = load_adapter_part(config.model.name, config.model.device, config.model.dtype, part=kind)
     if kind == VISION:
         return VisionStage(adapter, config.stream_options())
     return LLMStage(adapter, config.stream_options(), config.kv_replica_budget_bytes())
+
+
+def replica_gone(err: BaseException) -> bool:
+    """The call's replica died or is unreachable (Serve has not yet noticed): like a misroute, retry elsewhere."""
+    return isinstance(err, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
+                            ray.serve.exceptions.ReplicaUnavailableError))
 
 
 def unwrap(exc: BaseException) -> BaseException:
@@ -46,109 +59,131 @@ def unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
+def to_cpu(message: Any) -> Any:
+    """A copy of a dataclass message whose tensor fields (also inside lists/tuples) are on the CPU.
+
+    What crosses a process boundary must not carry a device: the receiver may have no GPU, or another one.
+    """
+    def move(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.detach().cpu()
+        if isinstance(value, (list, tuple)):
+            return type(value)(move(v) for v in value)
+        return value
+
+    return dataclasses.replace(message, **{f.name: move(getattr(message, f.name))
+                                           for f in dataclasses.fields(message) if f.init})
+
+
+def parameter_bytes(stage: Any) -> int:
+    """Bytes of the model parameters a stage's adapter holds (0 for stages without a model, e.g. test doubles)."""
+    from stream.models.loading import parameter_bytes as module_bytes
+
+    model = getattr(getattr(stage, "adapter", None), "model", None)
+    return module_bytes(model) if isinstance(model, torch.nn.Module) else 0
+
+
 # ---- stateful deployments ------------------------------------------------------------------------------------------
-class _StickyStage:
-    """Shared part of the vision and LLM deployments: the stage, the streams this replica owns, multiplex bookkeeping."""
+class _StreamStage:
+    """Shared part of the vision and LLM deployments: the stage, the stream slots, TTL reaping."""
 
     kind = "stage"
 
     def __init__(self, config: Any, stage_factory: StageFactory | None) -> None:
         self.config = config
         self.stage = (stage_factory or default_stage_factory)(self.kind, config)
-        self.max_streams = config.serve.max_streams_per_replica
-        self.owned: set[str] = set()
         self.replica = serve.get_replica_context().replica_id.unique_id
+        self.slots = StreamSlots(self.kind, self.replica, config.serve.max_streams_per_replica)
+        self.ttl_s = config.serve.state_ttl_s
+        self.reaped = 0
+        self._reaper: asyncio.Task | None = None
 
-    @serve.multiplexed(max_num_models_per_replica=-1)  # never evict: a stream's state leaves only by close()
-    async def _claim(self, stream_id: str) -> str:
-        return stream_id
+    def _start_reaper(self) -> None:
+        if self._reaper is None:
+            self._reaper = asyncio.get_running_loop().create_task(self._reap_forever())
 
-    async def open(self, stream_id: str, options: Any) -> str:
-        """Create the stream's state on this replica and register the stream id with the router."""
-        self._check_id(stream_id)
-        if stream_id in self.owned:
+    async def _reap_forever(self) -> None:
+        while True:
+            await asyncio.sleep(max(0.05, self.ttl_s / 4))
+            await self.reap()
+
+    async def reap(self) -> list[str]:
+        """Free the state of streams unused for ``serve.state_ttl_s`` (their stream died or was reopened)."""
+        gone = []
+        for sid, token in self.slots.idle(self.ttl_s):
+            if self.slots.release(sid, token):
+                await asyncio.to_thread(self._free, sid)
+                gone.append(sid)
+        self.reaped += len(gone)
+        return gone
+
+    def _free(self, stream_id: str) -> None:
+        try:
+            self.stage.close(stream_id)
+        except LookupError:
+            pass
+
+    async def open(self, stream_id: str, token: str, options: Any) -> str:
+        """Create the state of this stream incarnation here (idempotent); frees an earlier incarnation's state."""
+        self._start_reaper()
+        new, stale = self.slots.claim(stream_id, token)
+        if not new:
             return self.replica
-        if len(self.owned) >= self.max_streams:
-            raise CapacityError(
-                f"{self.kind} replica {self.replica} holds its maximum of {self.max_streams} streams. Fix: close "
-                "streams, add replicas, or raise serve.max_streams_per_replica."
-            )
-        await asyncio.to_thread(self.stage.open, stream_id, options)
-        self.owned.add(stream_id)
-        await self._claim(stream_id)
+        if stale is not None:
+            await asyncio.to_thread(self._free, stream_id)
+        try:
+            await asyncio.to_thread(self.stage.open, stream_id, options)
+        except BaseException:
+            self.slots.release(stream_id, token)
+            raise
         return self.replica
 
-    async def close(self, stream_id: str) -> None:
-        """Free the stream's state here and drop its id from the router's table."""
-        self._require(stream_id)
-        self.owned.discard(stream_id)
-        self._forget(stream_id)
-        await asyncio.to_thread(self.stage.close, stream_id)
+    async def close(self, stream_id: str, token: str) -> bool:
+        """Free this incarnation's state here; False when this replica does not hold it (nothing to do)."""
+        if not self.slots.release(stream_id, token):
+            return False
+        await asyncio.to_thread(self._free, stream_id)
+        return True
 
-    async def stats(self, stream_id: str) -> dict[str, Any]:
+    async def stats(self, stream_id: str, token: str) -> dict[str, Any]:
         """The stage's counters for this stream, plus which replica holds it."""
-        self._require(stream_id)
+        self.slots.require(stream_id, token)
         out = await asyncio.to_thread(self.stage.stats, stream_id)
         return {**out, "replica": self.replica}
 
-    async def ping(self) -> str:
-        """Liveness check: this replica's id."""
-        return self.replica
+    async def ping(self) -> dict[str, Any]:
+        """Liveness and size: this replica's id, streams held and model parameter bytes."""
+        self._start_reaper()
+        return {"replica": self.replica, "streams": len(self.slots), "parameter_bytes": parameter_bytes(self.stage)}
 
     async def where(self) -> dict[str, Any]:
-        """This replica's id, node id and streams (placement checks and debugging)."""
+        """This replica's id, node id, streams and GPUs (placement checks and debugging)."""
         ctx = ray.get_runtime_context()
-        wrapper = getattr(self, "__serve_multiplex_wrapper", None)
-        routed = sorted(getattr(wrapper, "models", {}))
-        return {"replica": self.replica, "node_id": ctx.get_node_id(), "streams": sorted(self.owned),
-                "routed_ids": routed, "gpu_ids": ray.get_gpu_ids()}
-
-    def _check_id(self, stream_id: str) -> None:
-        routed = serve.get_multiplexed_model_id()
-        if routed and routed != stream_id:
-            raise StreamMisroutedError(f"request routed for stream {routed!r} but names {stream_id!r}")
-
-    def _require(self, stream_id: str) -> None:
-        self._check_id(stream_id)
-        if stream_id not in self.owned:
-            raise StreamMisroutedError(
-                f"{self.kind} replica {self.replica} holds no state for stream {stream_id!r} "
-                f"(it holds {len(self.owned)} streams)"
-            )
-
-    def _forget(self, stream_id: str) -> None:
-        """Remove a closed stream from Serve's multiplexing table, so routers stop sending its id here.
-
-        Serve has no public 'unload this id' call; its wrapper keeps loaded ids in ``models`` and re-publishes them
-        when ``_push_multiplexed_replica_info`` is set (tests/test_service_ray.py checks this still holds).
-        """
-        wrapper = getattr(self, "__serve_multiplex_wrapper", None)
-        if wrapper is not None and stream_id in getattr(wrapper, "models", {}):
-            wrapper.models.pop(stream_id, None)
-            wrapper._push_multiplexed_replica_info = True
+        return {"replica": self.replica, "node_id": ctx.get_node_id(), "streams": self.slots.ids(), "pid": os.getpid(),
+                "gpu_ids": ray.get_gpu_ids(), "parameter_bytes": parameter_bytes(self.stage), "reaped": self.reaped}
 
 
 @serve.deployment(name=VISION)
-class VisionDeployment(_StickyStage):
+class VisionDeployment(_StreamStage):
     """ViT + STC cacher + pruner (:class:`serve.stages.VisionStage`); per-stream cache state on one replica."""
 
     kind = VISION
 
-    async def encode(self, stream_id: str, batch: FrameBatch) -> Any:
-        """One chunk of frames -> :class:`serve.messages.EncodedChunk` (kept visual tokens)."""
-        self._require(stream_id)
-        return await asyncio.to_thread(self.stage.encode, stream_id, batch)
+    async def encode(self, stream_id: str, token: str, batch: FrameBatch) -> Any:
+        """One chunk of frames -> :class:`serve.messages.EncodedChunk` (kept visual tokens, on the CPU)."""
+        self.slots.require(stream_id, token)
+        return to_cpu(await asyncio.to_thread(self.stage.encode, stream_id, batch))
 
 
 @serve.deployment(name=LLM)
-class LLMDeployment(_StickyStage):
+class LLMDeployment(_StreamStage):
     """The shared LLM with every stream's bounded KV session (:class:`serve.stages.LLMStage`)."""
 
     kind = LLM
 
-    async def append(self, stream_id: str, chunk: Any) -> dict[str, Any]:
+    async def append(self, stream_id: str, token: str, chunk: Any) -> dict[str, Any]:
         """Prefill one encoded chunk into the stream's KV session."""
-        self._require(stream_id)
+        self.slots.require(stream_id, token)
         # An append blocks until the engine's step loop has run it. A pool as wide as the replica's request cap
         # lets every concurrent append wait at once, so they meet in one batched step (asyncio's default pool has
         # cpu + 4 threads). Created in the replica (an executor cannot be pickled with the class).
@@ -156,43 +191,46 @@ class LLMDeployment(_StickyStage):
             self._calls = ThreadPoolExecutor(max_workers=256, thread_name_prefix="llm-call")
         return await asyncio.get_running_loop().run_in_executor(self._calls, self.stage.append, chunk) or {}
 
-    async def ask(self, stream_id: str, question: str, max_new_tokens: int) -> AsyncIterator[str]:
+    async def ask(self, stream_id: str, token: str, question: str, max_new_tokens: int) -> AsyncIterator[str]:
         """Stream the answer's text pieces (the stream's context is restored afterwards by the stage)."""
-        self._require(stream_id)
+        self.slots.require(stream_id, token)
         async for piece in iterate_in_thread(lambda: self.stage.ask(stream_id, question, max_new_tokens)):
             yield piece
 
 
-# ---- sticky calls ---------------------------------------------------------------------------------------------------
-def call_sticky(handle: Any, method: str, stream_id: str, *args: Any, timeout_s: float, retry_s: float) -> Any:
-    """Blocking call of ``handle.<method>(stream_id, *args)`` routed by stream id; retries misroutes for ``retry_s``.
+# ---- stream-routed calls --------------------------------------------------------------------------------------------
+def call_stream(handle: Any, method: str, stream_id: str, token: str, *args: Any, timeout_s: float,
+                retry_s: float) -> Any:
+    """Blocking ``handle.<method>(stream_id, token, *args)`` (routed by stream id); retries misroutes for ``retry_s``.
 
     Raises:
         StreamMisroutedError: still misrouted after ``retry_s`` (the owner is gone).
         RequestError and others: the remote error, unwrapped.
     """
     deadline, delay = time.monotonic() + retry_s, 0.02
-    routed = handle.options(multiplexed_model_id=stream_id)
     while True:
         try:
-            return getattr(routed, method).remote(stream_id, *args).result(timeout_s=timeout_s)
+            return getattr(handle, method).remote(stream_id, token, *args).result(timeout_s=timeout_s)
         except Exception as exc:
             err = unwrap(exc)
+            if replica_gone(err):
+                err = StreamMisroutedError(f"the replica serving stream {stream_id!r} is gone ({type(err).__name__})")
             if not isinstance(err, StreamMisroutedError) or time.monotonic() > deadline:
                 raise err from None
         time.sleep(delay)
         delay = min(delay * 2, 0.5)
 
 
-async def acall_sticky(handle: Any, method: str, stream_id: str, *args: Any, retry_s: float) -> Any:
-    """Async :func:`call_sticky` (for the ingress event loop)."""
+async def acall_stream(handle: Any, method: str, stream_id: str, token: str, *args: Any, retry_s: float) -> Any:
+    """Async :func:`call_stream` (for the ingress event loop)."""
     deadline, delay = time.monotonic() + retry_s, 0.02
-    routed = handle.options(multiplexed_model_id=stream_id)
     while True:
         try:
-            return await getattr(routed, method).remote(stream_id, *args)
+            return await getattr(handle, method).remote(stream_id, token, *args)
         except Exception as exc:
             err = unwrap(exc)
+            if replica_gone(err):
+                err = StreamMisroutedError(f"the replica serving stream {stream_id!r} is gone ({type(err).__name__})")
             if not isinstance(err, StreamMisroutedError) or time.monotonic() > deadline:
                 raise err from None
         await asyncio.sleep(delay)

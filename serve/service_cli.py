@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import json
 import sys
 import time
@@ -82,6 +83,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = ServiceConfig.load(args.config, overrides)
     url = start_service(cfg)
     print(f"stc-serve is up at {url} (OpenAPI docs: {url}/docs). Ctrl-C stops it.", flush=True)
+
+    def on_sigterm(signum: int, frame: Any) -> None:  # SIGTERM (systemd, docker stop) stops Ray like Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         while True:
             time.sleep(3600)

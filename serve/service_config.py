@@ -132,7 +132,15 @@ class IngestSettings(StrictModel):
         "File streams never drop: their decoder waits for the encoder instead.",
     )
     num_cpus: float = Field(
-        0.05, ge=0, le=64, description="CPUs Ray reserves per ingest actor (one actor per stream; mostly waits on I/O)."
+        0.05, ge=0, le=64, description="CPUs Ray reserves per ingest host actor (it mostly waits on I/O)."
+    )
+    hosts: int = Field(
+        2, ge=1, le=1024,
+        description="Ingest host actors (detached, owned by the service): each runs many streams' ingest threads, "
+        "so a stream costs threads and buffers, not a process. A stream id maps to one host by consistent hashing.",
+    )
+    host_concurrency: int = Field(
+        256, ge=4, le=100_000, description="Calls one ingest host serves at once (push, stats, questions)."
     )
     call_timeout_s: float = Field(
         120.0, gt=0, le=3600, description="Longest wait for one encoder or LLM call before the stream fails."
@@ -181,6 +189,27 @@ class ServeSettings(StrictModel):
     api_key_file: str | None = Field(
         None, description="Read the API key from this file instead (first line); keeps secrets out of YAML."
     )
+    allow_hosts: list[str] = Field(
+        default_factory=list,
+        description="Hosts or networks (names, IPs or CIDRs such as '10.0.0.0/8') that URL sources may name even "
+        "when `deny_networks` covers them; when `only_allowed` is true, the only ones accepted.",
+    )
+    deny_networks: list[str] = Field(
+        default_factory=lambda: ["127.0.0.0/8", "::1/128", "0.0.0.0/8", "169.254.0.0/16", "fe80::/10",
+                                 "100.100.100.200/32", "fd00:ec2::254/128", "::ffff:127.0.0.0/104"],
+        description="Networks URL sources may not reach (checked on every address the host name resolves to): by "
+        "default loopback (the service's own endpoints), link-local and cloud metadata addresses.",
+    )
+    only_allowed: bool = Field(False, description="Accept URL sources only on hosts in `allow_hosts`.")
+    stream_ttl_s: float = Field(
+        900.0, gt=0, le=30 * 86400,
+        description="Ended, failed and idle streams (no push, question or frame for this long) are closed.",
+    )
+    state_ttl_s: float = Field(
+        1800.0, gt=0, le=60 * 86400,
+        description="A replica frees a stream's vision/LLM state unused this long (its stream died); keep it above "
+        "stream_ttl_s.",
+    )
     max_streams: int = Field(16, ge=1, le=100_000, description="Open streams the service accepts in total.")
     max_streams_per_replica: int = Field(
         8, ge=1, le=10_000, description="Streams one vision or LLM replica holds state for."
@@ -190,7 +219,10 @@ class ServeSettings(StrictModel):
     )
     max_frames_per_push: int = Field(256, ge=1, le=100_000, description="Frames in one pushed batch at most.")
     max_frame_side: int = Field(4096, ge=16, le=16_384, description="Largest pushed frame height or width (pixels).")
-    max_question_chars: int = Field(4000, ge=1, le=1_000_000, description="Longest question accepted.")
+    max_question_chars: int = Field(
+        960, ge=1, le=1_000_000,
+        description="Longest question accepted (413 above). With max_new_tokens it must fit kv.reserve_tokens.",
+    )
     max_new_tokens: int = Field(512, ge=1, le=65_536, description="Largest max_new_tokens a question may ask for.")
 
     @model_validator(mode="after")
@@ -199,6 +231,15 @@ class ServeSettings(StrictModel):
             raise ConfigError("api_key and api_key_file are both set. Fix: keep one of them.")
         if self.api_key_file is not None and not Path(self.api_key_file).is_file():
             raise ConfigError(f"api_key_file={self.api_key_file!r} does not exist. Fix: point it at a readable file.")
+        if self.state_ttl_s <= self.stream_ttl_s:
+            raise ConfigError(
+                f"state_ttl_s={self.state_ttl_s} must exceed stream_ttl_s={self.stream_ttl_s} (replicas would free "
+                "state of streams still open). Fix: raise state_ttl_s."
+            )
+        from serve.sources_policy import parse_networks
+
+        parse_networks(self.allow_hosts, "allow_hosts", names=True)
+        parse_networks(self.deny_networks, "deny_networks", names=False)
         if self.media_root is not None and not Path(self.media_root).is_dir():
             raise ConfigError(
                 f"media_root={self.media_root!r} is not a directory. Fix: create it or point it at the video folder."
@@ -208,7 +249,7 @@ class ServeSettings(StrictModel):
     def min_resources(self) -> dict[str, float]:
         """CPUs and GPUs the replicas need at their minimum count, plus one ingest actor per allowed stream."""
         deps = (self.ingress, self.vision, self.llm)
-        cpus = sum(d.min_replicas * d.num_cpus for d in deps) + self.max_streams * self.ingest.num_cpus
+        cpus = sum(d.min_replicas * d.num_cpus for d in deps) + self.ingest.hosts * self.ingest.num_cpus
         gpus = sum(d.min_replicas * d.num_gpus for d in deps)
         return {"CPU": round(cpus, 6), "GPU": round(gpus, 6)}
 

@@ -29,6 +29,7 @@ from serve.api import (
     StreamStats,
 )
 from serve.protocol import FrameFormatError
+from serve.sources_policy import check_source_text, check_url_source
 from serve.ingest import ChunkQueue, IngestWorker, queue_policy, stream_kind
 from serve.service_config import IngestSettings, ServeSettings
 from stream.config import SourceConfig
@@ -41,11 +42,13 @@ def resolve_source(spec: str | None, settings: ServeSettings) -> str:
     """The checked source spec for :func:`stream.sources.open_source` (``"memory://"`` for a pushed stream).
 
     Raises:
-        ForbiddenSourceError: scheme not allowed, file sources disabled, or a path (after resolving ``..`` and
-            symlinks) outside the media root (403).
+        ForbiddenSourceError: scheme or host not allowed (:mod:`serve.sources_policy`), file sources disabled, or
+            a path (after resolving ``..`` and symlinks) outside the media root (403).
+        InvalidSourceError: control characters in the spec (400).
     """
     if spec is None:
         return "memory://"
+    check_source_text(spec)
     scheme = urllib.parse.urlsplit(spec).scheme.lower() if "://" in spec else ""
     if scheme and scheme != "file":
         if scheme not in settings.allowed_schemes:
@@ -53,6 +56,7 @@ def resolve_source(spec: str | None, settings: ServeSettings) -> str:
                 f"URL scheme {scheme!r} is not allowed; allowed: {', '.join(settings.allowed_schemes)}. "
                 "Fix: use one of them, or a file path under the media root."
             )
+        check_url_source(spec, settings)
         return spec
     path = urllib.parse.unquote(urllib.parse.urlsplit(spec).path) if scheme == "file" else spec
     root = settings.resolved_media_root()
@@ -173,7 +177,8 @@ class StreamRunner:
     def stats(self, vision: dict[str, Any] | None = None, llm: dict[str, Any] | None = None) -> StreamStats:
         """The stream's stats; ``vision``/``llm`` are the stages' own counters when the caller fetched them."""
         worker = self._worker()
-        ingest = IngestStats(**worker.stats(), state_resets=int(getattr(self.client, "resets", 0)))
+        ingest = IngestStats(**worker.stats(), state_resets=int(getattr(self.client, "resets", 0)),
+                             frames_lost=int(getattr(self.client, "frames_lost", 0)))
         return StreamStats(
             stream_id=self.stream_id, kind=self.kind, source=self.source_spec, state=worker.state,
             error=worker.error, created_at=self.created_at, questions=self.questions, ingest=ingest,
@@ -232,31 +237,11 @@ def stream_options(defaults: Any, request: CreateStreamRequest) -> Any:
     return defaults.merged(overrides)
 
 
-class DirectStageClient:
-    """In-process stage client: calls a :class:`serve.stages.VisionStage` and :class:`serve.stages.LLMStage`."""
+def direct_flow(vision: Any, llm: Any) -> Any:
+    """A :class:`serve.flow.StageFlow` over in-process stages (one per stream)."""
+    from serve.flow import DirectTransport, StageFlow
 
-    def __init__(self, vision: Any, llm: Any) -> None:
-        self.vision = vision
-        self.llm = llm
-
-    def open(self, stream_id: str, options: Any) -> None:
-        self.vision.open(stream_id, options)
-        try:
-            self.llm.open(stream_id, options)
-        except BaseException:
-            self.vision.close(stream_id)
-            raise
-
-    def encode_append(self, stream_id: str, batch: FrameBatch) -> dict[str, Any]:
-        chunk = self.vision.encode(stream_id, batch)
-        return {"vision": chunk.stats, "llm": self.llm.append(chunk) or {}}
-
-    def close(self, stream_id: str) -> None:
-        for stage in (self.vision, self.llm):
-            try:
-                stage.close(stream_id)
-            except LookupError:  # StreamNotFoundError: this stage never held it or already closed it
-                pass
+    return StageFlow(DirectTransport(vision, llm))
 
 
 async def iterate_in_thread(make: Callable[[], Iterator[str]]) -> AsyncIterator[str]:
@@ -291,7 +276,6 @@ class LocalBackend:
         self.source_config = source_config.model_copy(update={"media_root": settings.media_root})
         self.defaults = defaults
         self.vision, self.llm = vision, llm
-        self.client = DirectStageClient(vision, llm)
         self._streams: dict[str, StreamRunner] = {}
         self._lock = threading.Lock()
 
@@ -300,7 +284,7 @@ class LocalBackend:
         options = stream_options(self.defaults, request)
         sid = new_stream_id(request.stream_id)
         runner = StreamRunner(sid, request.source, resolved, options, self.source_config, self.settings.ingest,
-                              self.client)
+                              direct_flow(self.vision, self.llm))
         with self._lock:
             if sid in self._streams:
                 raise StreamExistsError(f"stream {sid!r} is already open. Fix: pick another id or DELETE it first.")

@@ -24,7 +24,7 @@ def server(tmp_path_factory):
     key = tmp_path_factory.mktemp("secrets") / "key"
     key.write_text("k3y\n")
     cfg = ServiceConfig.parse({"sampler": {"fps": 1000.0, "frames_per_chunk": 4},
-                               "serve": {"api_key_file": str(key)}})
+                               "serve": {"api_key_file": str(key), "allow_hosts": ["127.0.0.1"]}})  # loopback RTSP
     backend = LocalBackend(cfg.serve, cfg.source, cfg.stream_options(), FakeVisionStage(), FakeLLMStage())
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(make_api(backend, cfg.serve), host="127.0.0.1", port=port, log_level="error"))

@@ -59,9 +59,9 @@ def test_check_fits_names_what_is_short():
     from serve.app import check_fits
 
     settings = ServeSettings.parse({"vision": {"num_cpus": 1, "num_gpus": 1}, "llm": {"num_cpus": 1}})
-    assert settings.min_resources() == {"CPU": pytest.approx(2.9), "GPU": 1.0}
+    assert settings.min_resources() == {"CPU": pytest.approx(2.2), "GPU": 1.0}
     check_fits(settings, {"CPU": 4.0, "GPU": 1.0})
-    with pytest.raises(ConfigError, match=r"CPU: needs 2\.9, the Ray instance has 2; GPU: needs 1, the Ray instance has 0"):
+    with pytest.raises(ConfigError, match=r"CPU: needs 2\.2, the Ray instance has 2; GPU: needs 1, the Ray instance has 0"):
         check_fits(settings, {"CPU": 2.0})
     assert ServeSettings().min_resources()["CPU"] <= 2.0  # the defaults fit a 2-CPU machine
 

@@ -134,12 +134,33 @@ def test_file_stream_under_media_root(api):
         ("sub/../../secret.mp4", 403, "ForbiddenSourceError", "outside the media root"),
         ("missing.mp4", 404, "SourceNotFoundError", None),
         ("ftp://example.com/v.mp4", 403, "ForbiddenSourceError", "scheme 'ftp' is not allowed"),
-        ("rtsp://127.0.0.1:9/none", 422, "SourceUnreachableError", None),
+        ("rtsp://127.0.0.1:9/none", 403, "ForbiddenSourceError", "denied network 127.0.0.0/8"),  # own endpoints
+        ("http://localhost:8000/health", 403, "ForbiddenSourceError", "denied network"),
+        ("http://169.254.169.254/latest/meta-data/", 403, "ForbiddenSourceError", "169.254.0.0/16"),  # metadata
+        ("http://[::1]:8000/streams", 403, "ForbiddenSourceError", "::1/128"),
+        ("http://0x7f000001/x", 403, "ForbiddenSourceError", "denied network"),  # 127.0.0.1 spelled in hex
+        ("clip\x00.mp4", 400, "InvalidSourceError", "control characters (0x00)"),  # hostile: was 500
+        ("rtsp:///nohost", 400, "InvalidSourceError", "names no host"),
     ],
 )
 def test_bad_sources_are_4xx(api, source, status, kind, fragment):
     _error(api.post("/streams", json={"source": source}), status, kind, fragment)
     assert api.get("/streams").json()["streams"] == []  # nothing half-open left behind
+
+
+def test_loopback_sources_need_an_explicit_allow(media):
+    client, backend = _client(_config(str(media), allow_hosts=["127.0.0.1"]))
+    try:
+        _error(client.post("/streams", json={"source": "rtsp://127.0.0.1:9/none"}), 422, "SourceUnreachableError")
+        _error(client.post("/streams", json={"source": "http://169.254.169.254/x"}), 403, "ForbiddenSourceError")
+    finally:
+        backend.shutdown()
+    only, backend = _client(_config(str(media), allow_hosts=["10.0.0.0/8"], only_allowed=True))
+    try:
+        _error(only.post("/streams", json={"source": "rtsp://192.0.2.1/x"}), 403, "ForbiddenSourceError",
+               "not in serve.allow_hosts")
+    finally:
+        backend.shutdown()
 
 
 def test_bad_requests_leave_other_streams_working(api):
@@ -164,6 +185,7 @@ def test_bad_requests_leave_other_streams_working(api):
         (api.post("/streams", json={"sauce": "x.mp4"}), 422, "ValidationError"),
         (api.post("/streams", json={"options": {"pruner": {"nope": 1}}}), 400, "ConfigError"),
         (api.post("/streams/ok/questions", json={"question": "x" * 5000}), 413, None),
+        (api.post("/streams/ok/questions", json={"question": "x" * 2000}), 413, "PayloadTooLargeError"),  # hostile
         (api.post("/streams/ok/questions", json={"question": "hi", "max_new_tokens": 10_000}), 422, None),
         (api.post("/streams/ok/questions", json={"question": ""}), 422, "ValidationError"),
     ]
@@ -199,7 +221,8 @@ def test_metrics_health_and_openapi(api):
     assert 'stc_stream_frames_in{stream="m"} 4.0' in text
     assert "stc_streams_open 1.0" in text and "stc_ttft_seconds_count 1.0" in text
     assert 'stc_http_requests_total{route="/streams/{stream_id}/frames",status="200"} 1.0' in text
-    assert api.get("/health").json() == {"status": "ok", "streams": 1, "deployments": {"local": "HEALTHY"}}
+    assert api.get("/health").json() == {"status": "ok", "streams": 1, "deployments": {"local": "HEALTHY"},
+                                         "parameter_bytes": {}}
     paths = api.get("/openapi.json").json()["paths"]
     assert {"/streams", "/streams/{stream_id}", "/streams/{stream_id}/frames", "/streams/{stream_id}/questions",
             "/health", "/metrics"} <= set(paths)

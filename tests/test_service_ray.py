@@ -59,23 +59,31 @@ def service(tmp_path_factory, tiny_llava_dir, cluster):
                    "reconnect_backoff_max_s": 1.0},
         "serve": {
             "http": {"port": free_port()}, "media_root": str(media), "max_push_bytes": 2_000_000,
-            "ingress": {"num_cpus": 0}, "ingest": {"num_cpus": 0, "misroute_retry_s": 5},
+            "allow_hosts": ["127.0.0.1"],  # the RTSP tests serve from loopback, denied by default
+            "max_streams": 24, "max_streams_per_replica": 16,
+            "ingress": {"num_cpus": 0, "num_replicas": 2}, "ingest": {"num_cpus": 0, "misroute_retry_s": 5, "hosts": 2},
             "vision": {"num_cpus": 0, "num_gpus": 0.25, "num_replicas": 2},
             "llm": {"num_cpus": 0, "num_gpus": 0.25, "num_replicas": 2},
         },
     })
     url = start_service(cfg)
-    yield StcClient(url, timeout_s=120), cluster
+    yield StcClient(url, timeout_s=120), cluster, cfg
 
 
 def test_encoder_and_llm_replicas_land_on_the_gpu_node(service):
-    _, gpu_node = service
+    _, gpu_node, _ = service
     for kind in (VISION, LLM):
         placed = _where(kind)
         assert len(placed) == 2
         assert {w["node_id"] for w in placed} == {gpu_node.node_id}, f"{kind} replicas off the GPU node"
         assert all(w["gpu_ids"] for w in placed), f"{kind} replica got no GPU id"
     assert ray.available_resources().get("GPU", 0.0) == pytest.approx(0.0)  # 4 x 0.25 GPU taken
+    from stream.models.loading import load_adapter_part, parameter_bytes
+
+    whole = parameter_bytes(load_adapter_part(service[2].model.name).model)
+    sizes = _retry(lambda: service[0].health()["parameter_bytes"])
+    assert 0 < sizes[VISION] < whole and 0 < sizes[LLM] < whole  # half the weights per replica, in /health
+    assert sizes[VISION] + sizes[LLM] <= whole + 4096
 
 
 def _frames(n: int, start: int = 0) -> tuple[np.ndarray, list[float]]:
@@ -104,7 +112,7 @@ def _wait(predicate, timeout_s: float, what: str):
 
 
 def test_pushed_streams_concurrently_are_sticky_and_answered(service):
-    client, _ = service
+    client, _, _ = service
     ids = [client.create_stream(stream_id=f"push{i}")["stream_id"] for i in range(2)]
 
     def feed(sid: str, offset: int) -> None:
@@ -136,12 +144,12 @@ def test_pushed_streams_concurrently_are_sticky_and_answered(service):
     for sid in ids:
         assert client.close_stream(sid)["state"] == "closed"
     for kind in (VISION, LLM):  # closed streams leave the replicas and the router's table
-        assert not any(set(ids) & set(w["streams"] + w["routed_ids"]) for w in _where(kind))
+        assert not any(set(ids) & set(w["streams"]) for w in _where(kind))
 
 
 @pytest.mark.rtsp
 def test_rtsp_stream_question_mid_stream_and_reconnect(service):
-    client, _ = service
+    client, _, _ = service
     with rtsp_server(real_video("vtest.avi"), width=320, fps=10) as server:
         sid = client.create_stream(server.url, stream_id="cam")["stream_id"]
         assert client.stats(sid)["kind"] == "live"
@@ -161,7 +169,7 @@ def test_rtsp_stream_question_mid_stream_and_reconnect(service):
 
 
 def test_file_stream_and_bad_inputs_leave_others_working(service):
-    client, _ = service
+    client, _, _ = service
     good = client.create_stream("clip.mp4", fps=10, frames_per_chunk=4)["stream_id"]
     url = client.url
     cases = [
@@ -193,7 +201,7 @@ def test_file_stream_and_bad_inputs_leave_others_working(service):
 def test_a_replica_without_the_stream_refuses_instead_of_guessing(service):
     handle = serve.get_deployment_handle(VISION, app_name="stc")
     with pytest.raises(Exception) as info:
-        handle.options(multiplexed_model_id="ghost").stats.remote("ghost").result()
+        handle.stats.remote("ghost", "some-token").result()
     assert isinstance(unwrap(info.value), StreamMisroutedError)
     assert "holds no state for stream 'ghost'" in str(unwrap(info.value))
 
@@ -206,3 +214,122 @@ def _post(url: str, body: bytes) -> dict:
     except urllib.error.HTTPError as exc:
         err = json.loads(exc.read())["error"]
         raise ServiceError(err["status"], err["type"], err["message"]) from None
+
+
+# ---- one stream flow: the Ray service answers exactly what the in-process pipeline answers --------------------------
+def test_ray_served_answer_equals_the_in_process_pipeline(service, tiny_llava_dir):
+    from serve.pipeline import StreamPipeline
+    from stream.frames import Frame
+    from stream.models import load_adapter
+
+    client, _, cfg = service
+    rgb, pts = _frames(6)
+    pipe = StreamPipeline(load_adapter(cfg.model.name, cfg.model.device, cfg.model.dtype), cfg.stream_options(),
+                          cfg.kv_replica_budget_bytes())
+    pipe.open("ref")
+    pipe.ingest("ref", [Frame(rgb[i], pts[i], i) for i in range(len(pts))])
+    expected = "".join(pipe.ask("ref", "What moves?", max_new_tokens=6))
+    sid = client.create_stream(stream_id="same")["stream_id"]
+    client.push_frames(sid, rgb, pts, encoding="raw")  # raw: the same pixels as the pipeline's
+    text, done = client.ask_text(sid, "What moves?", max_new_tokens=6, wait_s=60)
+    assert text == expected and done["tokens"] >= 1
+    assert client.stats(sid)["ingest"]["frames_encoded"] == 6
+    client.close_stream(sid)
+
+
+def test_twenty_streams_created_concurrently(service):
+    from concurrent.futures import ThreadPoolExecutor
+
+    client, _, _ = service
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(20) as pool:
+        made = list(pool.map(lambda i: client.create_stream(stream_id=f"many{i}")["stream_id"], range(20)))
+    took = time.monotonic() - t0
+    listed = {s["stream_id"] for s in client.list_streams()}
+    assert set(made) <= listed and len(made) == 20
+    for sid in made:
+        client.close_stream(sid)
+    assert not {s["stream_id"] for s in client.list_streams()} & set(made)
+    print(f"20 concurrent creates answered in {took:.1f}s")
+
+
+# ---- faults: SIGKILL a replica, an ingress replica, an ingest host mid-stream --------------------------------------
+def _host_of(sid: str) -> str:
+    from serve.routing import rendezvous_pick
+
+    return rendezvous_pick(sid, ["stc/ingest/0", "stc/ingest/1"])
+
+
+def _ids_on_two_hosts() -> tuple[str, str]:
+    names = [f"f{i}" for i in range(50)]
+    a = names[0]
+    return a, next(n for n in names if _host_of(n) != _host_of(a))
+
+
+def _retry(call, timeout_s: float = 60):
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            return call()
+        except Exception:  # noqa: BLE001 - a dead ingress may answer 5xx or drop the connection meanwhile
+            if time.time() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def _feed_and_check(client, sids, start: int) -> None:
+    for sid in sids:
+        rgb, pts = _frames(2, start)
+        _retry(lambda: client.push_frames(sid, rgb, pts, encoding="jpeg"))
+    for sid in sids:
+        _, done = _retry(lambda: client.ask_text(sid, "And now?", max_new_tokens=2, wait_s=60))
+        assert done["tokens"] >= 1
+        ing = client.stats(sid)["ingest"]
+        assert ing["frames_in"] == ing["frames_encoded"] + ing["frames_dropped"], ing  # nothing unaccounted
+
+
+def _sigkill(pid: int) -> None:
+    import signal
+
+    os.kill(pid, signal.SIGKILL)
+
+
+def test_sigkill_replicas_ingress_and_a_host_mid_stream(service):
+    import psutil
+
+    client, _, _ = service
+    a, b = _ids_on_two_hosts()
+    for sid in (a, b):
+        client.create_stream(stream_id=sid)
+    _feed_and_check(client, (a, b), 0)
+    for step, kind in enumerate((VISION, LLM)):  # kill the replica holding stream a
+        owner = next(w for w in _where(kind) if a in w["streams"])
+        _sigkill(owner["pid"])
+        _feed_and_check(client, (a, b), 10 * (step + 1))
+        st = client.stats(a)
+        assert st["state"] == "running" and st["ingest"]["state_resets"] >= 1, st["ingest"]
+        assert st["ingest"]["frames_lost"] >= 2  # the killed replica's state held a's first chunk
+    ingress = [p for p in psutil.process_iter(["cmdline"]) if "ServeReplica:stc:ingress" in " ".join(
+        p.info["cmdline"] or [])]
+    assert ingress, "no ingress replica process found"
+    _sigkill(ingress[0].pid)  # streams live in the ingest hosts, not in the ingress
+    _feed_and_check(client, (a, b), 40)
+    host = ray.get_actor(_host_of(a), namespace="stc-serve")
+    _sigkill(ray.get(host.memory.remote())["pid"])
+    time.sleep(1.0)
+    err = _retry(lambda: _expect_not_found(client, a), 60)  # a's host died: a is reported lost, not a 5xx
+    assert err.status == 404 and ("lost" in err.message or "restarted" in err.message), err
+    _feed_and_check(client, (b,), 50)  # the stream on the other host carries on
+    client.close_stream(b)
+    assert _retry(lambda: client.create_stream(stream_id=a))["stream_id"] == a  # the id is free again
+    client.close_stream(a)
+
+
+def _expect_not_found(client, sid) -> ServiceError:
+    try:
+        client.stats(sid)
+    except ServiceError as exc:
+        if exc.status == 404:
+            return exc
+        raise RuntimeError(f"not yet: {exc.status}") from None
+    raise RuntimeError("still listed")

@@ -98,3 +98,73 @@ def load_adapter(model: str | Path | None = None, device: str = "cpu", dtype: st
     adapter.random_weights = local and is_tiny(name)
     adapter.source = name
     return adapter
+
+
+# model_type -> (vision-only submodules, language-only submodules) of the HF model, by attribute path. A family not
+# listed here loads whole on both replicas (``load_adapter_part`` says so in ``adapter.split``).
+SPLIT_PARTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "llava_onevision": (("model.vision_tower", "model.multi_modal_projector"), ("model.language_model", "lm_head")),
+    "smolvlm": (("model.vision_model", "model.connector"), ("model.text_model", "lm_head")),
+    "idefics3": (("model.vision_model", "model.connector"), ("model.text_model", "lm_head")),
+}
+
+
+def parameter_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the materialised (non-meta) parameters and buffers of ``module``; tied tensors count once."""
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.is_meta or t.numel() == 0:
+            continue
+        key = (t.device, t.data_ptr())
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _drop(root: torch.nn.Module, path: str) -> None:
+    """Move the submodule at ``path`` to the meta device (its storage is freed; shapes stay for the adapter)."""
+    root.get_submodule(path).to("meta")
+
+
+def _materialise(root: torch.nn.Module, device: str) -> None:
+    """Move every non-meta parameter and buffer to ``device`` (meta ones stay: they were dropped on purpose)."""
+    for p in root.parameters():
+        if not p.is_meta:
+            p.data = p.data.to(device)
+    for name, buf in list(root.named_buffers()):
+        if not buf.is_meta:
+            owner, _, attr = name.rpartition(".")
+            sub = root.get_submodule(owner) if owner else root
+            setattr(sub, attr, buf.to(device))
+
+
+def load_adapter_part(model: str | Path | None = None, device: str = "cpu", dtype: str | torch.dtype = "float32",
+                      part: str = "full", family: str = "llava_onevision") -> VLMAdapter:
+    """:func:`load_adapter` keeping only what one replica kind uses on ``device``.
+
+    The weights load on the CPU; ``part="vision"`` drops the language model and LM head (the vision tower and
+    projector go to ``device``), ``part="llm"`` drops the vision tower and projector. Dropped modules live on the
+    meta device, so neither the whole model nor a transient full copy ever reaches ``device``. ``adapter.split``
+    records what was kept (``"full"`` for a family without a known split).
+
+    Raises:
+        ConfigError: ``part`` is not ``full``, ``vision`` or ``llm``.
+    """
+    if part not in ("full", "vision", "llm"):
+        raise ConfigError(f"part={part!r} is not supported; use 'full', 'vision' or 'llm'")
+    adapter = load_adapter(model, "cpu", dtype, family)
+    parts = SPLIT_PARTS.get(getattr(adapter.model.config, "model_type", ""))
+    hf = adapter.model
+    if part != "full" and parts is not None:
+        vision_parts, language_parts = parts
+        for path in language_parts if part == "vision" else vision_parts:
+            _drop(hf, path)
+        if part == "vision":  # adapter.device reads the LM head's device: keep an empty weight there
+            head = hf.get_submodule(language_parts[-1])
+            head.weight = torch.nn.Parameter(torch.empty(0, dtype=head.weight.dtype), requires_grad=False)
+        adapter.split = part
+    else:
+        adapter.split = "full"
+    _materialise(hf, device)
+    return adapter

@@ -1,0 +1,237 @@
+"""Soak: pushed and file streams, questions and stream churn for M minutes; memory of every Ray process over time.
+
+    python benchmarks/bench_soak.py --streams 4 --minutes 30 [--plot out.png]
+
+1. Starts the service in this process (local Ray, tiny model with random weights unless ``--model``; CPU).
+2. Ingest cost: RSS of the ingest host processes before and after opening ``--probe-streams`` idle pushed streams
+   (``ingest_mb_per_stream``: memory added per open stream outside the model replicas).
+3. Load for ``--minutes``: half the streams pushed (JPEG frames from ../shared/media/vtest.avi when present), half
+   reading that file (recreated when they end: churn); one stream is deleted and recreated every ``--churn-s``;
+   every stream is asked a question every ``--ask-every`` s. Any 4xx/5xx answer or SSE error counts in ``errors``.
+4. Every ``--sample-s``: RSS of every Ray process (by process title) and the streams' KV bytes.
+5. Last stdout line: one JSON object: ``rss_mb_start``/``rss_mb_end`` (all Ray processes), ``slope_mb_per_min`` (the
+   largest per-process least-squares slope after the first third, the warm-up), ``ingest_mb_per_stream``,
+   ``errors``, ``frames``, ``dropped``, per-process slopes and machine info. Clock: wall time (a soak is about time).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks.bench_service import free_port, load_frames  # noqa: E402
+from benchmarks.common import machine_info  # noqa: E402
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--streams", type=int, default=4)
+    p.add_argument("--minutes", type=float, default=30.0)
+    p.add_argument("--model", help="model folder / hub id (default: built-in tiny model, random weights)")
+    p.add_argument("--ask-every", type=float, default=5.0)
+    p.add_argument("--churn-s", type=float, default=20.0, help="delete + recreate one stream this often")
+    p.add_argument("--sample-s", type=float, default=10.0)
+    p.add_argument("--probe-streams", type=int, default=8, help="idle streams opened to measure ingest cost")
+    p.add_argument("--plot", type=Path)
+    return p.parse_args()
+
+
+def ray_rss_mb() -> dict[str, float]:
+    """RSS (MB) of each process of this run's local Ray instance (descendants of this process), keyed by process
+    title (``ray::ServeReplica:stc:vision`` ...; the method suffix Ray appends while busy is cut) and pid."""
+    import psutil
+
+    out = {}
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            cmd = " ".join(proc.cmdline())
+            rss = proc.memory_info().rss
+        except psutil.Error:
+            continue
+        title = cmd.split()[0].split("/")[-1].split(".")[0] if cmd else "?"
+        out[f"{title}#{proc.pid}"] = rss / 2**20
+    return out
+
+
+def slope_per_min(ts: list[float], ys: list[float]) -> float:
+    """Least-squares slope (units per minute) of ``ys`` over ``ts`` (seconds)."""
+    if len(ts) < 2:
+        return 0.0
+    return float(np.polyfit(np.asarray(ts) / 60.0, np.asarray(ys), 1)[0])
+
+
+class Soak:
+    def __init__(self, client: Any, args: argparse.Namespace, frames: np.ndarray) -> None:
+        self.client, self.args, self.frames = client, args, frames
+        self.errors: list[str] = []
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.streams: dict[str, str] = {}  # id -> "push" | "file"
+        self.closed_frames = self.closed_dropped = 0
+        self.serial = 0
+
+    def _guard(self, what: str, call: Any) -> Any:
+        try:
+            return call()
+        except Exception as exc:  # noqa: BLE001 - every failed answer is a soak error, counted and named
+            with self.lock:
+                self.errors.append(f"{what}: {type(exc).__name__}: {exc}"[:300])
+            return None
+
+    def open(self, kind: str) -> None:
+        with self.lock:
+            self.serial += 1
+            sid = f"{kind}{self.serial}"
+        src = "soak.avi" if kind == "file" else None
+        if self._guard("create", lambda: self.client.create_stream(src, stream_id=sid, fps=4, frames_per_chunk=4)):
+            with self.lock:
+                self.streams[sid] = kind
+
+    def close(self, sid: str) -> None:
+        with self.lock:
+            self.streams.pop(sid, None)
+        final = self._guard("delete", lambda: self.client.close_stream(sid))
+        if final:
+            with self.lock:
+                self.closed_frames += final["ingest"]["frames_in"]
+                self.closed_dropped += final["ingest"]["frames_dropped"]
+
+    def pusher(self) -> None:
+        k = 0
+        while not self.stop.is_set():
+            for sid, kind in list(self.streams.items()):
+                if kind == "push":
+                    rgb = self.frames[k % len(self.frames)][None]
+                    self._guard("push", lambda: self.client.push_frames(sid, rgb, [k / 4.0]))
+            k += 1
+            time.sleep(0.25)
+
+    def questioner(self) -> None:
+        while not self.stop.wait(self.args.ask_every):
+            for sid in list(self.streams):
+                if sid in self.streams:
+                    def ask() -> None:
+                        text, done = self.client.ask_text(sid, "What happens?", max_new_tokens=4)
+                        if not done:
+                            raise RuntimeError("answer without a done event")
+                    self._guard("ask", ask)
+
+    def churner(self) -> None:
+        while not self.stop.wait(self.args.churn_s):
+            for sid, kind in list(self.streams.items()):  # ended file streams are replaced
+                st = self._guard("stats", lambda: self.client.stats(sid))
+                if st and st["state"] in ("ended", "failed"):
+                    self.close(sid)
+                    self.open(kind)
+            victim = next(iter(self.streams), None)
+            if victim:
+                kind = self.streams[victim]
+                self.close(victim)
+                self.open(kind)
+
+    def totals(self) -> tuple[int, int]:
+        frames, dropped = self.closed_frames, self.closed_dropped
+        for st in self._guard("list", self.client.list_streams) or []:
+            frames += st["ingest"]["frames_in"]
+            dropped += st["ingest"]["frames_dropped"]
+        return frames, dropped
+
+
+def host_rss(snapshot: dict[str, float]) -> float:
+    return sum(v for k, v in snapshot.items() if "IngestHostActor" in k)
+
+
+def main() -> None:
+    args = parse_args()
+    from serve.app import start_service, stop_service
+    from serve.client import StcClient
+    from serve.config import ServiceConfig
+
+    media = Path(tempfile.mkdtemp(prefix="soak-media-"))
+    video = REPO.parent / "shared" / "media" / "vtest.avi"
+    if video.is_file():
+        shutil.copy(video, media / "soak.avi")
+    else:
+        from tests.media import make_clip
+
+        make_clip(media / "soak.avi", num_frames=120, fps=10, size=(160, 120))
+    n_total = args.streams + args.probe_streams + 2
+    cfg = ServiceConfig.parse({
+        "model": {"name": args.model},
+        "serve": {"http": {"port": free_port()}, "media_root": str(media), "max_streams": n_total,
+                  "max_streams_per_replica": n_total, "ingress": {"num_cpus": 0}, "ingest": {"num_cpus": 0},
+                  "vision": {"num_cpus": 0}, "llm": {"num_cpus": 0}},
+    })
+    client = StcClient(start_service(cfg, num_cpus=2, object_store_memory=200 * 2**20), timeout_s=120)
+    try:
+        warm = client.create_stream(stream_id="warm")["stream_id"]  # starts the ingest hosts
+        client.close_stream(warm)
+        time.sleep(2.0)
+        before = host_rss(ray_rss_mb())
+        probes = [client.create_stream(stream_id=f"probe{i}")["stream_id"] for i in range(args.probe_streams)]
+        time.sleep(2.0)
+        ingest_mb = (host_rss(ray_rss_mb()) - before) / args.probe_streams
+        for sid in probes:
+            client.close_stream(sid)
+        soak = Soak(client, args, load_frames((160, 120), 32))
+        for i in range(args.streams):
+            soak.open("push" if i % 2 == 0 else "file")
+        threads = [threading.Thread(target=f, daemon=True) for f in (soak.pusher, soak.questioner, soak.churner)]
+        for t in threads:
+            t.start()
+        t0, samples = time.monotonic(), []
+        end = t0 + args.minutes * 60
+        while time.monotonic() < end:
+            snap = ray_rss_mb()
+            kv = sum((s.get("kv_bytes") or 0) for s in soak._guard("list", client.list_streams) or [])
+            samples.append((time.monotonic() - t0, snap, kv / 2**20))
+            time.sleep(min(args.sample_s, max(0.0, end - time.monotonic())))
+        soak.stop.set()
+        for t in threads:
+            t.join(60)
+        frames, dropped = soak.totals()
+    finally:
+        stop_service()
+    warm_from = samples[len(samples) // 3][0] if samples else 0.0
+    slopes = {}
+    for key in samples[-1][1] if samples else {}:
+        pts = [(t, s[key]) for t, s, _ in samples if t >= warm_from and key in s]
+        slopes[key] = round(slope_per_min([p[0] for p in pts], [p[1] for p in pts]), 3)
+    if args.plot and samples:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(8, 4))
+        for key in samples[-1][1]:
+            ax.plot([t / 60 for t, _, _ in samples], [s.get(key, np.nan) for _, s, _ in samples], label=key[:40])
+        ax.set_xlabel("minutes")
+        ax.set_ylabel("RSS MB")
+        ax.legend(fontsize=6)
+        fig.savefig(args.plot, dpi=120)
+    print(json.dumps({
+        "bench": "soak", "streams": args.streams, "minutes": args.minutes, "clock": "wall",
+        "rss_mb_start": round(sum(samples[0][1].values()), 1) if samples else None,
+        "rss_mb_end": round(sum(samples[-1][1].values()), 1) if samples else None,
+        "slope_mb_per_min": max(slopes.values()) if slopes else None,
+        "ingest_mb_per_stream": round(ingest_mb, 2), "errors": len(soak.errors), "error_examples": soak.errors[:3],
+        "frames": frames, "dropped": dropped, "kv_mb_end": round(samples[-1][2], 3) if samples else None,
+        "slopes_mb_per_min": slopes, "random_weights": args.model is None,
+        "machine": machine_info("cpu"),
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""Ingest hosts: a few service-owned actors that each run many streams (no process per stream).
+
+An :class:`IngestHost` holds :class:`serve.streams.StreamRunner` objects (threads and bounded buffers, tens of MB per
+stream at most) whose chunks go through one :class:`serve.flow.StageFlow` each, over :class:`ServeTransport`. Hosts
+are detached named actors (``<app>/ingest/<k>`` in namespace ``stc-serve``), created on first use by whichever
+ingress replica needs one; a stream id maps to a host by consistent hashing, so every ingress replica finds every
+stream and ingress replicas can scale or die without touching streams. A host that dies is restarted by Ray
+empty: its streams are answered as lost (404 naming the restart), and their replica state is freed by the replicas'
+``state_ttl_s`` reaper. Ended, failed and idle streams are closed after ``serve.stream_ttl_s``.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from serve.api import PushResponse, StreamExistsError, StreamNotFoundError, StreamStateError, StreamStats
+from serve.flow import LLM, VISION, StageFlow
+from serve.replicas import call_stream
+from serve.service_config import IngestSettings
+from serve.streams import StreamRunner
+from stream.config import SourceConfig
+from stream.frames import FrameBatch
+
+STREAM_NAMESPACE = "stc-serve"
+
+
+class ServeTransport:
+    """:class:`serve.flow.StageTransport` over the vision and LLM deployment handles (routed by stream id)."""
+
+    def __init__(self, vision: Any, llm: Any, ingest: IngestSettings) -> None:
+        self.handles = {VISION: vision, LLM: llm}
+        self.ingest = ingest
+
+    def call(self, kind: str, method: str, stream_id: str, token: str, *args: Any) -> Any:
+        retry_s = 1.0 if method == "close" else self.ingest.misroute_retry_s
+        return call_stream(self.handles[kind], method, stream_id, token, *args,
+                           timeout_s=self.ingest.call_timeout_s, retry_s=retry_s)
+
+
+@dataclass
+class _Entry:
+    runner: StreamRunner
+    flow: StageFlow
+    touched: float = field(default_factory=time.monotonic)
+
+
+class IngestHost:
+    """Many streams' ingest in one process.
+
+    Args:
+        transport: how the streams' flows reach the stages.
+        source_config: how sources are opened.
+        ingest: queue sizes and timeouts.
+        ttl_s: ended, failed or idle streams are closed after this long.
+        restarted: this host is a restart of one that died (its streams were lost).
+    """
+
+    def __init__(self, transport: Any, source_config: SourceConfig, ingest: IngestSettings, ttl_s: float,
+                 restarted: bool = False) -> None:
+        self.transport = transport
+        self.source_config = source_config
+        self.ingest = ingest
+        self.ttl_s = ttl_s
+        self.restarted_at = time.time() if restarted else None
+        self.reaped = 0
+        self._streams: dict[str, _Entry] = {}
+        self._starting: set[str] = set()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._reap_forever, name="stc-reaper", daemon=True).start()
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------------
+    def create(self, stream_id: str, source_spec: str | None, resolved: str, options: Any) -> StreamStats:
+        """Open the stream (source, then stage state) and start its ingest threads."""
+        with self._lock:
+            if stream_id in self._streams or stream_id in self._starting:
+                raise StreamExistsError(f"stream {stream_id!r} is already open. Fix: pick another id or DELETE it "
+                                        "first.")
+            self._starting.add(stream_id)
+        flow = StageFlow(self.transport)
+        runner = StreamRunner(stream_id, source_spec, resolved, options, self.source_config, self.ingest, flow)
+        try:
+            runner.start()
+        finally:
+            with self._lock:
+                self._starting.discard(stream_id)
+        with self._lock:
+            self._streams[stream_id] = _Entry(runner, flow)
+        return runner.stats()
+
+    def close(self, stream_id: str) -> StreamStats:
+        """Stop the stream and free its state everywhere; returns its final stats."""
+        with self._lock:
+            if stream_id in self._starting:
+                raise StreamStateError(f"stream {stream_id!r} is still being created. Fix: DELETE it again once "
+                                       "POST /streams answered.")
+            entry = self._streams.pop(stream_id, None)
+        if entry is None:
+            raise self._not_found(stream_id)
+        final = entry.runner.stats()
+        entry.runner.close()
+        return final.model_copy(update={"state": "closed"})
+
+    def ids(self) -> list[str]:
+        with self._lock:
+            return sorted(self._streams)
+
+    def reap(self, now: float | None = None) -> list[str]:
+        """Close streams ended, failed or idle for longer than the TTL."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            due = [sid for sid, e in self._streams.items()
+                   if now - max(e.touched, e.runner.worker.last_activity if e.runner.worker else 0.0) > self.ttl_s]
+        for sid in due:
+            try:
+                self.close(sid)
+                self.reaped += 1
+            except (StreamNotFoundError, StreamStateError):
+                pass
+        return due
+
+    def _reap_forever(self) -> None:
+        while True:
+            time.sleep(max(0.05, min(self.ttl_s / 4, 30.0)))
+            self.reap()
+
+    # -- per-stream calls --------------------------------------------------------------------------------------------
+    def _get(self, stream_id: str) -> _Entry:
+        with self._lock:
+            entry = self._streams.get(stream_id)
+            if entry is not None:
+                entry.touched = time.monotonic()
+                return entry
+        raise self._not_found(stream_id)
+
+    def _not_found(self, stream_id: str) -> StreamNotFoundError:
+        lost = ""
+        if self.restarted_at is not None:
+            lost = (f" (its ingest host was restarted at {time.strftime('%H:%M:%S', time.gmtime(self.restarted_at))}"
+                    " UTC after it died: the streams it ran are lost)")
+        return StreamNotFoundError(f"no open stream {stream_id!r}{lost}. Fix: list streams with GET /streams, or "
+                                   "create one with POST /streams.")
+
+    def push(self, stream_id: str, batch: FrameBatch, flush: bool) -> PushResponse:
+        return self._get(stream_id).runner.push(batch, flush)
+
+    def wait_idle(self, stream_id: str, timeout_s: float) -> bool:
+        return self._get(stream_id).runner.wait_idle(timeout_s)
+
+    def begin_question(self, stream_id: str) -> str:
+        """Count a question; returns the LLM incarnation token the question must carry."""
+        entry = self._get(stream_id)
+        entry.runner.questions += 1
+        return entry.flow.token(LLM)
+
+    def reopen(self, stream_id: str, kind: str) -> str:
+        """Rebuild one stage's state cold (its replica lost it); returns the new token."""
+        entry = self._get(stream_id)
+        entry.flow.reopen(kind, stream_id)
+        return entry.flow.token(kind)
+
+    def stats(self, stream_id: str) -> tuple[StreamStats, dict[str, str]]:
+        """The runner's stats and the stream's incarnation tokens (for the stage stats calls)."""
+        entry = self._get(stream_id)
+        return entry.runner.stats(), {k: entry.flow.token(k) for k in (VISION, LLM)}
+
+    def memory(self) -> dict[str, Any]:
+        """This host's resident memory and stream count (soak benchmark, health)."""
+        import os
+
+        import psutil
+
+        return {"streams": len(self.ids()), "pid": os.getpid(),
+                "rss_mb": psutil.Process().memory_info().rss / 2**20}
+
+
+class IngestHostActor(IngestHost):
+    """The Ray actor form of :class:`IngestHost` (deployment handles looked up from inside the actor)."""
+
+    def __init__(self, app_name: str, source_config: SourceConfig, ingest: IngestSettings, ttl_s: float) -> None:
+        import ray
+        from ray import serve
+
+        handles = [serve.get_deployment_handle(kind, app_name=app_name) for kind in (VISION, LLM)]
+        restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        super().__init__(ServeTransport(*handles, ingest), source_config, ingest, ttl_s, restarted)

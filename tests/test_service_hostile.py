@@ -1,0 +1,144 @@
+"""Each finding of the hostile test of the service, as a test (in-process: LocalBackend, IngestHost, no Ray).
+
+The real-cluster ones (SIGKILLed replicas and hosts, 20 concurrent creates) are in tests/test_service_ray.py.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from serve.api import StreamStateError
+from serve.config import ServiceConfig
+from serve.flow import DirectTransport
+from serve.hosts import IngestHost
+from serve.http_app import make_api
+from serve.protocol import CONTENT_TYPE, encode_frames
+from serve.streams import LocalBackend
+from stream.errors import ConfigError, StreamNotFoundError
+from stream.frames import FrameBatch
+from tests.service_doubles import FakeLLMStage, FakeVisionStage, frames
+
+MSGPACK = {"Content-Type": CONTENT_TYPE}
+
+
+def _cfg(**serve) -> ServiceConfig:
+    return ServiceConfig.parse({"sampler": {"fps": 1000.0, "frames_per_chunk": 2}, "serve": {"max_streams": 4,
+                                                                                            **serve}})
+
+
+@pytest.fixture()
+def api():
+    cfg = _cfg()
+    backend = LocalBackend(cfg.serve, cfg.source, cfg.stream_options(), FakeVisionStage(), FakeLLMStage())
+    yield TestClient(make_api(backend, cfg.serve), raise_server_exceptions=False), backend
+    backend.shutdown()
+
+
+def test_an_internal_error_is_counted_as_5xx_and_keeps_the_error_shape(api):
+    client, backend = api
+
+    async def broken(stream_id):
+        raise RuntimeError("disk on fire")
+
+    backend.stats = broken
+    resp = client.get("/streams/x")
+    assert resp.status_code == 500 and resp.json()["error"]["type"] == "RuntimeError"
+    assert 'stc_http_requests_total{route="/streams/{stream_id}",status="500"} 1.0' in client.get("/metrics").text
+
+
+def test_unknown_routes_answer_the_error_shape(api):
+    client, _ = api
+    resp = client.get("/nope")
+    assert resp.status_code == 404 and set(resp.json()) == {"error"}
+    assert "GET /nope" in resp.json()["error"]["message"]
+    assert client.put("/streams").status_code == 405 and "error" in client.put("/streams").json()
+
+
+def test_question_limits_agree_with_the_kv_reserve():
+    with pytest.raises(ConfigError, match="kv.reserve_tokens=1536"):
+        _cfg(max_question_chars=4000)
+    cfg = ServiceConfig.parse({})
+    assert cfg.serve.max_question_chars + cfg.serve.max_new_tokens + 64 <= cfg.kv.reserve_tokens
+
+
+def test_absurd_pts_is_refused_and_the_stream_stays_usable(api):
+    client, _ = api
+    client.post("/streams", json={"stream_id": "p"})
+    rgb, _ = frames(1)
+    bad = client.post("/streams/p/frames", content=encode_frames(rgb, [1e308]), headers=MSGPACK)
+    assert bad.status_code == 422 and "within" in bad.json()["error"]["message"]
+    good = client.post("/streams/p/frames", content=encode_frames(rgb, [0.0]), headers=MSGPACK)
+    assert good.status_code == 200  # before the fix every later push was 422 ('pts backwards')
+
+
+def test_nul_byte_in_a_source_is_a_400(api):
+    client, _ = api
+    resp = client.post("/streams", json={"source": "a\u0000b.mp4"})
+    assert resp.status_code == 400 and resp.json()["error"]["type"] == "InvalidSourceError"
+
+
+class _SlowOpenVision(FakeVisionStage):
+    def __init__(self, gate: threading.Event) -> None:
+        super().__init__()
+        self.gate = gate
+
+    def open(self, stream_id, options=None):
+        self.gate.wait(5)
+        super().open(stream_id, options)
+
+
+def _host(vision=None, ttl_s: float = 60.0) -> IngestHost:
+    cfg = _cfg()
+    return IngestHost(DirectTransport(vision or FakeVisionStage(), FakeLLMStage()), cfg.source, cfg.serve.ingest,
+                      ttl_s)
+
+
+def test_delete_while_the_create_is_in_flight_is_a_4xx_and_the_create_completes():
+    gate = threading.Event()
+    host = _host(_SlowOpenVision(gate))
+    opts = _cfg().stream_options()
+    made = []
+    t = threading.Thread(target=lambda: made.append(host.create("s", None, "memory://", opts)))
+    t.start()
+    time.sleep(0.2)
+    with pytest.raises(StreamStateError, match="still being created"):
+        host.close("s")
+    gate.set()
+    t.join(5)
+    assert made and host.ids() == ["s"]
+    assert host.close("s").state == "closed" and host.ids() == []
+
+
+def test_idle_and_ended_streams_are_reaped_and_free_their_stage_state():
+    vision, llm = FakeVisionStage(), FakeLLMStage()
+    cfg = _cfg()
+    host = IngestHost(DirectTransport(vision, llm), cfg.source, cfg.serve.ingest, ttl_s=0.3)
+    host.create("idle", None, "memory://", cfg.stream_options())
+    host.create("busy", None, "memory://", cfg.stream_options())
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline and "idle" in host.ids():
+        rgb, pts = frames(2, start=int((3 - (deadline - time.monotonic())) * 100))
+        host.push("busy", FrameBatch(rgb=rgb, pts=np.asarray(pts), indices=np.arange(2)), False)
+        time.sleep(0.05)
+    assert host.ids() == ["busy"] and host.reaped >= 1
+    assert "idle" not in vision.streams and "idle" not in llm.seen  # its state on the stages is freed too
+    with pytest.raises(StreamNotFoundError):
+        host.stats("idle")
+
+
+def test_ingest_for_many_streams_costs_threads_not_processes():
+    import psutil
+
+    host = _host()
+    opts = _cfg().stream_options()
+    rss0 = psutil.Process().memory_info().rss
+    for i in range(16):
+        host.create(f"s{i}", None, "memory://", opts)
+    per_stream_mb = (psutil.Process().memory_info().rss - rss0) / 2**20 / 16
+    assert len(host.ids()) == 16 and per_stream_mb < 50, per_stream_mb  # was one ~470 MB process per stream
+    for i in range(16):
+        host.close(f"s{i}")
