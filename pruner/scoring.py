@@ -159,18 +159,22 @@ def herding_fill(embeds: torch.Tensor, chosen: torch.Tensor, counts: torch.Tenso
         ``[F, T]`` bool mask with ``counts[f]`` tokens per frame, a superset of ``chosen``.
     """
     x = embeds.float()
-    mask = chosen.clone()
+    mask = chosen.clone().to(x.device)  # [F, T]
     gram = torch.bmm(x, x.transpose(1, 2))  # [F, T, T]
     to_mean = gram.mean(dim=2)  # [F, T]  x_i . mu
     diag = gram.diagonal(dim1=1, dim2=2)  # [F, T]  |x_i|^2
-    for f in range(x.shape[0]):
-        n = int(mask[f].sum())
-        acc = gram[f][:, mask[f]].sum(dim=1)  # [T]  x_i . S
-        for _ in range(int(counts[f]) - n):
-            score = diag[f] + 2.0 * (acc - (n + 1) * to_mean[f])  # [T]
-            score[mask[f]] = float("inf")
-            i = int(torch.argmin(score))
-            mask[f, i] = True
-            acc += gram[f, :, i]
-            n += 1
+    n = mask.sum(dim=1).float()  # [F] tokens kept so far
+    acc = torch.bmm(gram, mask.float()[:, :, None])[:, :, 0]  # [F, T]  x_i . S
+    todo = counts.to(x.device).long() - mask.sum(dim=1)  # [F] tokens still to add
+    rows = torch.arange(x.shape[0], device=x.device)
+    for _ in range(int(todo.max()) if todo.numel() else 0):  # one step for every frame at once
+        active = todo > 0  # [F]
+        score = diag + 2.0 * (acc - (n + 1)[:, None] * to_mean)  # [F, T]
+        score = score.masked_fill(mask, float("inf"))
+        pick = score.argmin(dim=1)  # [F]
+        r, i = rows[active], pick[active]
+        mask[r, i] = True
+        acc[r] += gram[r, :, i]
+        n[r] += 1
+        todo[r] -= 1
     return mask
