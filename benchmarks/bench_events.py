@@ -197,6 +197,8 @@ def main() -> None:
         print(f"pruner {p:14s} recall {v['recall']:.3f} ({v['object_tokens']} object tokens)", flush=True)
     ca = cacher_fidelity(rgb, planted, boxes, args.cacher_settings.split(";"), args.chunk, args.layers)
     default_policy = PrunerConfig().policy
+    default_cacher = next((n for n in ca if (CacherConfig() if n == "default" else parse_setting(n)) == CacherConfig()),
+                          None)  # the setting that equals CacherConfig()'s defaults, under whatever name
     base = max(pr["random"]["recall"], pr["uniform"]["recall"])
     result = {
         "bench": "events", "video": Path(args.video).name if "@" not in args.video else args.video,
@@ -206,8 +208,9 @@ def main() -> None:
         "recall_uniform": pr["uniform"]["recall"],
         "recall_ratio_vs_best_baseline": round(pr[default_policy]["recall"] / base, 3) if base else None,
         "target_recall_met": pr[default_policy]["recall"] >= 2 * base,
-        "object_fidelity_default": ca.get("default", {}).get("object_fidelity"),
-        "target_fidelity_met": ca.get("default", {}).get("object_fidelity", 0.0) >= 0.9,
+        "default_cacher": default_cacher,
+        "object_fidelity_default": ca[default_cacher]["object_fidelity"] if default_cacher else None,
+        "target_fidelity_met": bool(default_cacher) and ca[default_cacher]["object_fidelity"] >= 0.9,
         "clock": "cpu (process_time, 1 thread)", "layers": args.layers,
         "wall_s": round(time.perf_counter() - t0, 1), "machine": machine_info("cpu"),
     }
