@@ -80,6 +80,34 @@ def load_frames(video: str, frames: int, fps: float) -> np.ndarray:
     return vr.get_batch(idx).asnumpy()
 
 
+def load_clip(spec: str, frames: int, fps: float) -> np.ndarray:
+    """``spec`` is a video path, or an edited clip of segments ``"PATH@START_S:N,PATH@START_S:N,..."`` (N frames at
+    ``fps`` from START_S of each, concatenated: a film clip with shot changes) -> ``[frames, H, W, 3]`` uint8, every
+    segment resized to the first one's size."""
+    if "@" not in spec:
+        return load_frames(spec, frames, fps)
+    import decord
+    from PIL import Image
+
+    parts = []
+    for seg in spec.split(","):
+        path, _, rest = seg.partition("@")
+        start, _, n = rest.partition(":")
+        vr = decord.VideoReader(path, num_threads=1)
+        src = vr.get_avg_fps()
+        idx = [int(round((float(start) + i / fps) * src)) for i in range(int(n))]
+        if idx[-1] >= len(vr):
+            raise SystemExit(f"segment {seg!r}: {path} has {len(vr)} frames, needs {idx[-1] + 1}. Fix: start earlier")
+        parts.append(vr.get_batch(idx).asnumpy())
+    h, w = parts[0].shape[1:3]
+    rgb = np.concatenate([p if p.shape[1:3] == (h, w) else
+                          np.stack([np.asarray(Image.fromarray(f).resize((w, h), Image.BICUBIC)) for f in p])
+                          for p in parts])
+    if len(rgb) < frames:
+        raise SystemExit(f"edited clip {spec!r} has {len(rgb)} frames, --frames asks {frames}. Fix: add segments")
+    return rgb[:frames]
+
+
 def build_tower(device: str, dtype: torch.dtype, layers: int) -> torch.nn.Module:
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
@@ -215,7 +243,8 @@ def plot(results: list[dict[str, Any]], path: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--video", default=str(Path(__file__).resolve().parents[2] / "shared/media/vtest.avi"))
+    p.add_argument("--video", default=str(Path(__file__).resolve().parents[2] / "shared/media/vtest.avi"),
+                   help="a video file, or an edited clip 'PATH@START_S:N,PATH@START_S:N,...' (segments at --fps)")
     p.add_argument("--frames", type=int, default=12)
     p.add_argument("--fps", type=float, default=1.0)
     p.add_argument("--chunk", type=int, default=4, help="frames per encode call (a streaming chunk)")
@@ -243,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
 
     names = list(dict.fromkeys([args.setting, *filter(None, args.sweep.split(";"))]))
     configs = [parse_setting(s) for s in names]
-    rgb = load_frames(args.video, args.frames, args.fps)
+    rgb = load_clip(args.video, args.frames, args.fps)
     pv = frames_to_pixel_values(rgb, 384, (0.5,) * 3, (0.5,) * 3, "bicubic").to(args.device, dtype)
     tower = build_tower(args.device, dtype, args.layers)
     tol = 1e-3 if dtype == torch.float32 else 5e-2

@@ -54,14 +54,15 @@ QUESTIONS = [
     "What happened first?",
 ]
 SHAPES = {"qwen2-0.5b": QWEN2_05B, "qwen2-7b": QWEN2_7B, "tiny": {}}
-SWEEP_POLICIES = ["stc", "stc_adaptive", "uniform", "random", "temporal_diff", "attention"]
+SWEEP_POLICIES = ["stc_context", "stc", "stc_adaptive", "uniform", "random", "temporal_diff", "attention"]
 
 
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--video", default="../shared/media/vtest.avi", help="video file (decoded with decord)")
     ap.add_argument("--budget", type=int, default=49, help="tokens kept per frame (of 196); adaptive: on average")
-    ap.add_argument("--policy", default="stc", choices=available_policies())
+    ap.add_argument("--policy", default=PrunerConfig().policy, choices=available_policies(),
+                    help="policy measured (default: the config's default policy)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                     help="model dtype (default: float32 on cpu, bfloat16 on cuda)")
@@ -276,7 +277,7 @@ def sweep(b: Bench, chosen: dict, full_s: np.ndarray) -> dict:
     for budget in [int(x) for x in b.args.sweep.split(",")]:
         runs = {p: (chosen[p] if budget == b.args.budget and p in chosen else b.run(p, budget)) for p in SWEEP_POLICIES}
         out["budgets"].append(budget)
-        ratio = np.median(runs["stc"]["pruned_s"], axis=0) / full_s  # [wall, cpu]
+        ratio = np.median(runs[SWEEP_POLICIES[0]]["pruned_s"], axis=0) / full_s  # [wall, cpu]
         out["prefill_ratio"].append(round(float(ratio[0]), 4))
         out["prefill_ratio_cpu_time"].append(round(float(ratio[1]), 4))
         for p in SWEEP_POLICIES:
@@ -335,6 +336,7 @@ def main() -> None:
         "prefill_ratio_cpu_time": round(float(ratio[1]), 4),
         "kl_mean": chosen[args.policy]["kl"], "kl_random": chosen["random"]["kl"],
         "kl_uniform": chosen["uniform"]["kl"],
+        "kl_ratio_vs_random": round(chosen[args.policy]["kl"] / chosen["random"]["kl"], 3),
         "mean_shift": {p: round(chosen[p]["mean_shift"], 4) for p in policies}, "ref_entropy_nats": round(entropy, 4),
         "max_entropy_nats": round(float(np.log(b.ref_logits.shape[-1])), 4), "questions": len(QUESTIONS),
         "repeats": args.repeats,

@@ -10,7 +10,8 @@ Per chunk (``encode(hidden0 [N, P, D], layers)``, frames in stream order):
 1. **Plan.** Each frame's signature (:func:`cache.stc.frame_signature`) is searched in the stream's
    :class:`cache.store.ReferenceStore` and among the references this chunk creates (a frame may reuse an earlier
    frame of its own chunk). Below ``match_threshold`` the frame is a *new scene*; a match that drifted
-   (cosine < ``refresh_below``, or reused ``max_reuse`` times) is *refreshed* (the frame is encoded fully and
+   (cosine < ``refresh_below``, one region's cosine < ``refresh_cell_below``, or reused ``max_reuse`` times) is
+   *refreshed* (the frame is encoded fully and
    replaces it); otherwise the frame *reuses* it.
 2. **Full encode** of new and refreshing frames in one batch, keeping their per-layer states.
 3. **Commit** those states to the store (insert or replace; least recently used evicted).
@@ -202,6 +203,8 @@ class StreamCacher:
                 continue
             plan.hits += 1
             drifted = cfg.refresh_below is not None and score < cfg.refresh_below
+            if cfg.refresh_cell_below is not None and not drifted and self._shape is not None:
+                drifted = min_cell_cosine(sig, slot.signature, self._shape[2]) < cfg.refresh_cell_below
             if drifted or (cfg.max_reuse is not None and slot.uses >= cfg.max_reuse):
                 plan.refreshes += 1
                 slot.signature, slot.uses, slot.frame, slot.payload = sig, 0, i, None
@@ -327,6 +330,14 @@ class StreamCacher:
         per_ref = reference_nbytes(num_layers, tokens, dim, self.config.torch_store_dtype(dtype))
         overhead = ReferenceStore.entry_overhead(signature_dim(tokens, dim, self.config.signature_grid))
         return self.config.max_refs * (per_ref + overhead)
+
+
+def min_cell_cosine(a: np.ndarray, b: np.ndarray, dim: int) -> float:
+    """Lowest per-cell cosine between two signatures of :func:`cache.stc.frame_signature` (``[dim * cells]``,
+    laid out ``[dim, cells]``): how much the most changed region of the frame moved."""
+    x, y = a.reshape(dim, -1), b.reshape(dim, -1)  # [D, cells]
+    den = np.maximum(np.linalg.norm(x, axis=0) * np.linalg.norm(y, axis=0), 1e-12)  # [cells]
+    return float(((x * y).sum(axis=0) / den).min())
 
 
 def make_layer_runner(cacher: StreamCacher | None) -> LayerRunner | None:

@@ -43,6 +43,14 @@ class CacherConfig(StrictModel):
         description="Re-encode a matched reference fully (refresh) when the frame's signature cosine to it is "
         "below this (>= match_threshold), so drift cannot accumulate; null: no similarity-based refresh.",
     )
+    refresh_cell_below: float | None = Field(
+        None,
+        ge=-1.0,
+        le=1.0,
+        description="Per-region drift: re-encode a matched reference fully when any cell of the frame's signature "
+        "grid (signature_grid x signature_grid regions) has cosine to the reference's cell below this, so a local "
+        "change (something appeared) that barely moves the whole-frame signature is not served stale; null: off.",
+    )
     max_reuse: int | None = Field(
         3,
         ge=1,

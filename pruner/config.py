@@ -28,9 +28,9 @@ class PrunerConfig(StrictModel):
 
     enabled: bool = Field(True, description="Prune at all. False keeps every token (same as policy keep_all).")
     policy: str = Field(
-        "stc",
-        description="Selection policy: stc, stc_adaptive, uniform, random, temporal_diff, attention, keep_all "
-        "(see pruner.available_policies()).",
+        "stc_context",
+        description="Selection policy: stc_context (default: novel + context tokens), stc, stc_adaptive, uniform, "
+        "random, temporal_diff, attention, keep_all (see pruner.available_policies()).",
     )
     tokens_per_frame: int | None = Field(
         None, ge=1, description="Tokens kept per frame (clamped to the frame's token count). Excludes keep_ratio."
@@ -60,6 +60,12 @@ class PrunerConfig(StrictModel):
     )
     channel_keep: float = Field(
         0.5, gt=0.0, le=1.0, description="Fraction of channels (the lowest-variance ones per frame) used to score."
+    )
+    novel_share: float = Field(
+        0.4, ge=0.0, le=1.0,
+        description="stc_context only: share of each frame's budget kept for the most novel tokens (most changed since "
+        "the previous frame, EVS-style); the rest are context tokens chosen so the kept set's mean stays "
+        "at the frame's mean. 0.0 = context only.",
     )
     seed: int = Field(0, ge=0, description="Seed of the random policy (selection depends on seed and frame index).")
 

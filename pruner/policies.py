@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from pruner.budget import topk_mask, uniform_mask
-from pruner.scoring import stc_redundancy, temporal_dissimilarity
+from pruner.scoring import herding_fill, stc_redundancy, temporal_dissimilarity
 from stream.errors import ConfigError
 
 
@@ -29,6 +29,7 @@ class PolicyContext:
         memory_before: ``[F, d]`` memory mean each frame is compared with (policies with ``uses_memory``).
         previous: ``[T, d]`` frame before this chunk, ``None`` at stream start (policies with ``uses_previous``).
         attention: ``[F, T]`` attention each token received (policies with ``needs_attention``).
+        novel_share: ``stc_context``: share of each frame's budget spent on the most novel tokens.
     """
 
     positions: torch.Tensor
@@ -39,6 +40,7 @@ class PolicyContext:
     memory_before: torch.Tensor | None = None
     previous: torch.Tensor | None = None
     attention: torch.Tensor | None = None
+    novel_share: float = 0.4
 
 
 SelectFn = Callable[[torch.Tensor, torch.Tensor, PolicyContext], torch.Tensor]
@@ -62,6 +64,23 @@ def _stc(embeds: torch.Tensor, counts: torch.Tensor, ctx: PolicyContext) -> torc
         raise ValueError("the stc policies need ctx.memory_before [F, d] (StreamPruner supplies it)")
     redundancy = stc_redundancy(embeds, ctx.memory_before, list(ctx.bandwidths), ctx.channel_keep)  # [F, T]
     return topk_mask(-redundancy, counts)
+
+
+def _stc_context(embeds: torch.Tensor, counts: torch.Tensor, ctx: PolicyContext) -> torch.Tensor:
+    """``novel_share`` of the budget on the most novel tokens (what changed since the previous frame: an object
+    that appeared or moved; STC's frame/memory novelty for the stream's first frame), the rest on context tokens
+    chosen by mean matching (:func:`herding_fill`), so the kept set still represents the whole frame."""
+    novel = torch.zeros(embeds.shape[:2], dtype=torch.bool, device=embeds.device)  # [F, T]
+    k = (counts.float() * ctx.novel_share).round().long().clamp(max=counts)  # [F]
+    if ctx.novel_share > 0:
+        if ctx.memory_before is None:
+            raise ValueError("stc_context needs ctx.memory_before [F, d] (StreamPruner supplies it)")
+        score = temporal_dissimilarity(embeds, ctx.previous)  # [F, T], NaN row at the stream's start
+        if torch.isnan(score[:, 0]).any():  # the first frame has nothing before it: STC's novelty instead
+            first = -stc_redundancy(embeds[:1], ctx.memory_before[:1], list(ctx.bandwidths), ctx.channel_keep)
+            score[0] = first[0]
+        novel = topk_mask(score, k)
+    return herding_fill(embeds, novel.to(embeds.device), counts)
 
 
 def _uniform(embeds: torch.Tensor, counts: torch.Tensor, ctx: PolicyContext) -> torch.Tensor:
@@ -115,6 +134,9 @@ _REGISTRY: dict[str, Policy] = {
                _stc, uses_memory=True),
         Policy("stc_adaptive", "STC scores; a chunk budget spread over frames by how much each frame changed",
                _stc, adaptive=True, uses_memory=True, uses_previous=True),
+        Policy("stc_context", "default: part of the budget on STC's most novel tokens, the rest on context tokens "
+               "that keep the kept set's mean at the frame's mean (herding)", _stc_context, uses_memory=True,
+               uses_previous=True),
         Policy("uniform", "uniform spatial subsampling on an even sub-grid (the keep-mask form of pooling)",
                _uniform),
         Policy("random", "random tokens per frame, seeded by (seed, frame index)", _random),

@@ -140,3 +140,41 @@ def frame_change(embeds: torch.Tensor, previous: torch.Tensor | None, first: flo
     change = temporal_dissimilarity(embeds, previous).mean(dim=1)  # [F]
     change = torch.nan_to_num(change, nan=first)
     return torch.where(change < CHANGE_FLOOR, torch.zeros_like(change), change)
+
+
+def herding_fill(embeds: torch.Tensor, chosen: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Grow each frame's ``chosen`` set to ``counts`` tokens so the kept tokens' mean stays at the frame's mean.
+
+    Greedy mean matching (kernel herding with a linear kernel): each step adds the token that brings the mean of
+    the kept set closest to the mean of all tokens, ``argmin_i |S + x_i - (n + 1) mu|^2``, using a ``[T, T]`` Gram
+    matrix, so a step costs O(T). These are the "context" tokens: they stand for the tokens that are dropped, and
+    they compensate the drift of tokens picked for another reason (e.g. the most novel ones).
+
+    Args:
+        embeds: ``[F, T, d]`` tokens.
+        chosen: ``[F, T]`` bool, tokens already kept (counted in the mean).
+        counts: ``[F]`` int64 tokens each frame keeps in total (>= chosen per frame, <= T).
+
+    Returns:
+        ``[F, T]`` bool mask with ``counts[f]`` tokens per frame, a superset of ``chosen``.
+    """
+    x = embeds.float()
+    mask = chosen.clone().to(x.device)  # [F, T]
+    gram = torch.bmm(x, x.transpose(1, 2))  # [F, T, T]
+    to_mean = gram.mean(dim=2)  # [F, T]  x_i . mu
+    diag = gram.diagonal(dim1=1, dim2=2)  # [F, T]  |x_i|^2
+    n = mask.sum(dim=1).float()  # [F] tokens kept so far
+    acc = torch.bmm(gram, mask.float()[:, :, None])[:, :, 0]  # [F, T]  x_i . S
+    todo = counts.to(x.device).long() - mask.sum(dim=1)  # [F] tokens still to add
+    rows = torch.arange(x.shape[0], device=x.device)
+    for _ in range(int(todo.max()) if todo.numel() else 0):  # one step for every frame at once
+        active = todo > 0  # [F]
+        score = diag + 2.0 * (acc - (n + 1)[:, None] * to_mean)  # [F, T]
+        score = score.masked_fill(mask, float("inf"))
+        pick = score.argmin(dim=1)  # [F]
+        r, i = rows[active], pick[active]
+        mask[r, i] = True
+        acc[r] += gram[r, :, i]
+        n[r] += 1
+        todo[r] -= 1
+    return mask

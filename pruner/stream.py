@@ -160,6 +160,7 @@ class StreamPruner:
             memory_before=memory_before,
             previous=self._previous,
             attention=attention,
+            novel_share=self.config.novel_share,
         )
 
     def _counts(self, embeds: torch.Tensor, pts: torch.Tensor | None) -> tuple[torch.Tensor, int]:

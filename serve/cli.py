@@ -105,6 +105,41 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from serve.config import ServiceConfig
+    from serve.eval import EvalRunner, compression_off, load_bench, plot_report, resolve_video, results_json, summarize
+    from stream.models import load_adapter
+
+    cfg = ServiceConfig.load(args.config, _overrides(args))
+    items = load_bench(args.bench, args.format)[: args.limit]
+    for item in items:  # every video must exist before anything is encoded
+        resolve_video(item, args.videos)
+    adapter = load_adapter(cfg.model.name, cfg.model.device, cfg.model.dtype)
+    random_weights = bool(getattr(adapter, "random_weights", False))
+    if random_weights:
+        print(RANDOM_WEIGHTS_NOTE.replace("the answer is", "answers and accuracy are"), file=sys.stderr)
+    settings = {"configured": cfg.stream_options()}
+    if args.compare == "off":
+        settings["off"] = compression_off(settings["configured"])
+    runner = EvalRunner(adapter, settings, cfg.source, cfg.kv_replica_budget_bytes(), args.max_new_tokens)
+    results = runner.run(items, args.videos, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    summary = summarize(results, list(settings))
+    report = {"bench": str(args.bench), "format": args.format, "questions": len(items), "model": adapter.source,
+              "family": adapter.family, "random_weights": random_weights, "settings": summary,
+              "options": {k: v.model_dump(exclude={"kv"}) for k, v in settings.items()}}
+    if args.out:
+        Path(args.out).write_text(json.dumps({**report, "results": results_json(results)}, indent=1))
+    if args.plot:
+        plot_report(summary, args.plot, f"{Path(args.bench).name} ({args.format}), {adapter.source}"
+                    + (", RANDOM weights" if random_weights else ""))
+    for name, s in summary.items():
+        acc = s["accuracy"]
+        tasks = ", ".join(f"{t} {v['accuracy']:.3f} ({v['n']})" for t, v in sorted(acc["per_task"].items()))
+        print(f"{name}: accuracy {acc['overall']:.4f} (task mean {acc['task_mean']:.4f}); {tasks}")
+    print(json.dumps(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stc-serve", description="Let a video-LLM watch live video cheaply.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -123,6 +158,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(p)
     _add_stream_flags(p)
     p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("eval", help="streaming accuracy on an OVO-Bench or StreamingBench file, compression vs off",
+                       description="Stream each benchmark video through the pipeline up to each question's time, "
+                       "ask the question there, score it as the benchmark does; with --compare off also with the "
+                       "cacher and pruner switched off, in the same run.")
+    p.add_argument("--bench", required=True, type=Path, help="benchmark JSON file")
+    p.add_argument("--format", required=True, choices=["ovo", "streamingbench"], help="the file's format")
+    p.add_argument("--videos", required=True, type=Path, help="folder holding the benchmark's videos")
+    p.add_argument("--compare", choices=["off", "none"], default="off",
+                   help="also run with compression off (default) or only the configured compression")
+    p.add_argument("--limit", type=int, help="only the first N questions")
+    p.add_argument("--out", type=Path, help="write the full report (every answer) as JSON here")
+    p.add_argument("--plot", type=Path, help="write accuracy per task and cost ratios as PNG here")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="answer length (default 16)")
+    _add_model_flags(p)
+    _add_stream_flags(p)
+    p.set_defaults(func=cmd_eval)
 
     try:
         from serve.service_cli import add_service_commands

@@ -103,10 +103,14 @@ class StreamPipeline:
         return chunk
 
     def ingest(self, stream_id: str, frames: Iterable[Frame],
-               on_chunk: Callable[[EncodedChunk], None] | None = None) -> PipelineStats:
-        """Sample ``frames`` at the stream's fps, cut chunks, and push each chunk as soon as it is full."""
+               on_chunk: Callable[[EncodedChunk], None] | None = None,
+               sampler: FpsSampler | None = None) -> PipelineStats:
+        """Sample ``frames`` at the stream's fps, cut chunks, and push each chunk as soon as it is full (the last,
+        partial chunk when ``frames`` ends). Pass the same ``sampler`` to successive calls to feed one stream in
+        segments (e.g. up to each question's time) with one sampling decision across the segment boundaries."""
         opts = self._options[stream_id]
-        sampler, chunker = FpsSampler(opts.sampler.fps), Chunker(opts.sampler.frames_per_chunk)
+        sampler = sampler if sampler is not None else FpsSampler(opts.sampler.fps)
+        chunker = Chunker(opts.sampler.frames_per_chunk)
         for frame in frames:
             if not sampler.accept(frame):
                 continue
