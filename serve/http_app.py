@@ -123,6 +123,11 @@ def make_api(backend: StreamBackend, settings: ServeSettings) -> FastAPI:
     _add_stream_routes(app, backend, settings)
     _add_question_route(app, backend, settings, metrics)
     _add_service_routes(app, backend, metrics)
+    from serve.openai_api import add_openai_routes  # noqa: PLC0415 (additive feature routers, issue 12)
+    from serve.watches import add_watch_routes  # noqa: PLC0415
+
+    add_openai_routes(app, backend, settings)
+    add_watch_routes(app, backend, settings)
     return app
 
 
