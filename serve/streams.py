@@ -339,6 +339,12 @@ class LocalBackend:
         async for piece in pieces:
             yield piece
 
+    async def score_yes_no(self, stream_id: str, question: str) -> float:
+        """P(yes) / (P(yes) + P(no)) for the answer's first token over the stream's context (the LLM's score_choices)."""
+        self._get(stream_id)
+        probs = await asyncio.to_thread(self.llm.score_choices, stream_id, question, ["yes", "no"])
+        return float(probs[0] / max(probs[0] + probs[1], 1e-12))
+
     async def stats(self, stream_id: str) -> StreamStats:
         runner = self._get(stream_id)
         return await asyncio.to_thread(self._stats, runner)

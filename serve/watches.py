@@ -244,7 +244,7 @@ def add_watch_routes(app: FastAPI, backend: Any, settings: ServeSettings,
     @router.post("/streams/{stream_id}/watches", status_code=201, response_model=Watch)
     async def add_watch(stream_id: str, body: WatchRequest) -> Watch:
         """Start a standing question on the stream."""
-        manager.events.setdefault(stream_id, _Events(ws.max_events_per_stream))
+        manager._log(stream_id)
         try:
             return await manager.add(stream_id, body)
         except RequestError:
