@@ -47,7 +47,7 @@ from serve.replicas import (
     unwrap,
 )
 from serve.service_config import IngestSettings, ServeSettings
-from serve.streams import StreamRunner, new_stream_id, resolve_source, stream_options, summarize_stage_stats
+from serve.streams import StreamRunner, jpeg_bytes, new_stream_id, resolve_source, stream_options, summarize_stage_stats
 from stream.config import SourceConfig
 from stream.errors import ConfigError, RequestError
 from stream.frames import FrameBatch
@@ -140,6 +140,10 @@ class StreamActor:
 
     def stats(self) -> StreamStats:
         return self.runner.stats()
+
+    def frame_jpeg(self) -> bytes | None:
+        frame = getattr(self.runner, "last_frame", None)
+        return None if frame is None else jpeg_bytes(frame)
 
     def close(self) -> StreamStats:
         final = self.runner.stats()
@@ -239,6 +243,10 @@ class RayBackend:
             if attempt == 0:
                 await actor.reopen.remote(LLM)  # the LLM replica holding the stream is gone: rebuild cold
         raise StreamMisroutedError(f"no LLM replica holds stream {stream_id!r} even after reopening it")
+
+    async def frame_jpeg(self, stream_id: str) -> bytes | None:
+        """The stream's newest sampled frame as JPEG (None before the first chunk)."""
+        return await _await(self._actor(stream_id).frame_jpeg.remote())
 
     async def stats(self, stream_id: str) -> StreamStats:
         return await self._stats(stream_id, self._actor(stream_id))

@@ -140,6 +140,7 @@ class StreamRunner:
             raise
 
     def _sink(self, batch: FrameBatch) -> dict[str, Any]:
+        self.last_frame = batch.rgb[-1]  # [H, W, 3] the newest sampled frame (for GET /streams/{id}/frame.jpg)
         return self.client.encode_append(self.stream_id, batch)
 
     def push(self, batch: FrameBatch, flush: bool = False) -> PushResponse:
@@ -275,6 +276,17 @@ async def iterate_in_thread(make: Callable[[], Iterator[str]]) -> AsyncIterator[
             await asyncio.to_thread(close)
 
 
+def jpeg_bytes(frame: Any, quality: int = 80) -> bytes:
+    """``[H, W, 3]`` uint8 RGB -> JPEG bytes."""
+    import io  # noqa: PLC0415
+
+    from PIL import Image  # noqa: PLC0415
+
+    out = io.BytesIO()
+    Image.fromarray(frame).save(out, format="JPEG", quality=quality)
+    return out.getvalue()
+
+
 class LocalBackend:
     """The HTTP backend without Ray: stages and streams in this process (threads), same behaviour as the service.
 
@@ -338,6 +350,11 @@ class LocalBackend:
         pieces = iterate_in_thread(lambda: self.llm.ask(stream_id, request.question, request.max_new_tokens))
         async for piece in pieces:
             yield piece
+
+    async def frame_jpeg(self, stream_id: str) -> bytes | None:
+        """The newest sampled frame as JPEG (None before the first chunk)."""
+        frame = getattr(self._get(stream_id), "last_frame", None)
+        return None if frame is None else await asyncio.to_thread(jpeg_bytes, frame)
 
     async def score_yes_no(self, stream_id: str, question: str) -> float:
         """P(yes) / (P(yes) + P(no)) for the answer's first token over the stream's context (the LLM's score_choices)."""
