@@ -244,6 +244,13 @@ class RayBackend:
                 await actor.reopen.remote(LLM)  # the LLM replica holding the stream is gone: rebuild cold
         raise StreamMisroutedError(f"no LLM replica holds stream {stream_id!r} even after reopening it")
 
+    async def score_yes_no(self, stream_id: str, question: str) -> float:
+        """P(yes) / (P(yes) + P(no)) of the answer's first token, on the LLM replica that holds the stream."""
+        self._actor(stream_id)
+        retry_s = min(2.0, self.settings.ingest.misroute_retry_s)
+        yes, no = await acall_sticky(self.llm, "score_choices", stream_id, question, ["yes", "no"], retry_s=retry_s)
+        return float(yes / max(yes + no, 1e-12))
+
     async def frame_jpeg(self, stream_id: str) -> bytes | None:
         """The stream's newest sampled frame as JPEG (None before the first chunk)."""
         return await _await(self._actor(stream_id).frame_jpeg.remote())

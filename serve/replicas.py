@@ -157,6 +157,11 @@ class LLMDeployment(_StickyStage):
             yield piece
 
 
+    async def score_choices(self, stream_id: str, question: str, choices: list[str]) -> list[float]:
+        """Next-token probability of each choice over the stream's context (yes/no watches)."""
+        self._require(stream_id)
+        return await asyncio.to_thread(self.stage.score_choices, stream_id, question, choices)
+
 # ---- sticky calls ---------------------------------------------------------------------------------------------------
 def call_sticky(handle: Any, method: str, stream_id: str, *args: Any, timeout_s: float, retry_s: float) -> Any:
     """Blocking call of ``handle.<method>(stream_id, *args)`` routed by stream id; retries misroutes for ``retry_s``.

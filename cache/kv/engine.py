@@ -178,6 +178,17 @@ class LLMEngine:
             )
         return self._answer(session, stream_id, question, max_new_tokens, list(eos_ids), sampling or Sampling())
 
+    def next_logits(self, stream_id: str, question_embeds: torch.Tensor) -> torch.Tensor:
+        """Logits ``[vocab]`` of the first answer token to ``question_embeds`` ``[q, d]``; the context is restored."""
+        session = self._get(stream_id)
+        question = self._check_embeds(question_embeds, "question_embeds")
+        if question.shape[0] + 1 > self.config.reserve_tokens:
+            raise RequestError(f"question ({question.shape[0]} tokens) exceeds kv.reserve_tokens="
+                               f"{self.config.reserve_tokens}; shorten the question or raise kv.reserve_tokens")
+        with session.lock:
+            self._check_open(session, stream_id)
+            return session.next_logits(question)
+
     def _answer(self, session: KVSession, stream_id: str, question: torch.Tensor, max_new: int,
                 eos_ids: list[int], sampling: Sampling) -> Iterator[int]:
         with session.lock:

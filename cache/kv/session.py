@@ -192,6 +192,20 @@ class KVSession:
 
     # ------------------------------------------------------------------ questions
     @torch.inference_mode()
+    def next_logits(self, question: torch.Tensor) -> torch.Tensor:
+        """Logits ``[vocab]`` of the first answer token after ``question`` ``[q, d]`` (the same placement as
+        :meth:`answer`: rebase, retrieval, sinks, question prefill); the resident state is restored."""
+        saved = self.cache.length
+        try:
+            self._rebase()
+            allowance = self.cfg.reserve_tokens - question.shape[0] - 1
+            retrieved = self._place_retrieved(self._retrieve(question, min(self.cfg.retrieve_tokens, allowance)))
+            self._place_sinks(retrieved_tokens=retrieved)
+            pos = self.next_pos
+            return self._forward(question, torch.arange(pos, pos + question.shape[0]))[0, -1].float()  # [vocab]
+        finally:
+            self.cache.truncate(saved)
+
     def answer(
         self, question: torch.Tensor, max_new_tokens: int, eos_ids: Iterable[int], sampling: Sampling
     ) -> Iterator[int]:
