@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine_info  # noqa: E402
+from benchmarks.common import machine_info, progress  # noqa: E402
 from cache.cacher import StreamCacher  # noqa: E402
 from cache.config import CacherConfig  # noqa: E402
 from stream.models.preprocess import frames_to_pixel_values  # noqa: E402
@@ -205,7 +205,7 @@ def run_stream(tower, pv, configs, chunk, device, passes):
     starts = list(range(0, n, chunk))
     t_full = np.full(len(starts), np.inf)
     t_cached = np.full((len(configs), len(starts)), np.inf)
-    for _ in range(passes):
+    for _ in progress(range(passes), "passes"):
         cachers = [StreamCacher(c) for c in configs]
         full_out, cached_out, decisions = [], [[] for _ in configs], [[] for _ in configs]
         for j, s in enumerate(starts):

@@ -49,7 +49,7 @@ from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine_info  # noqa: E402
+from benchmarks.common import machine_info, progress  # noqa: E402
 
 from cache.kv import KVConfig, LLMEngine, SessionStats  # noqa: E402
 from cache.kv.stub import FastForwardLM  # noqa: E402
@@ -175,7 +175,7 @@ def measure_ttft(engine: LLMEngine, question: torch.Tensor, args: argparse.Names
     """
     gc.collect()
     wall, cpu = {"cam": [], "ref": []}, {"cam": [], "ref": []}
-    for i in range(1 + args.repeats):
+    for i in progress(range(1 + args.repeats), "repeats"):
         for stream_id in ("ref", "cam"):
             w, c = ask_ms(engine, stream_id, question, args.device)
             if i:

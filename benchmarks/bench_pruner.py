@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine_info  # noqa: E402
+from benchmarks.common import machine_info, progress  # noqa: E402
 
 from pruner import PrunerConfig, StreamPruner, attention_received, available_policies, scores_to_tokens  # noqa: E402
 from stream.models.base import PreprocessSpec, VisualTokens  # noqa: E402
@@ -250,7 +250,7 @@ def check_correctness(b: Bench) -> None:
         if not torch.allclose(one_shot, cached, atol=tol, rtol=0):
             raise SystemExit(f"correctness: cached question logits differ by {float((one_shot - cached).abs().max())}")
     n = b.tokens.embeds.shape[0]
-    for policy in SWEEP_POLICIES:
+    for policy in progress(SWEEP_POLICIES, "policies"):
         _, n_kept, _ = prune(b.config(policy, b.args.budget), b.tokens, b.attn, b.pts, b.args.chunk)
         if n_kept != n * min(b.args.budget, 196):
             raise SystemExit(f"correctness: {policy} kept {n_kept} tokens, budget {n * b.args.budget}")
@@ -274,7 +274,7 @@ def sweep(b: Bench, chosen: dict, full_s: np.ndarray) -> dict:
     stc samples, against the median unpruned time ``full_s``)."""
     out: dict = {"budgets": [], "prefill_ratio": [], "prefill_ratio_cpu_time": [],
                  "kl": {p: [] for p in SWEEP_POLICIES}}
-    for budget in [int(x) for x in b.args.sweep.split(",")]:
+    for budget in progress([int(x) for x in b.args.sweep.split(",")], "budgets"):
         runs = {p: (chosen[p] if budget == b.args.budget and p in chosen else b.run(p, budget)) for p in SWEEP_POLICIES}
         out["budgets"].append(budget)
         ratio = np.median(runs[SWEEP_POLICIES[0]]["pruned_s"], axis=0) / full_s  # [wall, cpu]

@@ -29,6 +29,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.common import progress  # noqa: E402
+
 QUESTION = "What is happening in the video?"
 
 
@@ -222,7 +224,9 @@ def run_load(client: Any, frames: np.ndarray, args: argparse.Namespace) -> tuple
     start = time.monotonic()
     for t in threads:
         t.start()
-    time.sleep(args.seconds)
+    for _ in progress(range(int(args.seconds)), "seconds"):
+        time.sleep(1.0)
+    time.sleep(args.seconds - int(args.seconds))
     stop.set()
     elapsed = time.monotonic() - start
     for t in threads:

@@ -16,3 +16,12 @@ def machine_info(device: str, **extra: Any) -> dict[str, Any]:
         info["gpu"] = torch.cuda.get_device_name(0)
     info.update(extra)
     return info
+
+
+def progress(iterable: Any, desc: str, total: int | None = None) -> Any:
+    """``iterable`` with a tqdm progress bar on stderr when stderr is a terminal (silent otherwise)."""
+    import sys  # noqa: PLC0415
+
+    from tqdm import tqdm  # noqa: PLC0415
+
+    return tqdm(iterable, desc=desc, total=total, file=sys.stderr, leave=False, disable=not sys.stderr.isatty())

@@ -149,6 +149,18 @@ class RayBackend:
                 token = await self._call(stream_id, "reopen", LLM)
         raise StreamMisroutedError(f"no LLM replica holds stream {stream_id!r} even after reopening it")
 
+    async def score_yes_no(self, stream_id: str, question: str) -> float:
+        """P(yes) / (P(yes) + P(no)) of the answer's first token, on the LLM replica that holds the stream."""
+        token = await self._call(stream_id, "token", LLM)
+        retry_s = min(2.0, self.settings.ingest.misroute_retry_s)
+        yes, no = await acall_stream(self.llm, "score_choices", stream_id, token, question, ["yes", "no"],
+                                     retry_s=retry_s)
+        return float(yes / max(yes + no, 1e-12))
+
+    async def frame_jpeg(self, stream_id: str) -> bytes | None:
+        """The stream's newest sampled frame as JPEG (None before the first chunk)."""
+        return await self._call(stream_id, "frame_jpeg")
+
     async def stats(self, stream_id: str) -> StreamStats:
         base, tokens = await self._call(stream_id, "stats")
         retry_s = min(2.0, self.settings.ingest.misroute_retry_s)

@@ -82,8 +82,12 @@ def cmd_ask(args: argparse.Namespace) -> int:
         print(RANDOM_WEIGHTS_NOTE, file=sys.stderr)
     pipe = StreamPipeline(adapter, cfg.stream_options(), cfg.kv_replica_budget_bytes())
     sid = pipe.open("cli")
-    with open_source(args.video, cfg.source) as source:
-        stats = pipe.ingest(sid, source)
+    from tqdm import tqdm  # noqa: PLC0415
+
+    with open_source(args.video, cfg.source) as source:  # progress bar on stderr only when interactive, never with --json
+        with tqdm(source, desc="frames decoded", unit="f", file=sys.stderr,
+                  disable=args.json or not sys.stderr.isatty()) as frames:
+            stats = pipe.ingest(sid, frames)
     pieces = []
     if not args.json:
         print("answer: ", end="", flush=True)

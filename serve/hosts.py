@@ -17,6 +17,7 @@ from typing import Any
 
 from serve.api import PushResponse, StreamExistsError, StreamNotFoundError, StreamStateError, StreamStats
 from serve.flow import LLM, VISION, StageFlow
+from serve.protocol import jpeg_bytes
 from serve.replicas import call_stream
 from serve.service_config import IngestSettings
 from serve.streams import StreamRunner
@@ -153,6 +154,15 @@ class IngestHost:
         entry = self._get(stream_id)
         entry.runner.questions += 1
         return entry.flow.token(LLM)
+
+    def token(self, stream_id: str, kind: str) -> str:
+        """The stream's current incarnation token on one stage (calls to that stage must carry it)."""
+        return self._get(stream_id).flow.token(kind)
+
+    def frame_jpeg(self, stream_id: str) -> bytes | None:
+        """The stream's newest sampled frame as JPEG (None before the first chunk)."""
+        frame = getattr(self._get(stream_id).runner, "last_frame", None)
+        return None if frame is None else jpeg_bytes(frame)
 
     def reopen(self, stream_id: str, kind: str) -> str:
         """Rebuild one stage's state cold (its replica lost it); returns the new token."""

@@ -124,6 +124,13 @@ def make_api(backend: StreamBackend, settings: ServeSettings) -> FastAPI:
     _add_stream_routes(app, backend, settings)
     _add_question_route(app, backend, settings, metrics)
     _add_service_routes(app, backend, metrics)
+    from serve.openai_api import add_openai_routes  # noqa: PLC0415 (additive feature routers, issue 12)
+    from serve.watches import add_watch_routes  # noqa: PLC0415
+    from serve.webui import add_console_routes  # noqa: PLC0415
+
+    add_openai_routes(app, backend, settings)
+    add_watch_routes(app, backend, settings)
+    add_console_routes(app, backend)
     return app
 
 
@@ -132,7 +139,8 @@ def _install_middleware(app: FastAPI, settings: ServeSettings, metrics: _Metrics
 
     @app.middleware("http")
     async def auth_and_count(request: Request, call_next: Any) -> Response:
-        if key is not None and not _authorized(request, key):
+        public = request.url.path in ("/ui", "/ui/") or request.url.path.startswith("/ui/console.")  # static files
+        if key is not None and not public and not _authorized(request, key):
             exc = UnauthorizedError(
                 "missing or wrong API key. Fix: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'."
             )

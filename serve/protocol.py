@@ -74,7 +74,7 @@ def encode_frames(rgb: np.ndarray, pts: Sequence[float], encoding: str = "raw", 
     if encoding == "raw":
         msg.update(shape=list(batch.rgb.shape), dtype="uint8", data=np.ascontiguousarray(batch.rgb).tobytes())
     elif encoding == "jpeg":
-        msg["images"] = [_jpeg_bytes(frame, jpeg_quality) for frame in batch.rgb]
+        msg["images"] = [jpeg_bytes(frame, jpeg_quality) for frame in batch.rgb]
     else:
         raise ValueError(f"encoding must be 'raw' or 'jpeg', got {encoding!r}")
     return msgpack.packb(msg, use_bin_type=True)
@@ -208,7 +208,8 @@ def _check_side(height: int, width: int, limits: FrameLimits) -> None:
         )
 
 
-def _jpeg_bytes(rgb: np.ndarray, quality: int) -> bytes:
+def jpeg_bytes(rgb: np.ndarray, quality: int = 80) -> bytes:
+    """``[H, W, 3]`` uint8 RGB -> JPEG bytes."""
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="JPEG", quality=int(quality))
     return buf.getvalue()

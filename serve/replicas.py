@@ -198,6 +198,12 @@ class LLMDeployment(_StreamStage):
             yield piece
 
 
+    async def score_choices(self, stream_id: str, token: str, question: str, choices: list[str]) -> list[float]:
+        """Next-token probability of each choice over the stream's context (yes/no watches)."""
+        self.slots.require(stream_id, token)
+        return await asyncio.to_thread(self.stage.score_choices, stream_id, question, choices)
+
+
 # ---- stream-routed calls --------------------------------------------------------------------------------------------
 def call_stream(handle: Any, method: str, stream_id: str, token: str, *args: Any, timeout_s: float,
                 retry_s: float) -> Any:

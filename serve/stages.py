@@ -249,6 +249,21 @@ class LLMStage:
         stats.kv_tokens, stats.kv_bytes = kv["resident_tokens"], kv["used_bytes"]
         stats.context_tokens = kv["stream_tokens"]
 
+    def score_choices(self, stream_id: str, question: str, choices: list[str]) -> list[float]:
+        """Next-token probability of each choice as the answer's first token (summed over the spellings
+        ``c``, ``" c"``, ``C``, ``" C"``), over the stream's current context; the context is restored."""
+        try:
+            q = self.adapter.question_embeds(question)  # [Lq, d]
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
+        probs = torch.softmax(self.engine.next_logits(stream_id, q), dim=-1)  # [vocab]
+        out = []
+        for choice in choices:
+            ids = {self.adapter.tokenizer.encode(v, add_special_tokens=False)[0]
+                   for v in (choice, " " + choice, choice.capitalize(), " " + choice.capitalize())}
+            out.append(float(probs[sorted(ids)].sum()))
+        return out
+
     def stats(self, stream_id: str) -> dict[str, Any]:
         """The stream's KV session numbers (tokens resident, evicted, offloaded, bytes)."""
         st = self.engine.stats(stream_id)

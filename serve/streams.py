@@ -28,7 +28,7 @@ from serve.api import (
     StreamStateError,
     StreamStats,
 )
-from serve.protocol import FrameFormatError
+from serve.protocol import FrameFormatError, jpeg_bytes
 from serve.sources_policy import check_source_text, check_url_source
 from serve.ingest import ChunkQueue, IngestWorker, queue_policy, stream_kind
 from serve.service_config import IngestSettings, ServeSettings
@@ -144,6 +144,7 @@ class StreamRunner:
             raise
 
     def _sink(self, batch: FrameBatch) -> dict[str, Any]:
+        self.last_frame = batch.rgb[-1]  # [H, W, 3] the newest sampled frame (for GET /streams/{id}/frame.jpg)
         return self.client.encode_append(self.stream_id, batch)
 
     def push(self, batch: FrameBatch, flush: bool = False) -> PushResponse:
@@ -322,6 +323,17 @@ class LocalBackend:
         pieces = iterate_in_thread(lambda: self.llm.ask(stream_id, request.question, request.max_new_tokens))
         async for piece in pieces:
             yield piece
+
+    async def frame_jpeg(self, stream_id: str) -> bytes | None:
+        """The newest sampled frame as JPEG (None before the first chunk)."""
+        frame = getattr(self._get(stream_id), "last_frame", None)
+        return None if frame is None else await asyncio.to_thread(jpeg_bytes, frame)
+
+    async def score_yes_no(self, stream_id: str, question: str) -> float:
+        """P(yes) / (P(yes) + P(no)) for the answer's first token over the stream's context (the LLM's score_choices)."""
+        self._get(stream_id)
+        probs = await asyncio.to_thread(self.llm.score_choices, stream_id, question, ["yes", "no"])
+        return float(probs[0] / max(probs[0] + probs[1], 1e-12))
 
     async def stats(self, stream_id: str) -> StreamStats:
         runner = self._get(stream_id)

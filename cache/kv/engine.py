@@ -194,6 +194,24 @@ class LLMEngine:
             )
         return self._answer(session, stream_id, question, max_new_tokens, list(eos_ids), sampling or Sampling())
 
+    def next_logits(self, stream_id: str, question_embeds: Piece) -> torch.Tensor:
+        """Logits ``[vocab]`` (float32) of the first answer token to a question; the context is restored.
+
+        Runs through the step loop like :meth:`ask` (same placement: retrieval, sinks, question prefill) and sees
+        the same chunks an answer asked now would see.
+        """
+        session = self._get(stream_id)
+        question = self._check_piece(question_embeds, "question_embeds")
+        if question.tokens + 1 > self.config.reserve_tokens:
+            raise RequestError(f"question ({question.tokens} tokens) exceeds kv.reserve_tokens="
+                               f"{self.config.reserve_tokens}; shorten the question or raise kv.reserve_tokens")
+        self._check_open(session, stream_id)
+        task = self.scheduler.submit(stream_id, "question", session.next_logits(question), answer=True)
+        out = list(token_stream(self.scheduler, task))
+        if len(out) != 1:
+            raise UnknownStreamError(f"stream {stream_id!r} was closed while scoring")
+        return out[0]
+
     def _answer(self, session: KVSession, stream_id: str, question: LLMInput, max_new: int,
                 eos_ids: list[int], sampling: Sampling) -> Iterator[int]:
         self._check_open(session, stream_id)

@@ -244,6 +244,16 @@ class KVSession:
 
     # ------------------------------------------------------------------ questions
     @torch.inference_mode()
+    def next_logits(self, question: LLMInput) -> Work:
+        """Yields the question's forward, then the ``[vocab]`` float32 logits of the first answer token (the same
+        placement as :meth:`answer`); the resident state is restored afterwards."""
+        saved = self.cache.length
+        try:
+            logits = yield self._question_forward(question, max_new_tokens=1)
+            yield logits.float()
+        finally:
+            self.cache.truncate(saved)
+
     def answer(self, question: LLMInput, max_new_tokens: int, eos_ids: Iterable[int], sampling: Sampling) -> Work:
         """Answer ``question`` against the stream so far; yields forwards and generated token ids (not EOS).
 
@@ -252,14 +262,7 @@ class KVSession:
         saved, eos = self.cache.length, set(eos_ids)
         generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
         try:
-            # 1. bounded positions; 2. bring back relevant offloaded blocks; 3. sinks before them
-            self._rebase()
-            allowance = self.cfg.reserve_tokens - question.tokens - max_new_tokens
-            retrieved = self._place_retrieved(self._retrieve(question, min(self.cfg.retrieve_tokens, allowance)))
-            self._place_sinks(retrieved_extent=retrieved)
-            # 4. prefill the question after the window, then decode
-            rel = self._rel(question)
-            logits = yield Forward(self, question.embeds, self._shifted(rel, self.next_pos), piece_extras(question))
+            logits = yield self._question_forward(question, max_new_tokens)
             pos = self.next_pos + question.extent
             for step in range(max_new_tokens):
                 token = next_token(logits, sampling.temperature, sampling.top_k, sampling.top_p, generator)
@@ -273,6 +276,17 @@ class KVSession:
                 pos += 1
         finally:
             self.cache.truncate(saved)
+
+    def _question_forward(self, question: LLMInput, max_new_tokens: int) -> Forward:
+        """Place retrieved blocks and sinks for a question; the forward that prefills it after the window."""
+        # 1. bounded positions; 2. bring back relevant offloaded blocks; 3. sinks before them
+        self._rebase()
+        allowance = self.cfg.reserve_tokens - question.tokens - max_new_tokens
+        retrieved = self._place_retrieved(self._retrieve(question, min(self.cfg.retrieve_tokens, allowance)))
+        self._place_sinks(retrieved_extent=retrieved)
+        # 4. the question right after the window
+        rel = self._rel(question)
+        return Forward(self, question.embeds, self._shifted(rel, self.next_pos), piece_extras(question))
 
     def _retrieve(self, question: LLMInput, allowance: int) -> list[tuple[StoredBlock, float]]:
         """Offloaded blocks most relevant to ``question`` that fit ``allowance`` tokens, in stream order."""
