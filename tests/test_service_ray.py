@@ -237,6 +237,28 @@ def test_ray_served_answer_equals_the_in_process_pipeline(service, tiny_llava_di
     client.close_stream(sid)
 
 
+def test_latest_frame_and_yes_no_scores_through_the_cluster(service):
+    """The console's frame.jpg and the watches' yes/no score reach the stream's ingest host and LLM replica."""
+    from serve.hosts import STREAM_NAMESPACE
+
+    client, _, cfg = service
+    sid = client.create_stream(stream_id="scored")["stream_id"]
+    rgb, pts = _frames(4)
+    client.push_frames(sid, rgb, pts, encoding="raw")
+    _wait(lambda: client.stats(sid)["ingest"]["frames_encoded"] == 4, 60, "4 frames encoded")
+    with urllib.request.urlopen(f"{client.url}/streams/{sid}/frame.jpg", timeout=60) as resp:
+        assert resp.headers["Content-Type"] == "image/jpeg" and resp.read(2) == b"\xff\xd8"
+    host = ray.get_actor(_host_of(sid), namespace=STREAM_NAMESPACE)
+    token = ray.get(host.token.remote(sid, LLM))
+    llm = serve.get_deployment_handle(LLM, app_name=cfg.serve.app_name)
+    yes, no = llm.score_choices.remote(sid, token, "Is something moving?", ["yes", "no"]).result()
+    assert 0.0 < yes < 1.0 and 0.0 < no < 1.0
+    with pytest.raises(Exception) as info:  # another incarnation's token is refused, never answered
+        llm.score_choices.remote(sid, "stale-token", "Is something moving?", ["yes", "no"]).result()
+    assert isinstance(unwrap(info.value), StreamMisroutedError)
+    client.close_stream(sid)
+
+
 def test_twenty_streams_created_concurrently(service):
     from concurrent.futures import ThreadPoolExecutor
 
