@@ -154,6 +154,17 @@ class IngestSettings(StrictModel):
     )
 
 
+class WatchSettings(StrictModel):
+    """Standing questions (``serve/watches.py``): bounds, the service-wide rate limit and the webhook allowlist."""
+
+    max_watches_per_stream: int = Field(4, ge=1, le=64)
+    max_events_per_stream: int = Field(256, ge=1, le=100_000)
+    asks_per_s: float = Field(4.0, gt=0, le=1000, description="Watch questions per second, service-wide.")
+    min_every_s: float = Field(0.2, gt=0, description="Smallest accepted every_s.")
+    max_new_tokens: int = Field(32, ge=1, le=512)
+    webhook_hosts: list[str] = Field(default_factory=list, description="Hosts webhooks may POST to.")
+
+
 class ServeSettings(StrictModel):
     """The service section of the config: deployments, HTTP, ingest, security and request limits."""
 
@@ -224,6 +235,7 @@ class ServeSettings(StrictModel):
         description="Longest question accepted (413 above). With max_new_tokens it must fit kv.reserve_tokens.",
     )
     max_new_tokens: int = Field(512, ge=1, le=65_536, description="Largest max_new_tokens a question may ask for.")
+    watches: WatchSettings = Field(default_factory=WatchSettings, description="Standing questions and webhooks.")
 
     @model_validator(mode="after")
     def _check(self) -> "ServeSettings":

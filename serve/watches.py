@@ -27,20 +27,8 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from serve.api import QuestionRequest
-from serve.service_config import ServeSettings
+from serve.service_config import ServeSettings, WatchSettings
 from stream.errors import RequestError, StreamNotFoundError
-
-
-class WatchSettings(BaseModel):
-    """Bounds of the watch subsystem."""
-
-    model_config = ConfigDict(extra="forbid")
-    max_watches_per_stream: int = Field(4, ge=1, le=64)
-    max_events_per_stream: int = Field(256, ge=1, le=100_000)
-    asks_per_s: float = Field(4.0, gt=0, le=1000, description="Watch questions per second, service-wide.")
-    min_every_s: float = Field(0.2, gt=0, description="Smallest accepted every_s.")
-    max_new_tokens: int = Field(32, ge=1, le=512)
-    webhook_hosts: list[str] = Field(default_factory=list, description="Hosts webhooks may POST to.")
 
 
 class WatchRequest(BaseModel):
@@ -231,12 +219,11 @@ class WatchManager:
                 yield b": keep-alive\n\n"
 
 
-def add_watch_routes(app: FastAPI, backend: Any, settings: ServeSettings,
-                     watch_settings: WatchSettings | None = None) -> WatchManager:
+def add_watch_routes(app: FastAPI, backend: Any, settings: ServeSettings) -> WatchManager:
     """Mount the watch and event routes; closing a stream through the API ends its watches."""
     from serve.webhooks import WebhookSender  # noqa: PLC0415
 
-    ws = watch_settings or WatchSettings()
+    ws = settings.watches
     manager = WatchManager(backend, ws, WebhookSender(ws.webhook_hosts))
     app.state.watches = manager
     router = APIRouter(tags=["watches"])
