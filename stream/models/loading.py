@@ -12,6 +12,7 @@ from stream.errors import ConfigError
 from stream.models.base import PreprocessSpec, VLMAdapter
 from stream.models.llava_onevision import LLAVA_OV_CHAT_TEMPLATE, LlavaOneVisionAdapter
 from stream.models.preprocess import RESAMPLE, RESAMPLE_BY_CODE
+from stream.models.qwen2_5_vl import QWEN2_5_VL_CHAT_TEMPLATE, Qwen2_5_VLAdapter
 from stream.models.smolvlm import SMOLVLM_CHAT_TEMPLATE, SmolVLMAdapter
 from stream.models.tiny import ensure_tiny_model, is_tiny
 
@@ -20,6 +21,7 @@ FAMILY_BY_MODEL_TYPE: dict[str, tuple[type[VLMAdapter], str, str]] = {
     "llava_onevision": (LlavaOneVisionAdapter, "LlavaOnevisionForConditionalGeneration", LLAVA_OV_CHAT_TEMPLATE),
     "smolvlm": (SmolVLMAdapter, "SmolVLMForConditionalGeneration", SMOLVLM_CHAT_TEMPLATE),
     "idefics3": (SmolVLMAdapter, "Idefics3ForConditionalGeneration", SMOLVLM_CHAT_TEMPLATE),
+    "qwen2_5_vl": (Qwen2_5_VLAdapter, "Qwen2_5_VLForConditionalGeneration", QWEN2_5_VL_CHAT_TEMPLATE),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -93,8 +95,10 @@ def load_adapter(model: str | Path | None = None, device: str = "cpu", dtype: st
     hf_cls = getattr(transformers, class_name)
     hf_model = hf_cls.from_pretrained(name, local_files_only=local, dtype=torch_dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local)
-    spec = _preprocess_spec(name, local, hf_model.config.vision_config.image_size)
+    spec = _preprocess_spec(name, local, getattr(hf_model.config.vision_config, "image_size", 0))
     adapter = adapter_cls(hf_model, tokenizer, spec, _chat_template(name, local, tokenizer, default_template))
+    if hasattr(adapter, "configure_preprocessing"):  # families whose resize reads more of preprocessor_config
+        adapter.configure_preprocessing(_read_json(name, "preprocessor_config.json", local) or {})
     adapter.random_weights = local and is_tiny(name)
     adapter.source = name
     return adapter

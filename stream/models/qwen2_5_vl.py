@@ -1,0 +1,290 @@
+"""Qwen2.5-VL: our smart-resize + temporal patches -> windowed ViT (2-D rotary) -> patch merger -> Qwen2 (M-RoPE).
+
+**Preprocessing** (ours; no torchvision): every frame of a stream is resized (PIL bicubic) to the same
+``smart_resize(H, W)`` size -- both sides multiples of ``patch_size * merge_size`` (28), area within
+``[min_pixels, max_pixels]`` -- so the grid is a function of the stream's frame size (a frame of another size gives
+another grid; nothing is carried between grids). Frames are rescaled, normalized and cut into **temporal patches of
+2 frames** (``temporal_patch_size``), each ``[gh * gw, 3 * 2 * 14 * 14]`` in HF's merge-block order. Rule for odd
+counts: a chunk with an odd number of frames repeats its last frame to fill its last temporal patch (what the HF
+processor does for a video of odd length); so does the stream's last frame. The pts of a temporal patch is the pts
+of its first frame.
+
+**Layout in the LLM** (what HF's ``get_rope_index`` computes for this token sequence): each temporal patch is one
+``<|vision_start|><|video_pad|>*T<|vision_end|>`` group of grid ``(1, gh, gw)``; its visual tokens sit at
+``(t, h, w) = (p + 1, p + 1 + row, p + 1 + col)`` after the ``<|vision_start|>`` at ``p``, and text resumes at
+``p + 1 + max(gh, gw) / 2``. A live stream has no known length, so every temporal patch is its own group (HF's
+layout for a list of 2-frame videos); a whole video given to HF at once would instead be one group of ``T`` patches
+whose temporal positions are spaced by ``tokens_per_second * seconds_per_patch``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from stream.models.base import LayerRunner, VisualTokens, VLMAdapter, grid_positions, run_layers
+from stream.models.inputs import LLMInput
+from stream.models.llm import TextLM
+
+VIDEO_MARKER = "<|vision_start|><|video_pad|><|vision_end|>"
+
+
+def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
+                 max_pixels: int = 14 * 14 * 4 * 1280) -> tuple[int, int]:
+    """Qwen's resize target: sides multiples of ``factor``, area in ``[min_pixels, max_pixels]``, aspect kept.
+
+    Raises:
+        ValueError: an aspect ratio above 200 (Qwen's limit).
+    """
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"aspect ratio {max(height, width) / min(height, width):.1f} is above Qwen's limit of 200")
+    h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar, w_bar = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def frames_to_patches(rgb: np.ndarray, patch: int, merge: int, temporal: int, mean: Sequence[float],
+                      std: Sequence[float], min_pixels: int, max_pixels: int) -> torch.Tensor:
+    """``[N, H, W, 3]`` uint8 -> ``[ceil(N / temporal), gh / merge, gw / merge, merge**2, 3 * temporal * patch**2]``.
+
+    The last frame is repeated when ``N`` is not a multiple of ``temporal``. Flattening dims 1-3 gives HF's
+    ``pixel_values_videos`` rows of one temporal patch, in order.
+    """
+    if rgb.ndim == 3:
+        rgb = rgb[None]
+    if rgb.ndim != 4 or rgb.shape[-1] != 3 or rgb.dtype != np.uint8 or rgb.shape[0] == 0:
+        raise ValueError(f"expected uint8 frames [N>0, H, W, 3], got dtype {rgb.dtype} shape {list(rgb.shape)}")
+    h, w = smart_resize(rgb.shape[1], rgb.shape[2], patch * merge, min_pixels, max_pixels)
+    out = np.empty((rgb.shape[0], h, w, 3), dtype=np.float32)  # [N, h, w, 3]
+    for i, frame in enumerate(rgb):
+        img = Image.fromarray(frame)
+        out[i] = np.asarray(img if img.size == (w, h) else img.resize((w, h), Image.Resampling.BICUBIC), np.float32)
+    out = (out - np.asarray(mean, np.float32) * 255.0) / (np.asarray(std, np.float32) * 255.0)
+    x = torch.from_numpy(out).permute(0, 3, 1, 2)  # [N, 3, h, w]
+    if x.shape[0] % temporal:
+        x = torch.cat([x, x[-1:].expand(temporal - x.shape[0] % temporal, -1, -1, -1)])
+    gt, gh, gw = x.shape[0] // temporal, h // patch, w // patch
+    x = x.reshape(gt, temporal, 3, gh // merge, merge, patch, gw // merge, merge, patch)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # [gt, gh/m, gw/m, m, m, 3, temporal, p, p]
+    return x.reshape(gt, gh // merge, gw // merge, merge * merge, 3 * temporal * patch * patch).contiguous()
+
+
+class MRopeTextLM(TextLM):
+    """The Qwen2 decoder of Qwen2.5-VL: 3 rows of rotary positions (t, h, w), channel sections ``mrope_section``."""
+
+    @property
+    def position_rows(self) -> int:
+        return 3
+
+    def channel_rows(self) -> torch.Tensor:
+        """``[head_dim / 2]`` int64: which position row rotates each channel pair (HF ``mrope_section``)."""
+        section = self.decoder.rotary_emb.mrope_section
+        if sum(section) * 2 != self.head_dim:
+            raise ValueError(f"mrope_section {section} does not cover head_dim {self.head_dim} / 2")
+        return torch.repeat_interleave(torch.arange(len(section)) % 3, torch.tensor(section))
+
+    def rotate_keys(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """M-RoPE rotation of keys ``[..., n, head_dim]`` at ``positions`` ``[3, n]`` (a ``[1|n]`` row broadcasts);
+        negative positions rotate back. Float32 angles as HF computes them, returned in ``keys.dtype``."""
+        if positions.ndim == 1:
+            positions = positions[None]
+        positions = positions.expand(3, -1).to(keys.device)
+        rows = self.channel_rows().to(keys.device)  # [hd/2]
+        angles = positions[rows].T.float() * self.inv_freq.to(keys.device)[None]  # [n, hd/2]
+        emb = torch.cat((angles, angles), dim=-1)  # [n, hd]
+        x = keys.float()
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return (x * emb.cos() + rotated * emb.sin()).to(keys.dtype)
+
+
+class _GridBlock(nn.Module):
+    """One vision block bound to a grid: ``[N, P, D]`` temporal patches (window order) -> ``[N, P, D]``.
+
+    Each temporal patch attends within itself (full blocks) or within its windows (other blocks), as HF's
+    ``cu_seqlens`` make it; 2-D rotary cos/sin of the grid are fixed.
+    """
+
+    def __init__(self, block: nn.Module, cos: torch.Tensor, sin: torch.Tensor, windows: torch.Tensor | None):
+        super().__init__()
+        self.block, self.cos, self.sin, self.windows = block, cos, sin, windows
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        n, p, d = hidden.shape
+        bounds = self.windows if self.windows is not None else torch.tensor([0, p], dtype=torch.int32)
+        offsets = (torch.arange(n, dtype=torch.int32) * p)[:, None] + bounds[None, 1:]  # [N, w]
+        cu = torch.cat([torch.zeros(1, dtype=torch.int32), offsets.flatten()]).to(hidden.device)
+        emb = (self.cos.repeat(n, 1), self.sin.repeat(n, 1))  # [N*P, hd]
+        out = self.block(hidden.reshape(n * p, d), cu_seqlens=cu, position_embeddings=emb)
+        return out.view(n, p, d)
+
+
+class Qwen2_5_VLAdapter(VLMAdapter):
+    """Adapter for ``Qwen2_5_VLForConditionalGeneration`` checkpoints (Qwen2.5-VL-3B/7B/72B-Instruct).
+
+    One adapter "frame" is a temporal patch (2 video frames); ``preprocess`` returns
+    ``[N_patches, gh/2, gw/2, 4, patch_dim]`` so the grid travels with the tensor.
+    """
+
+    family = "qwen2_5_vl"
+    video_marker = VIDEO_MARKER
+    end_of_turn_tokens = ("<|im_end|>",)
+    min_pixels = 128 * 28 * 28
+    max_pixels = 768 * 28 * 28
+
+    def _text_lm(self) -> TextLM:
+        vc = self.model.config.vision_config
+        self.patch, self.merge, self.temporal = vc.patch_size, vc.spatial_merge_size, vc.temporal_patch_size
+        return MRopeTextLM(self.model.model.language_model, self.model.lm_head)
+
+    def configure_preprocessing(self, cfg: dict) -> None:
+        """Read ``min_pixels`` / ``max_pixels`` (or ``size.shortest_edge/longest_edge``) from preprocessor_config."""
+        size = cfg.get("size") or {}
+        self.min_pixels = int(cfg.get("min_pixels") or size.get("shortest_edge") or self.min_pixels)
+        self.max_pixels = int(cfg.get("max_pixels") or size.get("longest_edge") or self.max_pixels)
+
+    @property
+    def visual(self) -> nn.Module:
+        return self.model.model.visual
+
+    @property
+    def placeholder_id(self) -> int:
+        return int(self.model.config.video_token_id)
+
+    @property
+    def vision_layers(self) -> nn.ModuleList:
+        return self.visual.blocks
+
+    @property
+    def image_size(self) -> int:
+        return int(math.isqrt(self.max_pixels))
+
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        """The LLM token grid ``(rows, cols)`` of frames ``height x width`` (fixed per frame size)."""
+        h, w = smart_resize(height, width, self.patch * self.merge, self.min_pixels, self.max_pixels)
+        return h // (self.patch * self.merge), w // (self.patch * self.merge)
+
+    def preprocess(self, rgb: np.ndarray) -> torch.Tensor:
+        s = self.preprocess_spec
+        pv = frames_to_patches(rgb, self.patch, self.merge, self.temporal, s.mean, s.std, self.min_pixels,
+                               self.max_pixels)
+        return pv.to(self.device, self.vision_dtype)
+
+    def _window_index(self, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Merge-unit order of one temporal patch in window-attention order, and its window bounds (in patches)."""
+        from transformers.vision_utils import get_vision_window_index
+
+        vc = self.model.config.vision_config
+        grid = torch.tensor([[1, rows * self.merge, cols * self.merge]])
+        return get_vision_window_index(grid, self.merge, vc.window_size, self.patch)
+
+    def vision_embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``[N, rows, cols, m*m, E]`` -> ``[N, P, D]`` patch embeddings in window order."""
+        n, rows, cols, unit, e = pixel_values.shape
+        hidden = self.visual.patch_embed(pixel_values.reshape(-1, e))  # [N*P, D]
+        order, _ = self._window_index(rows, cols)
+        return hidden.view(n, rows * cols, unit, -1)[:, order].reshape(n, rows * cols * unit, -1)
+
+    def grid_layers(self, rows: int, cols: int) -> nn.ModuleList:
+        """The vision blocks bound to a ``rows x cols`` token grid (see :class:`_GridBlock`)."""
+        from transformers.vision_utils import get_vision_position_ids
+
+        grid = torch.tensor([[1, rows * self.merge, cols * self.merge]])
+        order, bounds = self._window_index(rows, cols)
+        pos = get_vision_position_ids(grid, self.merge).to(self.device)  # [P, 2]
+        unit = self.merge**2
+        cos, sin = self.visual.rotary_pos_emb(pos, pos)
+        cos, sin = (x.view(rows * cols, unit, -1)[order].reshape(rows * cols * unit, -1) for x in (cos, sin))
+        full = set(self.model.config.vision_config.fullatt_block_indexes)
+        return nn.ModuleList(
+            _GridBlock(b, cos, sin, None if i in full else bounds) for i, b in enumerate(self.visual.blocks)
+        )
+
+    @torch.inference_mode()
+    def encode_vision(self, pixel_values: torch.Tensor, layer_runner: LayerRunner | None = None) -> torch.Tensor:
+        """``[N, rows, cols, m*m, E]`` -> features ``[N, rows, cols, m*m, D]`` (token-grid order, before the merger)."""
+        n, rows, cols, unit, _ = pixel_values.shape
+        hidden = self.vision_embed(pixel_values)  # [N, P, D] window order
+        hidden = (layer_runner or run_layers)(hidden, self.grid_layers(rows, cols))
+        order, _ = self._window_index(rows, cols)
+        inverse = torch.argsort(order)
+        return hidden.view(n, rows * cols, unit, -1)[:, inverse].view(n, rows, cols, unit, -1)
+
+    def project(self, features: torch.Tensor) -> VisualTokens:
+        """``[N, rows, cols, m*m, D]`` -> ``[N, rows*cols, d]`` merged tokens, row-major on the token grid."""
+        n, rows, cols, unit, d = features.shape
+        tokens = self.visual.merger(features.reshape(-1, d)).view(n, rows * cols, -1)  # [N, T, d]
+        return VisualTokens(tokens, grid_positions(rows, cols), (rows, cols))
+
+    # ---- LLM side ----------------------------------------------------------------------------------------------
+    def chunk_embeds(self, frames: Sequence[torch.Tensor], pts: Sequence[float],
+                     positions: Sequence[torch.Tensor] | None = None,
+                     grid: tuple[int, int] | None = None) -> LLMInput:
+        """Temporal patches' kept tokens ``frames[i]`` ``[t_i, d]`` -> one :class:`LLMInput` with 3-row positions.
+
+        Args:
+            positions: per temporal patch ``[t_i, 2]`` (row, col) of the kept tokens on the grid (pruned chunks keep
+                their original positions); ``None`` = every token, row-major.
+            grid: the token grid ``(rows, cols)``; needed unless the tokens fill a square grid.
+        """
+        if len(frames) != len(pts):
+            raise ValueError(f"chunk_embeds needs one pts per temporal patch: {len(frames)} patches, {len(pts)} pts")
+        start, end = self.llm.embed(self._ids("<|vision_start|>")), self.llm.embed(self._ids("<|vision_end|>"))
+        embeds, rel, mask, p = [], [], [], 0
+        for i, tokens in enumerate(frames):
+            rc = positions[i].to(torch.long).cpu() if positions is not None else None
+            g = grid
+            if g is None:
+                side = math.isqrt(tokens.shape[0])
+                if rc is not None or side * side != tokens.shape[0]:
+                    raise ValueError("chunk_embeds needs grid=(rows, cols) for pruned or non-square token grids")
+                g = (side, side)
+            if rc is None:
+                if tokens.shape[0] != g[0] * g[1]:
+                    raise ValueError(f"{tokens.shape[0]} tokens do not fill grid {g}; pass their positions")
+                rc = grid_positions(*g)
+            t = rc.shape[0]
+            vis = torch.stack([torch.full((t,), p + 1), p + 1 + rc[:, 0], p + 1 + rc[:, 1]])  # [3, t]
+            after = p + 1 + max(g)
+            rel += [torch.full((3, 1), p), vis, torch.full((3, 1), after)]
+            embeds += [start, tokens.to(self.device, self.llm.dtype), end]
+            mask += [False] + [True] * t + [False]
+            p = after + 1
+        if not embeds:
+            return LLMInput(torch.zeros(0, self.llm.hidden_size, device=self.device, dtype=self.llm.dtype))
+        return LLMInput(torch.cat(embeds), torch.cat(rel, dim=1), meta={"pts": [float(x) for x in pts]})
+
+    def chunk_placeholder_ids(self, n_frames: int, pts: Sequence[float], tokens: int = 0) -> torch.Tensor:
+        """HF's ids for ``n_frames`` temporal patches of ``tokens`` visual tokens each."""
+        group = torch.cat([self._ids("<|vision_start|>"), torch.full((tokens,), self.placeholder_id),
+                           self._ids("<|vision_end|>")])
+        return group.repeat(n_frames)
+
+    def patch_pts(self, pts: Sequence[float]) -> list[float]:
+        """Frame pts -> the pts of each temporal patch (its first frame's)."""
+        return [float(x) for x in list(pts)[:: self.temporal]]
+
+
+QWEN2_5_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'video' %}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
+    "{% elif content['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}{{ '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+"""The Qwen2.5-VL chat template (video and image parts as the Qwen processors render them)."""

@@ -1,0 +1,191 @@
+"""Qwen2.5-VL: our preprocessing, windowed tower, M-RoPE positions and streamed prompt against the HF model itself
+(tiny random-weight config of the real architecture, offline)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import DynamicCache
+
+from cache.kv import KVConfig, LLMEngine
+from stream.models import load_adapter, make_tiny_model
+from stream.models.inputs import LLMInput
+from stream.models.qwen2_5_vl import frames_to_patches, smart_resize
+
+QUESTION = "What is the man holding?"
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory: pytest.TempPathFactory):
+    torch.manual_seed(0)
+    return load_adapter(str(make_tiny_model(tmp_path_factory.mktemp("m") / "tiny-qwen", "qwen2_5_vl")))
+
+
+def _frames(n: int, h: int = 150, w: int = 200, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    base = np.linspace(0, 255, h * w * 3).reshape(h, w, 3)
+    return np.stack([(base + rng.integers(0, 60, (h, w, 3))) % 256 for _ in range(n)]).astype(np.uint8)
+
+
+def _hf_inputs(a, rgb: np.ndarray, question: str = QUESTION) -> dict:
+    """What the HF processor builds for a stream of 2-frame videos: ids, mm_token_type_ids, pixels, grids."""
+    pv = a.preprocess(rgb)  # [N, r, c, 4, E]
+    n, r, c, _, e = pv.shape
+    ids = torch.cat([a.stream_prefix_ids(), a.chunk_placeholder_ids(n, [0.0] * n, r * c), a.question_ids(question)])
+    return {"input_ids": ids[None], "mm_token_type_ids": (ids == a.placeholder_id).int()[None] * 2,
+            "pixel_values_videos": pv.reshape(-1, e), "video_grid_thw": torch.tensor([[1, 2 * r, 2 * c]] * n)}
+
+
+def _ours(a, rgb: np.ndarray, chunks: int = 1, flat_positions: bool = False) -> torch.Tensor:
+    """Prefix, chunks (each an LLMInput at the stream's next position), question; logits of the question."""
+    cache, pos = DynamicCache(), 0
+    prefix = a.llm.embed(a.stream_prefix_ids())
+    a.llm.forward(prefix[None], cache, position_ids=torch.arange(len(prefix)).expand(3, 1, -1))
+    pos = len(prefix)
+    for idx in np.array_split(np.arange(len(rgb) // 2), chunks):
+        frames = rgb[2 * idx[0]: 2 * idx[-1] + 2]
+        vt = a.encode_frames(frames)
+        piece = a.chunk_embeds(list(vt.embeds), a.patch_pts([0.0] * len(frames)), grid=vt.grid)
+        rel = piece.position_rows(3) if not flat_positions else torch.arange(piece.tokens).expand(3, -1)
+        a.llm.forward(piece.embeds[None], cache, position_ids=(rel + pos)[:, None])
+        pos += piece.extent if not flat_positions else piece.tokens
+    q = a.question_embeds(QUESTION)
+    return a.llm.forward(q[None], cache, position_ids=torch.arange(pos, pos + len(q)).expand(3, 1, -1),
+                         logits_to_keep=len(q))[0]
+
+
+def test_smart_resize_and_patches_match_hf_processor(qwen) -> None:
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
+
+    for h, w in [(150, 200), (480, 640), (1080, 1920), (33, 900), (720, 720)]:
+        assert smart_resize(h, w, 28, 4 * 784, 64 * 784) == hf_smart_resize(h, w, 28, 4 * 784, 64 * 784)
+    frame = _frames(1)[0]
+    # a temporal patch of one frame repeated == HF's image path (which repeats the image to 2 frames)
+    proc = Qwen2VLImageProcessorPil(min_pixels=qwen.min_pixels, max_pixels=qwen.max_pixels, patch_size=14,
+                                    merge_size=2, temporal_patch_size=2)
+    out = proc(images=[frame], return_tensors="pt")
+    ours = frames_to_patches(frame[None], 14, 2, 2, proc.image_mean, proc.image_std, qwen.min_pixels,
+                             qwen.max_pixels)
+    assert out["image_grid_thw"].tolist() == [[1, 2 * ours.shape[1], 2 * ours.shape[2]]]
+    torch.testing.assert_close(ours.reshape(-1, ours.shape[-1]), out["pixel_values"].float(), atol=2e-5, rtol=0)
+    # odd chunk: the last frame is repeated to fill the last temporal patch
+    two = _frames(3)
+    odd = frames_to_patches(two, 14, 2, 2, proc.image_mean, proc.image_std, qwen.min_pixels, qwen.max_pixels)
+    padded = frames_to_patches(np.concatenate([two, two[-1:]]), 14, 2, 2, proc.image_mean, proc.image_std,
+                               qwen.min_pixels, qwen.max_pixels)
+    assert odd.shape[0] == 2
+    torch.testing.assert_close(odd, padded)
+
+
+def test_tower_equals_hf_video_features(qwen) -> None:
+    rgb = _frames(4, 300, 420)  # a 6 x 8 token grid over 2 windows: windowed and full blocks both matter
+    vt = qwen.encode_frames(rgb)
+    inputs = _hf_inputs(qwen, rgb)
+    with torch.inference_mode():
+        ref = qwen.model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
+    ref = torch.cat(ref.pooler_output).view(vt.embeds.shape)
+    assert vt.grid == (5, 7) or vt.grid[0] * vt.grid[1] == vt.embeds.shape[1]
+    torch.testing.assert_close(vt.embeds, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_stream_path_equals_model_forward_and_needs_mrope_positions(qwen) -> None:
+    rgb = _frames(4)
+    inputs = _hf_inputs(qwen, rgb)
+    n_q = len(qwen.question_ids(QUESTION))
+    with torch.inference_mode():
+        ref = qwen.model(**inputs).logits[0, -n_q:].float()
+        no_types = qwen.model(**{k: v for k, v in inputs.items() if k != "mm_token_type_ids"}).logits[0, -n_q:]
+    ours = _ours(qwen, rgb)
+    torch.testing.assert_close(ours, ref, atol=2e-4, rtol=1e-4)
+    # without the 3-row positions (HF: without mm_token_type_ids) the output is silently different
+    assert (_ours(qwen, rgb, flat_positions=True) - ref).abs().max() > 1e-3
+    assert (no_types.float() - ref).abs().max() > 1e-3
+    assert (_ours(qwen, _frames(4, seed=1)) - ref).abs().max() > 1e-3
+
+
+def test_chunked_prefill_equals_one_shot(qwen) -> None:
+    rgb = _frames(6)
+    torch.testing.assert_close(_ours(qwen, rgb, chunks=3), _ours(qwen, rgb, chunks=1), atol=1e-4, rtol=1e-4)
+
+
+def test_pruned_chunk_equals_hf_fed_kept_tokens_at_original_positions(qwen) -> None:
+    rgb = _frames(2)
+    vt = qwen.encode_frames(rgb)
+    keep = torch.tensor([0, 3, 4, 10, 17, 20, 34])  # kept token indices of the one temporal patch
+    piece = qwen.chunk_embeds([vt.embeds[0, keep]], [0.0], positions=[vt.positions[keep]], grid=vt.grid)
+    prefix = qwen.llm.embed(qwen.stream_prefix_ids())
+    q = qwen.question_embeds(QUESTION)
+    cache = DynamicCache()
+    qwen.llm.forward(prefix[None], cache, position_ids=torch.arange(len(prefix)).expand(3, 1, -1))
+    base = len(prefix)
+    qwen.llm.forward(piece.embeds[None], cache, position_ids=(piece.position_rows(3) + base)[:, None])
+    pos = base + piece.extent
+    ours = qwen.llm.forward(q[None], cache, position_ids=torch.arange(pos, pos + len(q)).expand(3, 1, -1))[0, -1]
+    # HF: full-grid positions from its own get_rope_index, the pruned tokens' rows removed, one forward
+    inputs = _hf_inputs(qwen, rgb)
+    ids = inputs["input_ids"]
+    full_pos, _ = qwen.model.model.get_rope_index(ids, inputs["mm_token_type_ids"],
+                                                  video_grid_thw=inputs["video_grid_thw"])
+    video = (ids[0] == qwen.placeholder_id).nonzero()[:, 0]
+    drop = torch.ones(ids.shape[1], dtype=torch.bool)
+    drop[video] = False
+    drop[video[keep]] = True
+    with torch.inference_mode():
+        embeds = qwen.model.model.get_input_embeddings()(ids)
+        embeds[0, video] = vt.embeds[0]
+        ref = qwen.model(inputs_embeds=embeds[:, drop], position_ids=full_pos[:, :, drop]).logits[0, -1].float()
+    torch.testing.assert_close(ours, ref, atol=2e-4, rtol=1e-4)
+
+
+def test_rotate_keys_matches_hf_mrope(qwen) -> None:
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
+
+    llm = qwen.llm
+    keys = torch.randn(1, llm.num_kv_heads, 9, llm.head_dim)
+    pos = torch.tensor([[0, 5, 5, 5, 9, 10, 11, 12, 40], [0, 5, 6, 7, 9, 10, 11, 12, 41], [0, 5, 6, 5, 9, 10, 13, 2, 0]])
+    cos, sin = llm.decoder.rotary_emb(keys, pos[:, None])
+    _, hf = apply_rotary_pos_emb(keys, keys, cos, sin)
+    torch.testing.assert_close(llm.rotate_keys(keys, pos), hf, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(llm.rotate_keys(llm.rotate_keys(keys, pos), -pos), keys, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(llm.shift_keys(llm.rotate_keys(keys, pos), 7), llm.rotate_keys(keys, pos + 7),
+                               atol=1e-4, rtol=1e-4)
+
+
+def _engine_answer(a, cfg: KVConfig, chunks: list[LLMInput], eos: list[int]) -> tuple[list[int], int]:
+    engine = LLMEngine(a.llm, cfg, 1 << 30)
+    engine.open("s", a.llm.embed(a.stream_prefix_ids()))
+    for piece in chunks:
+        engine.append("s", piece)
+    got = list(engine.ask("s", a.question_embeds(QUESTION), 8, eos))
+    rebases = engine.stats("s").rebases
+    engine.close("s")
+    return got, rebases
+
+
+def test_engine_answer_equals_hf_generate(qwen) -> None:
+    rgb = _frames(4)
+    inputs = _hf_inputs(qwen, rgb)
+    eos = sorted(qwen.eos_token_ids)
+    with torch.inference_mode():
+        out = qwen.model.generate(**inputs, max_new_tokens=8, do_sample=False, eos_token_id=eos,
+                                  pad_token_id=qwen.tokenizer.pad_token_id)
+    ref = out[0, inputs["input_ids"].shape[1]:].tolist()
+    ref = ref[: next((i for i, t in enumerate(ref) if t in eos), len(ref))]
+    vt = qwen.encode_frames(rgb)
+    cfg = KVConfig(policy="sink_window", budget_tokens=4096, sink_tokens=256, reserve_tokens=512)
+    got, _ = _engine_answer(qwen, cfg, [qwen.chunk_embeds(list(vt.embeds), [0.0, 1.0], grid=vt.grid)], eos)
+    assert got == ref and len(ref) > 0
+
+
+def test_compact_rebase_under_mrope_is_a_uniform_shift(qwen) -> None:
+    """120 chunks push the stream past rebase_position: the window's keys are shifted back (every M-RoPE row by the
+    same delta), so the answer equals a session that never rebased (same relative positions)."""
+    vts = [qwen.encode_frames(_frames(2, seed=s)) for s in range(4)]
+    chunks = [qwen.chunk_embeds(list(vts[i % 4].embeds), [float(i)], grid=vts[0].grid) for i in range(120)]
+    eos = sorted(qwen.eos_token_ids)
+    small = dict(policy="sink_window", budget_tokens=512, sink_tokens=64, reserve_tokens=128)
+    got, rebases = _engine_answer(qwen, KVConfig(**small, rebase_position=1024), chunks, eos)
+    ref, none = _engine_answer(qwen, KVConfig(**small, rebase_position=1 << 16), chunks, eos)
+    assert rebases > 0 and none == 0
+    assert got == ref
