@@ -39,11 +39,13 @@ class VisualTokens:
         embeds: ``[N, T, d]`` LLM-space embeddings, ``T`` tokens per frame.
         positions: ``[T, 2]`` int64 (row, col) of each token on the ``grid`` (same for every frame).
         grid: ``(rows, cols)`` of the token grid.
+        deepstack: ``[levels, N, T, d]`` DeepStack features of the same tokens (Qwen3-VL), else ``None``.
     """
 
     embeds: torch.Tensor
     positions: torch.Tensor
     grid: tuple[int, int]
+    deepstack: torch.Tensor | None = None
 
     def __repr__(self) -> str:
         return f"VisualTokens(embeds={list(self.embeds.shape)}, grid={self.grid})"

@@ -54,17 +54,18 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56
 
 
 def frames_to_patches(rgb: np.ndarray, patch: int, merge: int, temporal: int, mean: Sequence[float],
-                      std: Sequence[float], min_pixels: int, max_pixels: int) -> torch.Tensor:
+                      std: Sequence[float], min_pixels: int, max_pixels: int,
+                      size: tuple[int, int] | None = None) -> torch.Tensor:
     """``[N, H, W, 3]`` uint8 -> ``[ceil(N / temporal), gh / merge, gw / merge, merge**2, 3 * temporal * patch**2]``.
 
     The last frame is repeated when ``N`` is not a multiple of ``temporal``. Flattening dims 1-3 gives HF's
-    ``pixel_values_videos`` rows of one temporal patch, in order.
+    ``pixel_values_videos`` rows of one temporal patch, in order. ``size`` = ``(h, w)`` overrides the resize target.
     """
     if rgb.ndim == 3:
         rgb = rgb[None]
     if rgb.ndim != 4 or rgb.shape[-1] != 3 or rgb.dtype != np.uint8 or rgb.shape[0] == 0:
         raise ValueError(f"expected uint8 frames [N>0, H, W, 3], got dtype {rgb.dtype} shape {list(rgb.shape)}")
-    h, w = smart_resize(rgb.shape[1], rgb.shape[2], patch * merge, min_pixels, max_pixels)
+    h, w = size or smart_resize(rgb.shape[1], rgb.shape[2], patch * merge, min_pixels, max_pixels)
     out = np.empty((rgb.shape[0], h, w, 3), dtype=np.float32)  # [N, h, w, 3]
     for i, frame in enumerate(rgb):
         img = Image.fromarray(frame)
@@ -86,12 +87,19 @@ class MRopeTextLM(TextLM):
     def position_rows(self) -> int:
         return 3
 
+    interleaved = False  # Qwen3-VL: channels cycle t, h, w (HF's interleaved M-RoPE)
+
     def channel_rows(self) -> torch.Tensor:
         """``[head_dim / 2]`` int64: which position row rotates each channel pair (HF ``mrope_section``)."""
-        section = self.decoder.rotary_emb.mrope_section
+        section = list(self.decoder.rotary_emb.mrope_section)
         if sum(section) * 2 != self.head_dim:
             raise ValueError(f"mrope_section {section} does not cover head_dim {self.head_dim} / 2")
-        return torch.repeat_interleave(torch.arange(len(section)) % 3, torch.tensor(section))
+        if not self.interleaved:
+            return torch.repeat_interleave(torch.arange(len(section)) % 3, torch.tensor(section))
+        rows = torch.zeros(self.head_dim // 2, dtype=torch.long)
+        for row, offset in ((1, 1), (2, 2)):  # as HF's recomposition: h at 1::3, w at 2::3, within 3 * section
+            rows[offset: section[row] * 3: 3] = row
+        return rows
 
     def rotate_keys(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """M-RoPE rotation of keys ``[..., n, head_dim]`` at ``positions`` ``[3, n]`` (a ``[1|n]`` row broadcasts);
@@ -227,19 +235,24 @@ class Qwen2_5_VLAdapter(VLMAdapter):
         return VisualTokens(tokens, grid_positions(rows, cols), (rows, cols))
 
     # ---- LLM side ----------------------------------------------------------------------------------------------
+    def frame_text(self, pts: float) -> tuple[str, str]:
+        """Text around one temporal patch's visual tokens."""
+        return "<|vision_start|>", "<|vision_end|>"
+
     def chunk_embeds(self, frames: Sequence[torch.Tensor], pts: Sequence[float],
-                     positions: Sequence[torch.Tensor] | None = None,
-                     grid: tuple[int, int] | None = None) -> LLMInput:
+                     positions: Sequence[torch.Tensor] | None = None, grid: tuple[int, int] | None = None,
+                     deepstack: Sequence[torch.Tensor] | None = None) -> LLMInput:
         """Temporal patches' kept tokens ``frames[i]`` ``[t_i, d]`` -> one :class:`LLMInput` with 3-row positions.
 
         Args:
+            pts: one time per temporal patch (:meth:`patch_pts`).
             positions: per temporal patch ``[t_i, 2]`` (row, col) of the kept tokens on the grid (pruned chunks keep
                 their original positions); ``None`` = every token, row-major.
             grid: the token grid ``(rows, cols)``; needed unless the tokens fill a square grid.
+            deepstack: per temporal patch ``[levels, t_i, d]`` DeepStack features of the same kept tokens.
         """
         if len(frames) != len(pts):
             raise ValueError(f"chunk_embeds needs one pts per temporal patch: {len(frames)} patches, {len(pts)} pts")
-        start, end = self.llm.embed(self._ids("<|vision_start|>")), self.llm.embed(self._ids("<|vision_end|>"))
         embeds, rel, mask, p = [], [], [], 0
         for i, tokens in enumerate(frames):
             rc = positions[i].to(torch.long).cpu() if positions is not None else None
@@ -253,22 +266,31 @@ class Qwen2_5_VLAdapter(VLMAdapter):
                 if tokens.shape[0] != g[0] * g[1]:
                     raise ValueError(f"{tokens.shape[0]} tokens do not fill grid {g}; pass their positions")
                 rc = grid_positions(*g)
+            before, after = (self._ids(x) for x in self.frame_text(float(pts[i])))
             t = rc.shape[0]
-            vis = torch.stack([torch.full((t,), p + 1), p + 1 + rc[:, 0], p + 1 + rc[:, 1]])  # [3, t]
-            after = p + 1 + max(g)
-            rel += [torch.full((3, 1), p), vis, torch.full((3, 1), after)]
-            embeds += [start, tokens.to(self.device, self.llm.dtype), end]
-            mask += [False] + [True] * t + [False]
-            p = after + 1
+            rel.append(torch.arange(p, p + len(before)).expand(3, -1))
+            p += len(before)
+            rel.append(torch.stack([torch.full((t,), p), p + rc[:, 0], p + rc[:, 1]]))  # [3, t]
+            p += max(g)
+            rel.append(torch.arange(p, p + len(after)).expand(3, -1))
+            p += len(after)
+            embeds += [self.llm.embed(before), tokens.to(self.device, self.llm.dtype), self.llm.embed(after)]
+            mask += [False] * len(before) + [True] * t + [False] * len(after)
         if not embeds:
             return LLMInput(torch.zeros(0, self.llm.hidden_size, device=self.device, dtype=self.llm.dtype))
-        return LLMInput(torch.cat(embeds), torch.cat(rel, dim=1), meta={"pts": [float(x) for x in pts]})
+        extra = {}
+        if deepstack is not None:
+            extra = {"deepstack": torch.cat([d.to(self.device, self.llm.dtype) for d in deepstack], dim=1),
+                     "visual_mask": torch.tensor(mask, device=self.device)}
+        return LLMInput(torch.cat(embeds), torch.cat(rel, dim=1), meta={"pts": [float(x) for x in pts]}, **extra)
 
     def chunk_placeholder_ids(self, n_frames: int, pts: Sequence[float], tokens: int = 0) -> torch.Tensor:
         """HF's ids for ``n_frames`` temporal patches of ``tokens`` visual tokens each."""
-        group = torch.cat([self._ids("<|vision_start|>"), torch.full((tokens,), self.placeholder_id),
-                           self._ids("<|vision_end|>")])
-        return group.repeat(n_frames)
+        groups = []
+        for t in list(pts)[:n_frames]:
+            before, after = self.frame_text(float(t))
+            groups += [self._ids(before), torch.full((tokens,), self.placeholder_id), self._ids(after)]
+        return torch.cat(groups)
 
     def patch_pts(self, pts: Sequence[float]) -> list[float]:
         """Frame pts -> the pts of each temporal patch (its first frame's)."""
