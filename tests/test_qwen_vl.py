@@ -1,4 +1,4 @@
-"""Qwen2.5-VL: our preprocessing, windowed tower, M-RoPE positions and streamed prompt against the HF model itself
+"""Qwen2.5-VL and Qwen3-VL: our preprocessing, windowed tower, M-RoPE positions and streamed prompt against the HF model itself
 (tiny random-weight config of the real architecture, offline)."""
 from __future__ import annotations
 
@@ -15,10 +15,15 @@ from stream.models.qwen2_5_vl import frames_to_patches, smart_resize
 QUESTION = "What is the man holding?"
 
 
-@pytest.fixture(scope="module")
-def qwen(tmp_path_factory: pytest.TempPathFactory):
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl"])
+def qwen(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
     torch.manual_seed(0)
-    return load_adapter(str(make_tiny_model(tmp_path_factory.mktemp("m") / "tiny-qwen", "qwen2_5_vl")))
+    family = request.param
+    return load_adapter(str(make_tiny_model(tmp_path_factory.mktemp("m") / f"tiny-{family}", family)))
+
+
+def _pts(n_frames: int) -> list[float]:
+    return [0.5 * i for i in range(n_frames)]
 
 
 def _frames(n: int, h: int = 150, w: int = 200, seed: int = 0) -> np.ndarray:
@@ -31,7 +36,8 @@ def _hf_inputs(a, rgb: np.ndarray, question: str = QUESTION) -> dict:
     """What the HF processor builds for a stream of 2-frame videos: ids, mm_token_type_ids, pixels, grids."""
     pv = a.preprocess(rgb)  # [N, r, c, 4, E]
     n, r, c, _, e = pv.shape
-    ids = torch.cat([a.stream_prefix_ids(), a.chunk_placeholder_ids(n, [0.0] * n, r * c), a.question_ids(question)])
+    pts = a.patch_pts(_pts(len(rgb)))
+    ids = torch.cat([a.stream_prefix_ids(), a.chunk_placeholder_ids(n, pts, r * c), a.question_ids(question)])
     return {"input_ids": ids[None], "mm_token_type_ids": (ids == a.placeholder_id).int()[None] * 2,
             "pixel_values_videos": pv.reshape(-1, e), "video_grid_thw": torch.tensor([[1, 2 * r, 2 * c]] * n)}
 
@@ -45,16 +51,34 @@ def _ours(a, rgb: np.ndarray, chunks: int = 1, flat_positions: bool = False) -> 
     for idx in np.array_split(np.arange(len(rgb) // 2), chunks):
         frames = rgb[2 * idx[0]: 2 * idx[-1] + 2]
         vt = a.encode_frames(frames)
-        piece = a.chunk_embeds(list(vt.embeds), a.patch_pts([0.0] * len(frames)), grid=vt.grid)
+        deep = None if vt.deepstack is None else list(vt.deepstack.transpose(0, 1))
+        piece = a.chunk_embeds(list(vt.embeds), a.patch_pts(_pts(len(rgb))[2 * idx[0]: 2 * idx[-1] + 2]),
+                               grid=vt.grid, deepstack=deep)
+        extra = {} if deep is None else {"deepstack": piece.deepstack, "visual_mask": piece.visual_mask}
         rel = piece.position_rows(3) if not flat_positions else torch.arange(piece.tokens).expand(3, -1)
-        a.llm.forward(piece.embeds[None], cache, position_ids=(rel + pos)[:, None])
+        a.llm.forward(piece.embeds[None], cache, position_ids=(rel + pos)[:, None], **extra)
         pos += piece.extent if not flat_positions else piece.tokens
     q = a.question_embeds(QUESTION)
     return a.llm.forward(q[None], cache, position_ids=torch.arange(pos, pos + len(q)).expand(3, 1, -1),
                          logits_to_keep=len(q))[0]
 
 
+def test_qwen3_video_resize_matches_hf_rule_for_one_temporal_patch(qwen) -> None:
+    if qwen.family != "qwen3_vl":
+        pytest.skip("Qwen3-VL's video resize rule")
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize as hf_video_resize
+
+    from stream.models.qwen3_vl import smart_resize_video
+
+    for h, w in [(150, 200), (480, 640), (1080, 1920), (20, 900), (720, 720)]:
+        assert smart_resize_video(h, w, 32, 8 * 1024, 128 * 1024) == hf_video_resize(2, h, w, 2, 32, 8 * 1024,
+                                                                                        128 * 1024)
+    assert qwen.preprocess(_frames(2)).shape[1:3] == qwen.grid(150, 200)
+
+
 def test_smart_resize_and_patches_match_hf_processor(qwen) -> None:
+    if qwen.family != "qwen2_5_vl":
+        pytest.skip("Qwen2.5-VL's image processor (PIL backend) is the reference")
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
 
@@ -84,9 +108,13 @@ def test_tower_equals_hf_video_features(qwen) -> None:
     inputs = _hf_inputs(qwen, rgb)
     with torch.inference_mode():
         ref = qwen.model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
-    ref = torch.cat(ref.pooler_output).view(vt.embeds.shape)
-    assert vt.grid == (5, 7) or vt.grid[0] * vt.grid[1] == vt.embeds.shape[1]
-    torch.testing.assert_close(vt.embeds, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(vt.embeds, torch.cat(ref.pooler_output).view(vt.embeds.shape), atol=1e-5, rtol=1e-5)
+    assert vt.grid[0] * vt.grid[1] == vt.embeds.shape[1]
+    if qwen.family == "qwen3_vl":
+        assert vt.deepstack.shape[0] == len(ref.deepstack_features) == 2
+        for level, feats in enumerate(ref.deepstack_features):
+            feats = torch.cat(feats) if isinstance(feats, (tuple, list)) else feats
+            torch.testing.assert_close(vt.deepstack[level], feats.view(vt.embeds.shape), atol=1e-5, rtol=1e-5)
 
 
 def test_stream_path_equals_model_forward_and_needs_mrope_positions(qwen) -> None:
@@ -95,7 +123,13 @@ def test_stream_path_equals_model_forward_and_needs_mrope_positions(qwen) -> Non
     n_q = len(qwen.question_ids(QUESTION))
     with torch.inference_mode():
         ref = qwen.model(**inputs).logits[0, -n_q:].float()
-        no_types = qwen.model(**{k: v for k, v in inputs.items() if k != "mm_token_type_ids"}).logits[0, -n_q:]
+        without = {k: v for k, v in inputs.items() if k != "mm_token_type_ids"}
+        if qwen.family == "qwen3_vl":  # Qwen3-VL refuses; Qwen2.5-VL silently falls back to 1-D positions
+            with pytest.raises(ValueError, match="mm_token_type_ids"):
+                qwen.model(**without)
+            no_types = ref + 1
+        else:
+            no_types = qwen.model(**without).logits[0, -n_q:]
     ours = _ours(qwen, rgb)
     torch.testing.assert_close(ours, ref, atol=2e-4, rtol=1e-4)
     # without the 3-row positions (HF: without mm_token_type_ids) the output is silently different
@@ -112,14 +146,17 @@ def test_chunked_prefill_equals_one_shot(qwen) -> None:
 def test_pruned_chunk_equals_hf_fed_kept_tokens_at_original_positions(qwen) -> None:
     rgb = _frames(2)
     vt = qwen.encode_frames(rgb)
-    keep = torch.tensor([0, 3, 4, 10, 17, 20, 34])  # kept token indices of the one temporal patch
-    piece = qwen.chunk_embeds([vt.embeds[0, keep]], [0.0], positions=[vt.positions[keep]], grid=vt.grid)
+    keep = torch.tensor([0, 3, 4, 10, 17, 20, 29])  # kept token indices of the one temporal patch
+    deep = None if vt.deepstack is None else [vt.deepstack[:, 0, keep]]  # a dropped token leaves every level
+    piece = qwen.chunk_embeds([vt.embeds[0, keep]], qwen.patch_pts(_pts(2)), positions=[vt.positions[keep]],
+                              grid=vt.grid, deepstack=deep)
+    extra = {} if deep is None else {"deepstack": piece.deepstack, "visual_mask": piece.visual_mask}
     prefix = qwen.llm.embed(qwen.stream_prefix_ids())
     q = qwen.question_embeds(QUESTION)
     cache = DynamicCache()
     qwen.llm.forward(prefix[None], cache, position_ids=torch.arange(len(prefix)).expand(3, 1, -1))
     base = len(prefix)
-    qwen.llm.forward(piece.embeds[None], cache, position_ids=(piece.position_rows(3) + base)[:, None])
+    qwen.llm.forward(piece.embeds[None], cache, position_ids=(piece.position_rows(3) + base)[:, None], **extra)
     pos = base + piece.extent
     ours = qwen.llm.forward(q[None], cache, position_ids=torch.arange(pos, pos + len(q)).expand(3, 1, -1))[0, -1]
     # HF: full-grid positions from its own get_rope_index, the pruned tokens' rows removed, one forward
@@ -134,12 +171,20 @@ def test_pruned_chunk_equals_hf_fed_kept_tokens_at_original_positions(qwen) -> N
     with torch.inference_mode():
         embeds = qwen.model.model.get_input_embeddings()(ids)
         embeds[0, video] = vt.embeds[0]
-        ref = qwen.model(inputs_embeds=embeds[:, drop], position_ids=full_pos[:, :, drop]).logits[0, -1].float()
+        kw = {}
+        if deep is not None:  # HF's decoder fed the kept tokens' rows of every DeepStack level
+            kw = {"visual_pos_masks": (ids == qwen.placeholder_id)[:, drop], "deepstack_visual_embeds": list(deep[0])}
+        hidden = qwen.model.model.language_model(inputs_embeds=embeds[:, drop], position_ids=full_pos[:, :, drop],
+                                                 **kw).last_hidden_state
+        ref = qwen.model.lm_head(hidden[0, -1]).float()
     torch.testing.assert_close(ours, ref, atol=2e-4, rtol=1e-4)
 
 
 def test_rotate_keys_matches_hf_mrope(qwen) -> None:
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
+    import importlib
+
+    apply_rotary_pos_emb = importlib.import_module(f"transformers.models.{qwen.family}.modeling_{qwen.family}")
+    apply_rotary_pos_emb = apply_rotary_pos_emb.apply_rotary_pos_emb
 
     llm = qwen.llm
     keys = torch.randn(1, llm.num_kv_heads, 9, llm.head_dim)
@@ -174,7 +219,9 @@ def test_engine_answer_equals_hf_generate(qwen) -> None:
     ref = ref[: next((i for i, t in enumerate(ref) if t in eos), len(ref))]
     vt = qwen.encode_frames(rgb)
     cfg = KVConfig(policy="sink_window", budget_tokens=4096, sink_tokens=256, reserve_tokens=512)
-    got, _ = _engine_answer(qwen, cfg, [qwen.chunk_embeds(list(vt.embeds), [0.0, 1.0], grid=vt.grid)], eos)
+    deep = None if vt.deepstack is None else list(vt.deepstack.transpose(0, 1))
+    piece = qwen.chunk_embeds(list(vt.embeds), qwen.patch_pts(_pts(4)), grid=vt.grid, deepstack=deep)
+    got, _ = _engine_answer(qwen, cfg, [piece], eos)
     assert got == ref and len(ref) > 0
 
 

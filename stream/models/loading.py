@@ -13,6 +13,7 @@ from stream.models.base import PreprocessSpec, VLMAdapter
 from stream.models.llava_onevision import LLAVA_OV_CHAT_TEMPLATE, LlavaOneVisionAdapter
 from stream.models.preprocess import RESAMPLE, RESAMPLE_BY_CODE
 from stream.models.qwen2_5_vl import QWEN2_5_VL_CHAT_TEMPLATE, Qwen2_5_VLAdapter
+from stream.models.qwen3_vl import QWEN3_VL_CHAT_TEMPLATE, Qwen3VLAdapter
 from stream.models.smolvlm import SMOLVLM_CHAT_TEMPLATE, SmolVLMAdapter
 from stream.models.tiny import ensure_tiny_model, is_tiny
 
@@ -22,6 +23,7 @@ FAMILY_BY_MODEL_TYPE: dict[str, tuple[type[VLMAdapter], str, str]] = {
     "smolvlm": (SmolVLMAdapter, "SmolVLMForConditionalGeneration", SMOLVLM_CHAT_TEMPLATE),
     "idefics3": (SmolVLMAdapter, "Idefics3ForConditionalGeneration", SMOLVLM_CHAT_TEMPLATE),
     "qwen2_5_vl": (Qwen2_5_VLAdapter, "Qwen2_5_VLForConditionalGeneration", QWEN2_5_VL_CHAT_TEMPLATE),
+    "qwen3_vl": (Qwen3VLAdapter, "Qwen3VLForConditionalGeneration", QWEN3_VL_CHAT_TEMPLATE),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

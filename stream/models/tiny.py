@@ -21,9 +21,10 @@ from transformers import PreTrainedTokenizerFast
 
 from stream.models.llava_onevision import LLAVA_OV_CHAT_TEMPLATE
 from stream.models.qwen2_5_vl import QWEN2_5_VL_CHAT_TEMPLATE
+from stream.models.qwen3_vl import QWEN3_VL_CHAT_TEMPLATE
 from stream.models.smolvlm import SMOLVLM_CHAT_TEMPLATE
 
-FAMILIES = ("llava_onevision", "smolvlm", "qwen2_5_vl")
+FAMILIES = ("llava_onevision", "smolvlm", "qwen2_5_vl", "qwen3_vl")
 TINY_MARKER = "stc_tiny.json"
 TINY_VERSION = 1
 
@@ -34,9 +35,11 @@ _SPECIALS = {
     "qwen2_5_vl": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                    "<|video_pad|>", "<|image_pad|>"],
 }
-_EOS = {"llava_onevision": "<|im_end|>", "smolvlm": "<end_of_utterance>", "qwen2_5_vl": "<|im_end|>"}
+_SPECIALS["qwen3_vl"] = _SPECIALS["qwen2_5_vl"]
+_EOS = {"llava_onevision": "<|im_end|>", "smolvlm": "<end_of_utterance>", "qwen2_5_vl": "<|im_end|>",
+        "qwen3_vl": "<|im_end|>"}
 _TEMPLATES = {"llava_onevision": LLAVA_OV_CHAT_TEMPLATE, "smolvlm": SMOLVLM_CHAT_TEMPLATE,
-              "qwen2_5_vl": QWEN2_5_VL_CHAT_TEMPLATE}
+              "qwen2_5_vl": QWEN2_5_VL_CHAT_TEMPLATE, "qwen3_vl": QWEN3_VL_CHAT_TEMPLATE}
 # Qwen2.5-VL tiny: 4 vision blocks (1 and 3 full attention, 0 and 2 windowed), 112 px windows as in the real model
 QWEN_MIN_PIXELS, QWEN_MAX_PIXELS = 4 * 28 * 28, 64 * 28 * 28
 _WORDS = (
@@ -104,6 +107,8 @@ def build_tiny_model(family: str, tokenizer: PreTrainedTokenizerFast, text_overr
     torch.manual_seed(seed)
     if family == "qwen2_5_vl":
         return _build_qwen2_5_vl(tokenizer, text, ids, vision_overrides)
+    if family == "qwen3_vl":
+        return _build_qwen3_vl(tokenizer, text, ids, vision_overrides)
     if family == "llava_onevision":
         text["model_type"] = "qwen2"
         config = LlavaOnevisionConfig(
@@ -145,6 +150,29 @@ def _build_qwen2_5_vl(tokenizer: PreTrainedTokenizerFast, text: dict[str, Any], 
     return model.eval()
 
 
+def _build_qwen3_vl(tokenizer: PreTrainedTokenizerFast, text: dict[str, Any], ids: dict[str, int],
+                    vision_overrides: dict[str, Any] | None) -> torch.nn.Module:
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    text = {**text, "model_type": "qwen3_vl_text", "head_dim": 16, "bos_token_id": None,
+            "eos_token_id": tokenizer.eos_token_id,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [2, 3, 3],
+                                "mrope_interleaved": True}}
+    vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=text["hidden_size"],
+                  patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                  deepstack_visual_indexes=[0, 1])
+    vision.update(vision_overrides or {})
+    config = Qwen3VLConfig(
+        text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False,
+    )
+    model = Qwen3VLForConditionalGeneration(config)
+    for cfg in (model.config, model.config.text_config):
+        cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id = tokenizer.pad_token_id, None, tokenizer.eos_token_id
+    return model.eval()
+
+
 def _preprocessor_config(family: str, size: int) -> dict[str, Any]:
     """The fields of HF's ``preprocessor_config.json`` that our preprocessing reads."""
     if family == "qwen2_5_vl":
@@ -152,6 +180,10 @@ def _preprocessor_config(family: str, size: int) -> dict[str, Any]:
                 "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "patch_size": 14,
                 "merge_size": 2, "temporal_patch_size": 2, "min_pixels": QWEN_MIN_PIXELS,
                 "max_pixels": QWEN_MAX_PIXELS}
+    if family == "qwen3_vl":
+        return {"video_processor_type": "Qwen3VLVideoProcessor", "image_mean": [0.5, 0.5, 0.5],
+                "image_std": [0.5, 0.5, 0.5], "resample": 3, "patch_size": 16, "merge_size": 2,
+                "temporal_patch_size": 2, "size": {"shortest_edge": 8 * 32 * 32, "longest_edge": 128 * 32 * 32}}
     if family == "llava_onevision":
         return {"image_processor_type": "LlavaOnevisionImageProcessor", "image_mean": [0.5, 0.5, 0.5],
                 "image_std": [0.5, 0.5, 0.5], "resample": 3, "size": {"height": size, "width": size}}
