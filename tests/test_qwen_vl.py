@@ -236,3 +236,55 @@ def test_compact_rebase_under_mrope_is_a_uniform_shift(qwen) -> None:
     ref, none = _engine_answer(qwen, KVConfig(**small, rebase_position=1 << 16), chunks, eos)
     assert rebases > 0 and none == 0
     assert got == ref
+
+
+def test_pipeline_answer_equals_hf_generate_with_compression_off(qwen) -> None:
+    """Vision stage -> EncodedChunk (positions, grid, DeepStack) -> LLM stage, 2 chunks of 2 frames, vs HF generate
+    on the 4 frames; the cacher (not yet on these towers) is refused with the fix."""
+    from serve.options import StreamOptions
+    from serve.pipeline import StreamPipeline
+    from stream.errors import RequestError
+    from stream.frames import FrameBatch
+
+    rgb = _frames(4)
+    inputs = _hf_inputs(qwen, rgb)
+    eos = sorted(qwen.eos_token_ids)
+    with torch.inference_mode():
+        out = qwen.model.generate(**inputs, max_new_tokens=6, do_sample=False, eos_token_id=eos,
+                                  pad_token_id=qwen.tokenizer.pad_token_id)
+    ref = qwen.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    opts = StreamOptions.model_validate({"cacher": {"enabled": False}, "pruner": {"enabled": False},
+                                         "kv": {"policy": "sink_window", "budget_tokens": 4096}})
+    pipe = StreamPipeline(qwen, opts, 1 << 30)
+    sid = pipe.open("s")
+    pts = np.asarray(_pts(4))
+    for i in (0, 2):
+        chunk = pipe.push_chunk(sid, FrameBatch(rgb[i:i + 2], pts[i:i + 2], np.arange(i, i + 2)))
+        assert chunk.grid is not None and chunk.positions.shape == (chunk.embeds.shape[0], 2)
+        assert (chunk.deepstack is not None) == (qwen.family == "qwen3_vl")
+    assert "".join(pipe.ask(sid, QUESTION, 6)) == ref
+    with pytest.raises(RequestError, match="cacher.enabled=false"):
+        StreamPipeline(qwen, StreamOptions(), 1 << 30).open("c")
+
+
+def test_pruned_stream_keeps_positions_and_deepstack_rows(qwen) -> None:
+    """With the pruner on, the vision stage sends each kept token's original (row, col) and its DeepStack rows."""
+    from serve.options import StreamOptions
+    from serve.stages import VisionStage
+    from stream.frames import FrameBatch
+
+    opts = StreamOptions.model_validate({"cacher": {"enabled": False},
+                                         "pruner": {"policy": "uniform", "tokens_per_frame": 9}})
+    stage = VisionStage(qwen, opts)
+    stage.open("s")
+    rgb = _frames(3)  # odd: the last frame is repeated into the second temporal patch
+    chunk = stage.encode("s", FrameBatch(rgb, np.asarray(_pts(3)), np.arange(3)))
+    vt = qwen.encode_frames(rgb)
+    assert len(chunk.pts) == 2 and chunk.tokens_per_frame == [9, 9]
+    idx = chunk.positions[:, 0] * vt.grid[1] + chunk.positions[:, 1]  # token index on the grid
+    frame = torch.repeat_interleave(torch.arange(2), 9)
+    torch.testing.assert_close(chunk.embeds, vt.embeds[frame, idx])
+    if vt.deepstack is not None:
+        torch.testing.assert_close(chunk.deepstack, vt.deepstack[:, frame, idx])
+    piece = qwen.chunk_embeds(chunk.frames(), chunk.pts, **chunk.llm_extras())
+    assert piece.tokens == int(piece.position_rows(3).shape[1]) and piece.extent > 9

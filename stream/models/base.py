@@ -189,8 +189,20 @@ class VLMAdapter:
         """``[L, d]`` LLM input after the last frame (family end-of-video embedding + question + assistant start)."""
         return torch.cat([self.video_end_embeds(), self.llm.embed(self.question_ids(question))], dim=0)
 
-    def chunk_embeds(self, frames: Sequence[torch.Tensor], pts: Sequence[float]) -> torch.Tensor:
-        """A chunk's visual tokens as LLM input: ``frames[i]`` ``[t_i, d]`` kept tokens of frame i -> ``[L, d]``."""
+    def frame_pts(self, pts: Sequence[float]) -> list[float]:
+        """Frame times -> one time per adapter frame (Qwen: per temporal patch of 2 frames)."""
+        return [float(x) for x in pts]
+
+    def chunk_embeds(self, frames: Sequence[torch.Tensor], pts: Sequence[float],
+                     positions: Sequence[torch.Tensor] | None = None, grid: tuple[int, int] | None = None,
+                     deepstack: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """A chunk's visual tokens as LLM input: ``frames[i]`` ``[t_i, d]`` kept tokens of frame i -> ``[L, d]``.
+
+        1-D RoPE families place tokens at consecutive positions, so ``positions`` / ``grid`` (used by M-RoPE
+        families) are not needed here; ``deepstack`` is refused (no such family uses 1-D RoPE).
+        """
+        if deepstack is not None:
+            raise ValueError(f"{self.family} has no DeepStack; got DeepStack features for its chunk")
         if len(frames) != len(pts):
             raise ValueError(f"chunk_embeds needs one pts per frame: {len(frames)} frames, {len(pts)} pts")
         pieces: list[torch.Tensor] = []

@@ -296,6 +296,9 @@ class Qwen2_5_VLAdapter(VLMAdapter):
         """Frame pts -> the pts of each temporal patch (its first frame's)."""
         return [float(x) for x in list(pts)[:: self.temporal]]
 
+    def frame_pts(self, pts: Sequence[float]) -> list[float]:
+        return self.patch_pts(pts)
+
 
 QWEN2_5_VL_CHAT_TEMPLATE = (
     "{% for message in messages %}"
