@@ -288,3 +288,20 @@ def test_pruned_stream_keeps_positions_and_deepstack_rows(qwen) -> None:
         torch.testing.assert_close(chunk.deepstack, vt.deepstack[:, frame, idx])
     piece = qwen.chunk_embeds(chunk.frames(), chunk.pts, **chunk.llm_extras())
     assert piece.tokens == int(piece.position_rows(3).shape[1]) and piece.extent > 9
+
+
+def test_an_unreachable_hub_id_fails_at_once_with_the_fix(monkeypatch, tmp_path) -> None:
+    import time
+
+    from huggingface_hub import constants
+
+    from stream.errors import ConfigError
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match="not in the local HF cache.*HF_HUB_OFFLINE is set.*Fix: pass a local"):
+        load_adapter("Qwen/Qwen2.5-VL-3B-Instruct")
+    assert time.monotonic() - t0 < 2.0
+    (tmp_path / "config.json").write_text('{"model_type": "qwen3_vl_moe"}')
+    with pytest.raises(ConfigError, match="mixture-of-experts decoder; the dense qwen3_vl is supported"):
+        load_adapter(str(tmp_path))
