@@ -16,8 +16,6 @@ from typing import Any, Iterator
 
 import torch
 
-from cache.stc import check_layers
-
 from serve.messages import AnswerStats, EncodedChunk
 from pruner.attention import attention_received, scores_to_tokens
 from serve.options import StreamOptions
@@ -127,7 +125,7 @@ class VisionStage:
         cacher = opts.make_cacher()
         if cacher is not None:
             try:
-                check_layers(self.adapter.vision_layers)
+                self.adapter.check_cacher()
             except TypeError as exc:
                 raise RequestError(f"{exc} (model family {self.adapter.family}: set cacher.enabled=false, "
                                    "e.g. --no-cache)") from None

@@ -240,10 +240,9 @@ def test_compact_rebase_under_mrope_is_a_uniform_shift(qwen) -> None:
 
 def test_pipeline_answer_equals_hf_generate_with_compression_off(qwen) -> None:
     """Vision stage -> EncodedChunk (positions, grid, DeepStack) -> LLM stage, 2 chunks of 2 frames, vs HF generate
-    on the 4 frames; the cacher (not yet on these towers) is refused with the fix."""
+    on the 4 frames; the same with the STC cacher at ratio 1.0."""
     from serve.options import StreamOptions
     from serve.pipeline import StreamPipeline
-    from stream.errors import RequestError
     from stream.frames import FrameBatch
 
     rgb = _frames(4)
@@ -253,18 +252,17 @@ def test_pipeline_answer_equals_hf_generate_with_compression_off(qwen) -> None:
         out = qwen.model.generate(**inputs, max_new_tokens=6, do_sample=False, eos_token_id=eos,
                                   pad_token_id=qwen.tokenizer.pad_token_id)
     ref = qwen.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-    opts = StreamOptions.model_validate({"cacher": {"enabled": False}, "pruner": {"enabled": False},
-                                         "kv": {"policy": "sink_window", "budget_tokens": 4096}})
-    pipe = StreamPipeline(qwen, opts, 1 << 30)
-    sid = pipe.open("s")
-    pts = np.asarray(_pts(4))
-    for i in (0, 2):
-        chunk = pipe.push_chunk(sid, FrameBatch(rgb[i:i + 2], pts[i:i + 2], np.arange(i, i + 2)))
-        assert chunk.grid is not None and chunk.positions.shape == (chunk.embeds.shape[0], 2)
-        assert (chunk.deepstack is not None) == (qwen.family == "qwen3_vl")
-    assert "".join(pipe.ask(sid, QUESTION, 6)) == ref
-    with pytest.raises(RequestError, match="cacher.enabled=false"):
-        StreamPipeline(qwen, StreamOptions(), 1 << 30).open("c")
+    for cacher in ({"enabled": False}, {"ratio": 1.0}):
+        opts = StreamOptions.model_validate({"cacher": cacher, "pruner": {"enabled": False},
+                                             "kv": {"policy": "sink_window", "budget_tokens": 4096}})
+        pipe = StreamPipeline(qwen, opts, 1 << 30)
+        sid = pipe.open("s")
+        pts = np.asarray(_pts(4))
+        for i in (0, 2):
+            chunk = pipe.push_chunk(sid, FrameBatch(rgb[i:i + 2], pts[i:i + 2], np.arange(i, i + 2)))
+            assert chunk.grid is not None and chunk.positions.shape == (chunk.embeds.shape[0], 2)
+            assert (chunk.deepstack is not None) == (qwen.family == "qwen3_vl")
+        assert "".join(pipe.ask(sid, QUESTION, 6)) == ref
 
 
 def test_pruned_stream_keeps_positions_and_deepstack_rows(qwen) -> None:
@@ -305,3 +303,36 @@ def test_an_unreachable_hub_id_fails_at_once_with_the_fix(monkeypatch, tmp_path)
     (tmp_path / "config.json").write_text('{"model_type": "qwen3_vl_moe"}')
     with pytest.raises(ConfigError, match="mixture-of-experts decoder; the dense qwen3_vl is supported"):
         load_adapter(str(tmp_path))
+
+
+def test_cacher_on_qwen_towers_ratio_one_equals_full_tower_and_reuses(qwen) -> None:
+    """STC through the family-neutral per-layer ops: the block's own (window-local) attention, fused qkv, rotary.
+    ratio 1.0 == the plain tower (DeepStack levels too); an identical frame reused at a low ratio is exact."""
+    from cache.cacher import StreamCacher
+    from cache.config import CacherConfig
+    from cache.stc import encode_full, encode_selective
+
+    rgb = _frames(8, 300, 420)  # several windows
+    pv = qwen.preprocess(rgb)
+    plain = qwen.project(qwen.encode_vision(pv))
+    cacher = StreamCacher(CacherConfig(ratio=1.0))
+    cached = [qwen.project(qwen.encode_vision(pv[i:i + 2], layer_runner=cacher.runner)) for i in (0, 2)]
+    assert cacher.stats()["frames_reused"] > 0
+    torch.testing.assert_close(torch.cat([c.embeds for c in cached]), plain.embeds, atol=1e-4, rtol=1e-4)
+    if plain.deepstack is not None:
+        torch.testing.assert_close(torch.cat([c.deepstack for c in cached], 1), plain.deepstack, atol=1e-4,
+                                   rtol=1e-4)
+    # full_layer through the ops == the block's own forward; a frame identical to its reference is exact
+    rows, cols = pv.shape[1:3]
+    layers = qwen.grid_layers(rows, cols)
+    with torch.inference_mode():
+        hidden = qwen.vision_embed(pv[:1])
+    ref_out, refs = encode_full(hidden, layers, keep=[0])
+    with torch.inference_mode():
+        out = hidden
+        for layer in layers:  # the HF blocks' own forward (cu_seqlens windows)
+            out = layer(out)
+    torch.testing.assert_close(ref_out, out, atol=1e-5, rtol=1e-5)
+    again, counts = encode_selective(hidden, layers, refs[0], ratio=0.1)
+    torch.testing.assert_close(again, ref_out, atol=1e-5, rtol=1e-5)
+    assert 0 < sum(counts) < len(layers) * hidden.shape[1]

@@ -146,6 +146,13 @@ class VLMAdapter:
         """Frames straight to projected visual tokens (steps 1-5)."""
         return self.project(self.encode_vision(self.preprocess(rgb), layer_runner))
 
+    def check_cacher(self) -> None:
+        """Raise ``TypeError`` naming the first vision layer the STC cacher cannot run (no per-layer ops)."""
+        from stream.models.vision_ops import layer_ops
+
+        for i, layer in enumerate(self.vision_layers):
+            layer_ops(layer, i)
+
     # ---- LLM side: prompt pieces ---------------------------------------------------------------------------------
     def _ids(self, text: str) -> torch.Tensor:
         """Tokenize ``text`` without special-token insertion -> ``[L]`` int64."""

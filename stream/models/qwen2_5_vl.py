@@ -23,12 +23,14 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
 from stream.models.base import LayerRunner, VisualTokens, VLMAdapter, grid_positions, run_layers
 from stream.models.inputs import LLMInput
 from stream.models.llm import TextLM
+from stream.models.vision_ops import LayerOps
 
 VIDEO_MARKER = "<|vision_start|><|video_pad|><|vision_end|>"
 
@@ -116,6 +118,63 @@ class MRopeTextLM(TextLM):
         return (x * emb.cos() + rotated * emb.sin()).to(keys.dtype)
 
 
+class QwenBlockOps(LayerOps):
+    """Per-layer ops of a Qwen vision block bound to a grid (fused ``qkv``, 2-D rotary, window-local attention)."""
+
+    def __init__(self, block: "_GridBlock") -> None:
+        super().__init__(block.block)
+        self.grid_block = block
+        attn = block.block.attn
+        self.heads, self.scale = attn.num_heads, attn.scaling
+
+    def norm1(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer.norm1(x)
+
+    def _qkv(self, h: torch.Tensor, part: int) -> torch.Tensor:
+        n, t, d = h.shape
+        return self.layer.attn.qkv(h).view(n, t, 3, d)[:, :, part]  # [N, T, D]
+
+    def _rotate(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """2-D rotary of ``x [N, T, D]`` at token indices ``idx [N, T]``, in float32 as HF does."""
+        n, t, d = x.shape
+        cos, sin = self.grid_block.cos[idx].float(), self.grid_block.sin[idx].float()  # [N, T, hd]
+        xh = x.view(n, t, self.heads, -1).float()
+        half = xh.shape[-1] // 2
+        rotated = torch.cat((-xh[..., half:], xh[..., :half]), dim=-1)
+        return (xh * cos[:, :, None] + rotated * sin[:, :, None]).to(x.dtype).view(n, t, d)
+
+    def keys(self, h: torch.Tensor) -> torch.Tensor:
+        idx = torch.arange(h.shape[1], device=h.device).expand(h.shape[0], -1)
+        return self._rotate(self._qkv(h, 1), idx)
+
+    def queries(self, h_sel: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return self._rotate(self._qkv(h_sel, 0), idx)
+
+    def values(self, h_sel: torch.Tensor) -> torch.Tensor:
+        return self._qkv(h_sel, 2)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        from stream.models.vision_ops import merge_heads, split_heads
+
+        mask = None
+        windows = self.grid_block.windows
+        if windows is not None:  # a query sees only the keys of its own window
+            p = k.shape[1]
+            wid = torch.bucketize(torch.arange(p), windows[1:].long(), right=True).to(q.device)  # [P]
+            mask = (wid[idx][:, None, :, None] == wid[None, None, None, :])  # [N, 1, k, P]
+        o = F.scaled_dot_product_attention(split_heads(q, self.heads), split_heads(k, self.heads),
+                                           split_heads(v, self.heads), attn_mask=mask, scale=self.scale)
+        return self.layer.attn.proj(merge_heads(o))
+
+    def mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.layer.mlp(self.layer.norm2(x))
+
+    def finish(self, out: torch.Tensor) -> torch.Tensor:
+        if self.grid_block.tap is not None:
+            self.grid_block.tap(out)
+        return out
+
+
 class _GridBlock(nn.Module):
     """One vision block bound to a grid: ``[N, P, D]`` temporal patches (window order) -> ``[N, P, D]``.
 
@@ -126,6 +185,11 @@ class _GridBlock(nn.Module):
     def __init__(self, block: nn.Module, cos: torch.Tensor, sin: torch.Tensor, windows: torch.Tensor | None):
         super().__init__()
         self.block, self.cos, self.sin, self.windows = block, cos, sin, windows
+        self.tap = None  # called with the block's output (Qwen3-VL DeepStack levels)
+
+    def stc_ops(self) -> QwenBlockOps:
+        """The family-neutral per-layer API the STC cacher uses (:mod:`stream.models.vision_ops`)."""
+        return QwenBlockOps(self)
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         n, p, d = hidden.shape
@@ -133,8 +197,10 @@ class _GridBlock(nn.Module):
         offsets = (torch.arange(n, dtype=torch.int32) * p)[:, None] + bounds[None, 1:]  # [N, w]
         cu = torch.cat([torch.zeros(1, dtype=torch.int32), offsets.flatten()]).to(hidden.device)
         emb = (self.cos.repeat(n, 1), self.sin.repeat(n, 1))  # [N*P, hd]
-        out = self.block(hidden.reshape(n * p, d), cu_seqlens=cu, position_embeddings=emb)
-        return out.view(n, p, d)
+        out = self.block(hidden.reshape(n * p, d), cu_seqlens=cu, position_embeddings=emb).view(n, p, d)
+        if self.tap is not None:
+            self.tap(out)
+        return out
 
 
 class Qwen2_5_VLAdapter(VLMAdapter):
@@ -203,6 +269,9 @@ class Qwen2_5_VLAdapter(VLMAdapter):
         order, _ = self._window_index(rows, cols)
         return hidden.view(n, rows * cols, unit, -1)[:, order].reshape(n, rows * cols * unit, -1)
 
+    def check_cacher(self) -> None:
+        """The grid-bound blocks the runner gets always have per-layer ops (:class:`QwenBlockOps`)."""
+
     def grid_layers(self, rows: int, cols: int) -> nn.ModuleList:
         """The vision blocks bound to a ``rows x cols`` token grid (see :class:`_GridBlock`)."""
         from transformers.vision_utils import get_vision_position_ids
@@ -228,6 +297,7 @@ class Qwen2_5_VLAdapter(VLMAdapter):
         inverse = torch.argsort(order)
         return hidden.view(n, rows * cols, unit, -1)[:, inverse].view(n, rows, cols, unit, -1)
 
+    @torch.inference_mode()
     def project(self, features: torch.Tensor) -> VisualTokens:
         """``[N, rows, cols, m*m, D]`` -> ``[N, rows*cols, d]`` merged tokens, row-major on the token grid."""
         n, rows, cols, unit, d = features.shape

@@ -118,16 +118,22 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
     @torch.inference_mode()
     def encode_vision(self, pixel_values: torch.Tensor, layer_runner: LayerRunner | None = None) -> torch.Tensor:
         """``[N, rows, cols, m*m, E]`` -> ``[1 + levels, N, rows, cols, m*m, D]``: the last block's output, then the
-        outputs of the DeepStack blocks (recorded as the runner runs them)."""
+        outputs of the DeepStack blocks (recorded by each block's ``tap`` as the plain loop or the cacher's per-layer
+        ops finish it). A custom runner (the STC cacher splits a batch by reference) gets one temporal patch per
+        call, so every recorded level belongs to that patch."""
+        if layer_runner is not None and pixel_values.shape[0] > 1:
+            return torch.cat([self.encode_vision(pixel_values[i: i + 1], layer_runner)
+                              for i in range(pixel_values.shape[0])], dim=1)
         n, rows, cols, unit, _ = pixel_values.shape
         layers = self.grid_layers(rows, cols)
         taps: dict[int, torch.Tensor] = {}
         for i in self.model.config.vision_config.deepstack_visual_indexes:
-            layers[i].register_forward_hook(lambda m, a, out, i=i: taps.__setitem__(i, out))
+            layers[i].tap = lambda out, i=i: taps.__setitem__(i, out)
         hidden = (layer_runner or run_layers)(self.vision_embed(pixel_values), layers)
         levels = [hidden] + [taps[i] for i in self.model.config.vision_config.deepstack_visual_indexes]
         return torch.stack(levels).view(len(levels), n, rows, cols, unit, -1)
 
+    @torch.inference_mode()
     def project(self, features: torch.Tensor) -> VisualTokens:
         """``[1 + levels, N, rows, cols, m*m, D]`` -> tokens ``[N, T, d]`` + DeepStack ``[levels, N, T, d]``."""
         _, n, rows, cols, unit, d = features.shape
