@@ -117,6 +117,45 @@ def build_tower(device: str, dtype: torch.dtype, layers: int) -> torch.nn.Module
     return tower.to(dtype).eval()
 
 
+# real vision-tower shapes of the Qwen families (random weights; the LLM side is tiny and unused here)
+QWEN_TOWERS = {
+    "qwen2_5_vl": dict(depth=32, hidden_size=1280, num_heads=16, intermediate_size=3420, patch_size=14,
+                       window_size=112, fullatt_block_indexes=[7, 15, 23, 31]),  # Qwen2.5-VL-7B
+    "qwen3_vl": dict(depth=27, hidden_size=1152, num_heads=16, intermediate_size=4304, patch_size=16,
+                     num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24]),  # Qwen3-VL-8B
+}
+
+
+def build_qwen_tower(family: str, device: str, dtype: torch.dtype, layers: int, max_pixels: int):
+    """The family's adapter around a real-shape vision tower (tiny random LLM); ``preprocess`` gives its patches."""
+    from stream.models.base import PreprocessSpec
+    from stream.models.loading import FAMILY_BY_MODEL_TYPE
+    from stream.models.tiny import build_tiny_model, train_tokenizer
+
+    tok = train_tokenizer(family)
+    vision = {**QWEN_TOWERS[family], "depth": min(layers, QWEN_TOWERS[family]["depth"])}
+    vision["fullatt_block_indexes"] = [i for i in vision.get("fullatt_block_indexes", []) if i < vision["depth"]]
+    vision["deepstack_visual_indexes"] = [i for i in vision.get("deepstack_visual_indexes", []) if i < vision["depth"]]
+    if family == "qwen2_5_vl":
+        vision.pop("deepstack_visual_indexes")
+    else:
+        vision.pop("fullatt_block_indexes")
+    with torch.device(device):
+        model = build_tiny_model(family, tok, vision_overrides=vision).to(dtype)
+    cls, _, template = FAMILY_BY_MODEL_TYPE[family]
+    mean = (0.5,) * 3
+    adapter = cls(model, tok, PreprocessSpec(size=0, mean=mean, std=mean), template)
+    adapter.max_pixels = max_pixels
+    return adapter
+
+
+def _embed_and_layers(tower, pv: torch.Tensor):
+    """``(hidden [N, P, D], layers)`` for a SigLIP tower or a Qwen adapter (grid-bound blocks)."""
+    if hasattr(tower, "grid_layers"):
+        return tower.vision_embed(pv), tower.grid_layers(pv.shape[1], pv.shape[2])
+    return tower.embeddings(pv), tower.encoder.layers
+
+
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 _clock = time.perf_counter
 
@@ -133,12 +172,12 @@ def timed(
     """ViT output (before post-norm: LLaVA-OV uses the last layer as is) and seconds on the chosen clock."""
     _sync(device)
     t0 = _clock()
-    hidden = tower.embeddings(pv)  # [N, P, D]
+    hidden, layers = _embed_and_layers(tower, pv)  # [N, P, D]
     if cacher is None:
-        for layer in tower.encoder.layers:
+        for layer in layers:
             hidden = layer(hidden, attention_mask=None)
     else:
-        hidden = cacher.encode(hidden, tower.encoder.layers)
+        hidden = cacher.encode(hidden, layers)
     _sync(device)
     return hidden, _clock() - t0
 
@@ -250,7 +289,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--chunk", type=int, default=4, help="frames per encode call (a streaming chunk)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    p.add_argument("--layers", type=int, default=27, help="encoder depth (27 = so400m; fewer only for smoke runs)")
+    p.add_argument("--layers", type=int, default=27, help="encoder depth (27 = so400m; fewer only for smoke runs; "
+                   "a Qwen tower keeps at most its own depth: pass 32 for Qwen2.5-VL-7B)")
+    p.add_argument("--family", choices=["llava_onevision", *QWEN_TOWERS], default="llava_onevision",
+                   help="tower shape: SigLIP-so400m (LLaVA-OV), Qwen2.5-VL-7B (windowed) or Qwen3-VL-8B (DeepStack)")
+    p.add_argument("--max-pixels", type=int, default=192 * 28 * 28,
+                   help="Qwen: smart-resize area cap per frame (the real default is larger; kept small for CPU)")
     p.add_argument("--setting", default=PRIMARY, help="primary cacher setting, e.g. 'ratio=0.15,max_reuse=4'")
     p.add_argument("--sweep", default=";".join(SWEEP), help="';'-separated settings for the sweep ('' = primary only)")
     p.add_argument("--passes", type=int, default=1, help="replay the stream this many times, keep per-chunk minima")
@@ -273,8 +317,17 @@ def main(argv: list[str] | None = None) -> None:
     names = list(dict.fromkeys([args.setting, *filter(None, args.sweep.split(";"))]))
     configs = [parse_setting(s) for s in names]
     rgb = load_clip(args.video, args.frames, args.fps)
-    pv = frames_to_pixel_values(rgb, 384, (0.5,) * 3, (0.5,) * 3, "bicubic").to(args.device, dtype)
-    tower = build_tower(args.device, dtype, args.layers)
+    if args.family == "llava_onevision":
+        pv = frames_to_pixel_values(rgb, 384, (0.5,) * 3, (0.5,) * 3, "bicubic").to(args.device, dtype)
+        tower = build_tower(args.device, dtype, args.layers)
+        dims = (SO400M["image_size"] // SO400M["patch_size"]) ** 2, SO400M["hidden_size"], SO400M["intermediate_size"]
+    else:  # one "frame" of the cacher = one temporal patch of 2 video frames
+        tower = build_qwen_tower(args.family, args.device, dtype, args.layers, args.max_pixels)
+        pv = tower.preprocess(rgb)
+        vc = tower.model.config.vision_config
+        dims = pv.shape[1] * pv.shape[2] * pv.shape[3], vc.hidden_size, vc.intermediate_size
+        args.layers = vc.depth
+        print(f"{args.family}: {len(pv)} temporal patches of {dims[0]} patches (grid {tuple(pv.shape[1:3])})")
     tol = 1e-3 if dtype == torch.float32 else 5e-2
     exact_err = check_exact(tower, pv, args.device, tol)
     print(f"correctness: ratio=1.0 vs full encoder max |diff| = {exact_err:.2e} (tol {tol})", flush=True)
@@ -282,7 +335,6 @@ def main(argv: list[str] | None = None) -> None:
 
     full, cached, decisions, stats, t_full, t_cached = run_stream(tower, pv, configs, args.chunk, args.device,
                                                                   args.passes)
-    dims = (SO400M["image_size"] // SO400M["patch_size"]) ** 2, SO400M["hidden_size"], SO400M["intermediate_size"]
     results = []
     for k, name in enumerate(names):
         row = {"setting": name, "time_ratio": float(t_cached[k].sum() / t_full.sum()),
@@ -297,7 +349,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.plot:
         plot(results, args.plot)
     summary = {**results[0], "frames": args.frames, "fps": args.fps, "chunk": args.chunk,
-               "video": Path(args.video).name, "layers": args.layers, "dtype": args.dtype, "passes": args.passes,
+               "video": Path(args.video).name, "family": args.family, "layers": args.layers, "dtype": args.dtype, "passes": args.passes,
                "clock": args.clock, "exact_max_diff": exact_err,
                "full_s_per_frame": round(float(t_full.sum()) / args.frames, 3), "sweep": results,
                "machine": machine_info(args.device, python=platform.python_version())}

@@ -15,9 +15,10 @@ is stored, a quarter less memory and one less pass). A later frame encoded again
 
 With ``ratio == 1`` every token is picked and the result equals the plain encoder up to float rounding.
 
-Layers are HF ``SiglipEncoderLayer`` / ``Idefics3EncoderLayer`` (``layer_norm1``, ``self_attn.{q,k,v,out}_proj``,
-``self_attn.{num_heads, head_dim, scale}``, ``layer_norm2``, ``mlp``); they run in eval mode without a mask
-(every patch of a fixed-size frame is real).
+Layers are reached only through the family-neutral per-layer API of :mod:`stream.models.vision_ops`
+(``norm1 / keys / queries / values / attend / mlp_residual / finish``): SigLIP-style layers (LLaVA-OneVision,
+SmolVLM) and the Qwen adapters' grid-bound blocks (rotary q/k, window-local attention where the block is windowed,
+fused qkv). They run in eval mode; every patch of a frame is real.
 """
 from __future__ import annotations
 
@@ -29,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_LAYER_ATTRS = ("layer_norm1", "self_attn", "layer_norm2", "mlp")
-_ATTN_ATTRS = ("q_proj", "k_proj", "v_proj", "out_proj", "num_heads", "head_dim", "scale")
+from stream.models.vision_ops import layer_ops
+
 _STATES = 3  # tensors kept per layer: keys, values, residual update
 
 
@@ -95,48 +96,23 @@ def reference_nbytes(num_layers: int, tokens: int, dim: int, dtype: torch.dtype)
 
 
 def check_layers(layers: Sequence[nn.Module]) -> None:
-    """Raise ``TypeError`` naming the first layer that is not a SigLIP-style encoder layer."""
+    """Raise ``TypeError`` naming the first layer without per-layer ops (:func:`stream.models.vision_ops.layer_ops`)."""
     if len(layers) == 0:
         raise TypeError("the vision encoder has no layers; pass the adapter's vision_layers (an nn.ModuleList)")
     for i, layer in enumerate(layers):
-        missing = [a for a in _LAYER_ATTRS if not hasattr(layer, a)]
-        attn = getattr(layer, "self_attn", None)
-        missing += [f"self_attn.{a}" for a in _ATTN_ATTRS if attn is not None and not hasattr(attn, a)]
-        if missing:
-            raise TypeError(
-                f"vision layer {i} ({type(layer).__name__}) lacks {missing}; the STC cacher supports SigLIP-style "
-                "layers (SiglipEncoderLayer, Idefics3EncoderLayer). Fix: disable the cache for this model."
-            )
-
-
-def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    n, t, d = x.shape  # [N, T, D]
-    return x.view(n, t, heads, d // heads).transpose(1, 2)  # [N, H, T, D/H]
-
-
-def _merge_heads(x: torch.Tensor) -> torch.Tensor:
-    n, h, t, hd = x.shape  # [N, H, T, D/H]
-    return x.transpose(1, 2).reshape(n, t, h * hd)  # [N, T, D]
-
-
-def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Multi-head attention of ``q [N, T, D]`` over ``k, v [N, P, D]``, then ``out_proj`` -> ``[N, T, D]``."""
-    h = attn.num_heads
-    o = F.scaled_dot_product_attention(
-        _split_heads(q, h), _split_heads(k, h), _split_heads(v, h), scale=attn.scale
-    )  # [N, H, T, D/H]
-    return attn.out_proj(_merge_heads(o))
+        layer_ops(layer, i)
 
 
 def full_layer(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, LayerStates]:
-    """The plain layer forward on ``x [N, P, D]``, also returning what a reference keeps."""
-    attn = layer.self_attn
-    h = layer.layer_norm1(x)  # [N, P, D]
-    q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)  # [N, P, D] each
-    attn_out = _attend(attn, q, k, v)  # [N, P, D]
-    mid = x + attn_out
-    mlp_out = layer.mlp(layer.layer_norm2(mid))  # [N, P, D]
-    return mid + mlp_out, LayerStates(k, v, attn_out + mlp_out)
+    """The plain layer forward on ``x [N, P, D]`` through its ops, also returning what a reference keeps."""
+    ops = layer_ops(layer)
+    n, p, _ = x.shape
+    idx = torch.arange(p, device=x.device).expand(n, -1)  # [N, P]: every token is a query
+    h = ops.norm1(x)  # [N, P, D]
+    k = ops.keys(h)
+    v = ops.values(h)
+    out = ops.mlp_residual(x + ops.attend(ops.queries(h, idx), k, v, idx))  # [N, P, D]
+    return ops.finish(out), LayerStates(k, v, out - x)
 
 
 def token_similarity(keys: torch.Tensor, ref_keys: torch.Tensor) -> torch.Tensor:
@@ -182,17 +158,17 @@ def selective_layer(
 
     Returns the layer output ``[N, P, D]`` and the recomputed token indices ``[N, k]``.
     """
-    attn = layer.self_attn
-    h = layer.layer_norm1(x)  # [N, P, D]
-    keys = attn.k_proj(h)  # [N, P, D]
+    ops = layer_ops(layer)
+    h = ops.norm1(x)  # [N, P, D]
+    keys = ops.keys(h)  # [N, P, D]
     idx = select_tokens(token_similarity(keys, ref.keys), ratio, threshold)  # [N, k]
     if idx.shape[1] == 0:
-        return x + ref.update, idx
+        return ops.finish(x + ref.update), idx
     h_sel = _gather_rows(h, idx)  # [N, k, D]
-    values = _put_rows(ref.values.expand_as(x).clone(), idx, attn.v_proj(h_sel))  # [N, P, D]
-    x_sel = _gather_rows(x, idx) + _attend(attn, attn.q_proj(h_sel), keys, values)  # [N, k, D]
-    x_sel = x_sel + layer.mlp(layer.layer_norm2(x_sel))  # [N, k, D]
-    return _put_rows(x + ref.update, idx, x_sel), idx  # the reference's update where not recomputed
+    values = _put_rows(ref.values.expand_as(x).clone(), idx, ops.values(h_sel))  # [N, P, D]
+    x_sel = _gather_rows(x, idx) + ops.attend(ops.queries(h_sel, idx), keys, values, idx)  # [N, k, D]
+    x_sel = ops.mlp_residual(x_sel)  # [N, k, D]
+    return ops.finish(_put_rows(x + ref.update, idx, x_sel)), idx  # the reference's update where not recomputed
 
 
 @torch.inference_mode()

@@ -29,9 +29,12 @@ def _add_stream_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-policy", help="what leaves the KV budget: sink_window (dropped) or offload (CPU + retrieval)")
 
 
+FAMILY_CHOICES = ["llava_onevision", "smolvlm", "qwen2_5_vl", "qwen3_vl"]  # == stream.models.tiny.FAMILIES
+
+
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="tiny-model folder, checkpoint path or hub id (default: built-in tiny model)")
-    p.add_argument("--family", default="llava_onevision", choices=["llava_onevision", "smolvlm"],
+    p.add_argument("--family", default="llava_onevision", choices=FAMILY_CHOICES,
                    help="family of the built-in tiny model when --model is not given")
     p.add_argument("--device", help="cpu, cuda, cuda:N")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
@@ -150,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("make-tiny-model", help="build a tiny random-weight model + tokenizer offline")
     p.add_argument("dir", type=Path)
-    p.add_argument("--family", default="llava_onevision", choices=["llava_onevision", "smolvlm"])
+    p.add_argument("--family", default="llava_onevision", choices=FAMILY_CHOICES)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_tiny_model)
 

@@ -17,6 +17,10 @@ class EncodedChunk:
         tokens_per_frame: kept tokens of each frame (varies after pruning).
         pts: each frame's time in seconds.
         stats: vision-side numbers for this chunk (``vit_ms``, ``prune_ms``, cache reuse...).
+        positions: ``[K, 2]`` int64 (row, col) of every kept token on the frame's token ``grid`` (M-RoPE families
+            place kept tokens at their original positions), or ``None``.
+        grid: ``(rows, cols)`` of the token grid, or ``None``.
+        deepstack: ``[levels, K, d]`` DeepStack features of the kept tokens (Qwen3-VL), or ``None``.
     """
 
     stream_id: str
@@ -24,6 +28,9 @@ class EncodedChunk:
     tokens_per_frame: list[int]
     pts: list[float]
     stats: dict[str, Any] = field(default_factory=dict)
+    positions: torch.Tensor | None = None
+    grid: tuple[int, int] | None = None
+    deepstack: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if len(self.tokens_per_frame) != len(self.pts):
@@ -32,6 +39,20 @@ class EncodedChunk:
             raise ValueError(
                 f"embeds must be [sum(tokens_per_frame)={sum(self.tokens_per_frame)}, d], got {list(self.embeds.shape)}"
             )
+        k = self.embeds.shape[0]
+        if self.positions is not None and tuple(self.positions.shape) != (k, 2):
+            raise ValueError(f"positions must be [{k}, 2], got {list(self.positions.shape)}")
+        if self.deepstack is not None and (self.deepstack.ndim != 3 or self.deepstack.shape[1] != k):
+            raise ValueError(f"deepstack must be [levels, {k}, d], got {list(self.deepstack.shape)}")
+
+    def llm_extras(self) -> dict[str, Any]:
+        """Per-frame ``positions`` / ``deepstack`` and the ``grid``, as ``adapter.chunk_embeds`` keywords."""
+        split = self.tokens_per_frame
+        return {
+            "positions": None if self.positions is None else list(torch.split(self.positions, split, dim=0)),
+            "grid": self.grid,
+            "deepstack": None if self.deepstack is None else list(torch.split(self.deepstack, split, dim=1)),
+        }
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled (Ray's transport between the vision and LLM replicas) with ``embeds`` on the CPU: a CUDA tensor

@@ -122,7 +122,14 @@ class VisionStage:
 
     def open(self, stream_id: str, options: StreamOptions | None = None) -> None:
         opts = options or self.defaults
-        self._streams.add(stream_id, _VisionState(opts, opts.make_cacher(), opts.make_pruner()))
+        cacher = opts.make_cacher()
+        if cacher is not None:
+            try:
+                self.adapter.check_cacher()
+            except TypeError as exc:
+                raise RequestError(f"{exc} (model family {self.adapter.family}: set cacher.enabled=false, "
+                                   "e.g. --no-cache)") from None
+        self._streams.add(stream_id, _VisionState(opts, cacher, opts.make_pruner()))
 
     def close(self, stream_id: str) -> None:
         self._streams.pop(stream_id)
@@ -149,11 +156,18 @@ class VisionStage:
                     attention = scores_to_tokens(scores, vt.grid)  # [F, T]
             vit_ms = _ms(t0)
             t1 = time.perf_counter()
+            pts = self.adapter.frame_pts(batch.pts.tolist())  # one per adapter frame (Qwen: per 2 frames)
+            positions, deep = vt.positions.expand(vt.embeds.shape[0], -1, -1), vt.deepstack  # [F, T, 2]
             if st.pruner is not None:
-                result = st.pruner.select(vt.embeds, vt.positions, pts=batch.pts, attention=attention)
+                result = st.pruner.select(vt.embeds, vt.positions, pts=pts, attention=attention)
                 frames, counts = result.kept(vt.embeds), result.counts.tolist()
+                positions = result.kept_positions(vt.positions)
+                if deep is not None:  # a dropped token leaves every DeepStack level
+                    deep = torch.stack([torch.cat(result.kept(level)) for level in deep])
             else:
                 frames, counts = list(vt.embeds), [vt.embeds.shape[1]] * vt.embeds.shape[0]
+                if deep is not None:
+                    deep = deep.flatten(1, 2)  # [levels, F*T, d]
             prune_ms = _ms(t1)
             st.frames += len(batch)
             st.tokens_in += int(vt.embeds.shape[0] * vt.embeds.shape[1])
@@ -164,7 +178,8 @@ class VisionStage:
                      "tokens_kept": int(sum(counts))}
             if st.cacher is not None:
                 stats["cache"] = st.cacher.last_chunk_stats()
-            return EncodedChunk(stream_id, torch.cat(frames, 0), counts, batch.pts.tolist(), stats)
+            return EncodedChunk(stream_id, torch.cat(frames, 0), counts, pts, stats,
+                                torch.cat(list(positions), 0), vt.grid, deep)
 
     def stats(self, stream_id: str) -> dict[str, Any]:
         st: _VisionState = self._streams.get(stream_id)
@@ -213,7 +228,7 @@ class LLMStage:
     def append(self, chunk: EncodedChunk) -> dict[str, Any]:
         """Prefill one chunk (visual tokens with the family's per-frame text) into the stream's KV session."""
         t0 = time.perf_counter()
-        embeds = self.adapter.chunk_embeds(chunk.frames(), chunk.pts)  # [L, d]
+        embeds = self.adapter.chunk_embeds(chunk.frames(), chunk.pts, **chunk.llm_extras())  # [L, d] or LLMInput
         self.engine.append(chunk.stream_id, embeds, {"pts": chunk.pts, "frame_tokens": chunk.tokens_per_frame})
         tokens = embeds.tokens if hasattr(embeds, "tokens") else int(embeds.shape[0])  # LLMInput or [L, d]
         return {"prefill_ms": _ms(t0), "llm_tokens": tokens}

@@ -39,11 +39,13 @@ class VisualTokens:
         embeds: ``[N, T, d]`` LLM-space embeddings, ``T`` tokens per frame.
         positions: ``[T, 2]`` int64 (row, col) of each token on the ``grid`` (same for every frame).
         grid: ``(rows, cols)`` of the token grid.
+        deepstack: ``[levels, N, T, d]`` DeepStack features of the same tokens (Qwen3-VL), else ``None``.
     """
 
     embeds: torch.Tensor
     positions: torch.Tensor
     grid: tuple[int, int]
+    deepstack: torch.Tensor | None = None
 
     def __repr__(self) -> str:
         return f"VisualTokens(embeds={list(self.embeds.shape)}, grid={self.grid})"
@@ -144,6 +146,13 @@ class VLMAdapter:
         """Frames straight to projected visual tokens (steps 1-5)."""
         return self.project(self.encode_vision(self.preprocess(rgb), layer_runner))
 
+    def check_cacher(self) -> None:
+        """Raise ``TypeError`` naming the first vision layer the STC cacher cannot run (no per-layer ops)."""
+        from stream.models.vision_ops import layer_ops
+
+        for i, layer in enumerate(self.vision_layers):
+            layer_ops(layer, i)
+
     # ---- LLM side: prompt pieces ---------------------------------------------------------------------------------
     def _ids(self, text: str) -> torch.Tensor:
         """Tokenize ``text`` without special-token insertion -> ``[L]`` int64."""
@@ -187,8 +196,20 @@ class VLMAdapter:
         """``[L, d]`` LLM input after the last frame (family end-of-video embedding + question + assistant start)."""
         return torch.cat([self.video_end_embeds(), self.llm.embed(self.question_ids(question))], dim=0)
 
-    def chunk_embeds(self, frames: Sequence[torch.Tensor], pts: Sequence[float]) -> torch.Tensor:
-        """A chunk's visual tokens as LLM input: ``frames[i]`` ``[t_i, d]`` kept tokens of frame i -> ``[L, d]``."""
+    def frame_pts(self, pts: Sequence[float]) -> list[float]:
+        """Frame times -> one time per adapter frame (Qwen: per temporal patch of 2 frames)."""
+        return [float(x) for x in pts]
+
+    def chunk_embeds(self, frames: Sequence[torch.Tensor], pts: Sequence[float],
+                     positions: Sequence[torch.Tensor] | None = None, grid: tuple[int, int] | None = None,
+                     deepstack: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """A chunk's visual tokens as LLM input: ``frames[i]`` ``[t_i, d]`` kept tokens of frame i -> ``[L, d]``.
+
+        1-D RoPE families place tokens at consecutive positions, so ``positions`` / ``grid`` (used by M-RoPE
+        families) are not needed here; ``deepstack`` is refused (no such family uses 1-D RoPE).
+        """
+        if deepstack is not None:
+            raise ValueError(f"{self.family} has no DeepStack; got DeepStack features for its chunk")
         if len(frames) != len(pts):
             raise ValueError(f"chunk_embeds needs one pts per frame: {len(frames)} frames, {len(pts)} pts")
         pieces: list[torch.Tensor] = []

@@ -12,6 +12,8 @@ from stream.errors import ConfigError
 from stream.models.base import PreprocessSpec, VLMAdapter
 from stream.models.llava_onevision import LLAVA_OV_CHAT_TEMPLATE, LlavaOneVisionAdapter
 from stream.models.preprocess import RESAMPLE, RESAMPLE_BY_CODE
+from stream.models.qwen2_5_vl import QWEN2_5_VL_CHAT_TEMPLATE, Qwen2_5_VLAdapter
+from stream.models.qwen3_vl import QWEN3_VL_CHAT_TEMPLATE, Qwen3VLAdapter
 from stream.models.smolvlm import SMOLVLM_CHAT_TEMPLATE, SmolVLMAdapter
 from stream.models.tiny import ensure_tiny_model, is_tiny
 
@@ -20,30 +22,82 @@ FAMILY_BY_MODEL_TYPE: dict[str, tuple[type[VLMAdapter], str, str]] = {
     "llava_onevision": (LlavaOneVisionAdapter, "LlavaOnevisionForConditionalGeneration", LLAVA_OV_CHAT_TEMPLATE),
     "smolvlm": (SmolVLMAdapter, "SmolVLMForConditionalGeneration", SMOLVLM_CHAT_TEMPLATE),
     "idefics3": (SmolVLMAdapter, "Idefics3ForConditionalGeneration", SMOLVLM_CHAT_TEMPLATE),
+    "qwen2_5_vl": (Qwen2_5_VLAdapter, "Qwen2_5_VLForConditionalGeneration", QWEN2_5_VL_CHAT_TEMPLATE),
+    "qwen3_vl": (Qwen3VLAdapter, "Qwen3VLForConditionalGeneration", QWEN3_VL_CHAT_TEMPLATE),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _read_json(model: str, name: str, local: bool) -> dict[str, Any] | None:
+# model types next to a supported family, and what differs
+RELATED_MODEL_TYPES = {
+    "qwen2_vl": "Qwen2-VL (qwen2_vl) is the predecessor of Qwen2.5-VL: no window attention, other vision blocks",
+    "qwen3_vl_moe": "Qwen3-VL-MoE (qwen3_vl_moe) has a mixture-of-experts decoder; the dense qwen3_vl is supported",
+    "qwen2_5_omni": "Qwen2.5-Omni (qwen2_5_omni) adds audio towers and a talker; Qwen2.5-VL (qwen2_5_vl) is supported",
+    "llava": "LLaVA-1.5 (llava) has a CLIP tower with a CLS token; LLaVA-OneVision (llava_onevision) is supported",
+    "llava_next_video": "LLaVA-NeXT-Video differs from LLaVA-OneVision (pooling, projector); not supported",
+    "idefics2": "Idefics2 uses a perceiver resampler; Idefics3 / SmolVLM are supported",
+}
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+def _hub_reachable() -> bool:
+    """True when the HF endpoint accepts a TCP connection within ``HUB_PROBE_TIMEOUT_S``."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname or "huggingface.co", url.port or 443), HUB_PROBE_TIMEOUT_S).close()
+        return True
+    except OSError:
+        return False
+
+
+def _check_hub_id(model: str) -> bool:
+    """A hub id: ``True`` when its config.json is in the local HF cache (load from the cache only), ``False`` when
+    the hub is reachable; otherwise raise a ConfigError saying what happened and the fix, without retries."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(model, "config.json")
+    except ValueError:  # not a valid repo id either
+        cached = None
+    if isinstance(cached, str):
+        return True
+    offline = bool(constants.HF_HUB_OFFLINE)
+    if offline or not _hub_reachable():
+        why = "HF_HUB_OFFLINE is set" if offline else f"the hub ({constants.ENDPOINT}) is unreachable"
+        raise ConfigError(
+            f"model={model!r} is not a local folder, is not in the local HF cache ({constants.HF_HUB_CACHE}), and "
+            f"{why}. Fix: pass a local checkpoint folder (save_pretrained output), or fill the cache where the hub "
+            f"is reachable (`huggingface-cli download {model}`) and run with HF_HUB_OFFLINE=1; "
+            "'tiny-<family>' gives a built-in random-weight model."
+        )
+    return False
+
+
+def _read_json(model: str, name: str, local: bool, cache_only: bool = False) -> dict[str, Any] | None:
     """Read ``name`` from a local folder or the hub cache (``None`` when absent)."""
     if local:
         path = Path(model) / name
         return json.loads(path.read_text()) if path.is_file() else None
     from transformers.utils import cached_file
 
-    path = cached_file(model, name, _raise_exceptions_for_missing_entries=False)
+    path = cached_file(model, name, _raise_exceptions_for_missing_entries=False, local_files_only=cache_only)
     return json.loads(Path(path).read_text()) if path else None
 
 
-def _chat_template(model: str, local: bool, tokenizer: Any, default: str) -> str:
+def _chat_template(model: str, local: bool, tokenizer: Any, default: str, cache_only: bool = False) -> str:
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.chat_template
-    data = _read_json(model, "chat_template.json", local)  # processors of llava-hf / SmolVLM checkpoints
+    data = _read_json(model, "chat_template.json", local, cache_only)  # processors of llava-hf / SmolVLM checkpoints
     return data["chat_template"] if data and "chat_template" in data else default
 
 
-def _preprocess_spec(model: str, local: bool, image_size: int) -> PreprocessSpec:
-    cfg = _read_json(model, "preprocessor_config.json", local) or {}
+def _preprocess_spec(model: str, local: bool, image_size: int, cache_only: bool = False) -> PreprocessSpec:
+    cfg = _read_json(model, "preprocessor_config.json", local, cache_only) or {}
     resample = cfg.get("resample", 3)
     name = RESAMPLE_BY_CODE.get(resample, resample) if isinstance(resample, int) else str(resample)
     if name not in RESAMPLE:
@@ -85,16 +139,23 @@ def load_adapter(model: str | Path | None = None, device: str = "cpu", dtype: st
     torch_dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
     if not isinstance(torch_dtype, torch.dtype):
         raise ConfigError(f"dtype={dtype!r} is not supported; use one of {list(DTYPES)}")
-    cfg = _read_json(name, "config.json", local) or {}
+    cache_only = False if local else _check_hub_id(name)
+    cfg = _read_json(name, "config.json", local, cache_only) or {}
     model_type = cfg.get("model_type")
     if model_type not in FAMILY_BY_MODEL_TYPE:
-        raise ConfigError(f"model {name!r} has model_type={model_type!r}; supported: {sorted(FAMILY_BY_MODEL_TYPE)}")
+        related = RELATED_MODEL_TYPES.get(str(model_type))
+        raise ConfigError(f"model {name!r} has model_type={model_type!r}"
+                          + (f": {related}" if related else "") + f"; supported: {sorted(FAMILY_BY_MODEL_TYPE)}")
     adapter_cls, class_name, default_template = FAMILY_BY_MODEL_TYPE[model_type]
     hf_cls = getattr(transformers, class_name)
-    hf_model = hf_cls.from_pretrained(name, local_files_only=local, dtype=torch_dtype).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local)
-    spec = _preprocess_spec(name, local, hf_model.config.vision_config.image_size)
-    adapter = adapter_cls(hf_model, tokenizer, spec, _chat_template(name, local, tokenizer, default_template))
+    files_only = local or cache_only
+    hf_model = hf_cls.from_pretrained(name, local_files_only=files_only, dtype=torch_dtype).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=files_only)
+    spec = _preprocess_spec(name, local, getattr(hf_model.config.vision_config, "image_size", 0), cache_only)
+    template = _chat_template(name, local, tokenizer, default_template, cache_only)
+    adapter = adapter_cls(hf_model, tokenizer, spec, template)
+    if hasattr(adapter, "configure_preprocessing"):  # families whose resize reads more of preprocessor_config
+        adapter.configure_preprocessing(_read_json(name, "preprocessor_config.json", local, cache_only) or {})
     adapter.random_weights = local and is_tiny(name)
     adapter.source = name
     return adapter

@@ -20,9 +20,11 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from stream.models.llava_onevision import LLAVA_OV_CHAT_TEMPLATE
+from stream.models.qwen2_5_vl import QWEN2_5_VL_CHAT_TEMPLATE
+from stream.models.qwen3_vl import QWEN3_VL_CHAT_TEMPLATE
 from stream.models.smolvlm import SMOLVLM_CHAT_TEMPLATE
 
-FAMILIES = ("llava_onevision", "smolvlm")
+FAMILIES = ("llava_onevision", "smolvlm", "qwen2_5_vl", "qwen3_vl")
 TINY_MARKER = "stc_tiny.json"
 TINY_VERSION = 1
 
@@ -30,8 +32,16 @@ _SPECIALS = {
     "llava_onevision": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"],
     "smolvlm": ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>",
                 "<global-img>", "<image>"],
+    "qwen2_5_vl": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                   "<|video_pad|>", "<|image_pad|>"],
 }
-_EOS = {"llava_onevision": "<|im_end|>", "smolvlm": "<end_of_utterance>"}
+_SPECIALS["qwen3_vl"] = _SPECIALS["qwen2_5_vl"]
+_EOS = {"llava_onevision": "<|im_end|>", "smolvlm": "<end_of_utterance>", "qwen2_5_vl": "<|im_end|>",
+        "qwen3_vl": "<|im_end|>"}
+_TEMPLATES = {"llava_onevision": LLAVA_OV_CHAT_TEMPLATE, "smolvlm": SMOLVLM_CHAT_TEMPLATE,
+              "qwen2_5_vl": QWEN2_5_VL_CHAT_TEMPLATE, "qwen3_vl": QWEN3_VL_CHAT_TEMPLATE}
+# Qwen2.5-VL tiny: 4 vision blocks (1 and 3 full attention, 0 and 2 windowed), 112 px windows as in the real model
+QWEN_MIN_PIXELS, QWEN_MAX_PIXELS = 4 * 28 * 28, 64 * 28 * 28
 _WORDS = (
     "a the person people man woman child car bus bike dog cat box hand table street road camera video frame scene "
     "walks runs moves stands sits holds picks puts opens closes turns left right up down near far into out of on in "
@@ -64,7 +74,7 @@ def train_tokenizer(family: str, vocab_size: int = 1024, seed: int = 0) -> PreTr
         tokenizer_object=tok, eos_token=_EOS[family], pad_token="<|endoftext|>", unk_token=None
     )
     fast.add_special_tokens({"additional_special_tokens": specials[1:]})
-    fast.chat_template = LLAVA_OV_CHAT_TEMPLATE if family == "llava_onevision" else SMOLVLM_CHAT_TEMPLATE
+    fast.chat_template = _TEMPLATES[family]
     return fast
 
 
@@ -95,6 +105,10 @@ def build_tiny_model(family: str, tokenizer: PreTrainedTokenizerFast, text_overr
     text = _text_config(vocab, text_overrides)
     vision = _vision_config(family, vision_overrides)
     torch.manual_seed(seed)
+    if family == "qwen2_5_vl":
+        return _build_qwen2_5_vl(tokenizer, text, ids, vision_overrides)
+    if family == "qwen3_vl":
+        return _build_qwen3_vl(tokenizer, text, ids, vision_overrides)
     if family == "llava_onevision":
         text["model_type"] = "qwen2"
         config = LlavaOnevisionConfig(
@@ -115,8 +129,61 @@ def build_tiny_model(family: str, tokenizer: PreTrainedTokenizerFast, text_overr
     return model.eval()
 
 
+def _build_qwen2_5_vl(tokenizer: PreTrainedTokenizerFast, text: dict[str, Any], ids: dict[str, int],
+                      vision_overrides: dict[str, Any] | None) -> torch.nn.Module:
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    text = {**text, "model_type": "qwen2_5_vl_text", "bos_token_id": None, "eos_token_id": tokenizer.eos_token_id,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]}}
+    vision = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=text["hidden_size"],
+                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                  fullatt_block_indexes=[1, 3], tokens_per_second=2)
+    vision.update(vision_overrides or {})
+    config = Qwen2_5_VLConfig(
+        text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False,
+    )
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    for cfg in (model.config, model.config.text_config):
+        cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id = tokenizer.pad_token_id, None, tokenizer.eos_token_id
+    return model.eval()
+
+
+def _build_qwen3_vl(tokenizer: PreTrainedTokenizerFast, text: dict[str, Any], ids: dict[str, int],
+                    vision_overrides: dict[str, Any] | None) -> torch.nn.Module:
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    text = {**text, "model_type": "qwen3_vl_text", "head_dim": 16, "bos_token_id": None,
+            "eos_token_id": tokenizer.eos_token_id,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [2, 3, 3],
+                                "mrope_interleaved": True}}
+    vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=text["hidden_size"],
+                  patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                  deepstack_visual_indexes=[0, 1])
+    vision.update(vision_overrides or {})
+    config = Qwen3VLConfig(
+        text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False,
+    )
+    model = Qwen3VLForConditionalGeneration(config)
+    for cfg in (model.config, model.config.text_config):
+        cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id = tokenizer.pad_token_id, None, tokenizer.eos_token_id
+    return model.eval()
+
+
 def _preprocessor_config(family: str, size: int) -> dict[str, Any]:
     """The fields of HF's ``preprocessor_config.json`` that our preprocessing reads."""
+    if family == "qwen2_5_vl":
+        return {"image_processor_type": "Qwen2VLImageProcessor", "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "patch_size": 14,
+                "merge_size": 2, "temporal_patch_size": 2, "min_pixels": QWEN_MIN_PIXELS,
+                "max_pixels": QWEN_MAX_PIXELS}
+    if family == "qwen3_vl":
+        return {"video_processor_type": "Qwen3VLVideoProcessor", "image_mean": [0.5, 0.5, 0.5],
+                "image_std": [0.5, 0.5, 0.5], "resample": 3, "patch_size": 16, "merge_size": 2,
+                "temporal_patch_size": 2, "size": {"shortest_edge": 8 * 32 * 32, "longest_edge": 128 * 32 * 32}}
     if family == "llava_onevision":
         return {"image_processor_type": "LlavaOnevisionImageProcessor", "image_mean": [0.5, 0.5, 0.5],
                 "image_std": [0.5, 0.5, 0.5], "resample": 3, "size": {"height": size, "width": size}}
@@ -142,7 +209,7 @@ def make_tiny_model(out_dir: str | Path, family: str = "llava_onevision", seed: 
         model = build_tiny_model(family, tokenizer, text_overrides, vision_overrides, seed)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        size = model.config.vision_config.image_size
+        size = getattr(model.config.vision_config, "image_size", 0)
         (tmp / "preprocessor_config.json").write_text(json.dumps(_preprocessor_config(family, size), indent=2))
         marker = {"family": family, "random_weights": True, "seed": seed, "version": TINY_VERSION,
                   "text_overrides": text_overrides or {}, "vision_overrides": vision_overrides or {}}

@@ -1,0 +1,81 @@
+"""The family-neutral per-layer API the STC cacher (``cache/stc.py``) calls, so it never touches HF module names.
+
+A vision layer is ``x -> x + attn(norm1(x)) -> + mlp(norm2(.))``. :class:`LayerOps` exposes its pieces for a
+subset of query tokens ``idx`` ``[N, k]`` against all ``P`` keys:
+
+* ``norm1(x)``, ``keys(h)`` (every token, rotary applied where the family has it), ``queries(h_sel, idx)``,
+  ``values(h_sel)``, ``attend(q, k, v, idx)`` (the block's own attention, window-local where the block is
+  windowed, then its output projection), ``mlp_residual(x)`` (``x + mlp(norm2(x))``), and ``finish(out)``
+  (called with the layer's output; Qwen3-VL records DeepStack levels there).
+
+:func:`layer_ops` returns a layer's ops: ``layer.stc_ops()`` when the layer provides it (the Qwen adapters' grid-bound
+blocks), else SigLIP-style ops for ``SiglipEncoderLayer`` / ``Idefics3EncoderLayer`` (LLaVA-OneVision, SmolVLM).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_SIGLIP_ATTRS = ("layer_norm1", "self_attn", "layer_norm2", "mlp")
+_SIGLIP_ATTN = ("q_proj", "k_proj", "v_proj", "out_proj", "num_heads", "head_dim", "scale")
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    n, t, d = x.shape  # [N, T, D]
+    return x.view(n, t, heads, d // heads).transpose(1, 2)  # [N, H, T, D/H]
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    n, h, t, hd = x.shape  # [N, H, T, D/H]
+    return x.transpose(1, 2).reshape(n, t, h * hd)  # [N, T, D]
+
+
+class LayerOps:
+    """Base: the SigLIP-style layer (separate q/k/v projections, no rotary, full attention)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.layer = layer
+
+    def norm1(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer.layer_norm1(x)
+
+    def keys(self, h: torch.Tensor) -> torch.Tensor:
+        """``[N, P, D]`` keys of every token."""
+        return self.layer.self_attn.k_proj(h)
+
+    def queries(self, h_sel: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """``[N, k, D]`` queries of the tokens at ``idx`` ``[N, k]``."""
+        return self.layer.self_attn.q_proj(h_sel)
+
+    def values(self, h_sel: torch.Tensor) -> torch.Tensor:
+        return self.layer.self_attn.v_proj(h_sel)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Attention of ``q [N, k, D]`` over ``k, v [N, P, D]``, then the output projection -> ``[N, k, D]``."""
+        attn = self.layer.self_attn
+        h = attn.num_heads
+        o = F.scaled_dot_product_attention(split_heads(q, h), split_heads(k, h), split_heads(v, h), scale=attn.scale)
+        return attn.out_proj(merge_heads(o))
+
+    def mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.layer.mlp(self.layer.layer_norm2(x))
+
+    def finish(self, out: torch.Tensor) -> torch.Tensor:
+        return out
+
+
+def layer_ops(layer: nn.Module, index: int = 0) -> LayerOps:
+    """The ops of one vision layer; ``TypeError`` naming what is missing when the layer is not supported."""
+    if hasattr(layer, "stc_ops"):
+        return layer.stc_ops()
+    missing = [a for a in _SIGLIP_ATTRS if not hasattr(layer, a)]
+    attn = getattr(layer, "self_attn", None)
+    missing += [f"self_attn.{a}" for a in _SIGLIP_ATTN if attn is not None and not hasattr(attn, a)]
+    if missing:
+        raise TypeError(
+            f"vision layer {index} ({type(layer).__name__}) lacks {missing}; the STC cacher supports SigLIP-style "
+            "layers (SiglipEncoderLayer, Idefics3EncoderLayer) and layers with stc_ops() (the Qwen adapters). "
+            "Fix: disable the cache for this model."
+        )
+    return LayerOps(layer)
