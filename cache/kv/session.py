@@ -254,6 +254,7 @@ class KVSession:
         finally:
             self.cache.truncate(saved)
 
+    @torch.inference_mode()
     def answer(self, question: LLMInput, max_new_tokens: int, eos_ids: Iterable[int], sampling: Sampling) -> Work:
         """Answer ``question`` against the stream so far; yields forwards and generated token ids (not EOS).
 
