@@ -146,15 +146,17 @@ def test_question_during_a_chunk_prefill_sees_that_chunk(llm):
     expected_after = list(ref.ask("s0", q, 8))
     engine = _filled(SlowLM(llm, 0.02), _cfg(reserve_tokens=40, budget=4), n=1)  # 24 tokens = 6 prefill steps
     appender = threading.Thread(target=engine.append, args=("s0", chunk))
+    filled = engine.scheduler.stats.prefill_tokens  # the context fill's tokens
     appender.start()
     deadline = time.monotonic() + 10
-    while not engine.scheduler.stats.prefill_tokens and time.monotonic() < deadline:
+    while engine.scheduler.stats.prefill_tokens == filled and time.monotonic() < deadline:  # chunk has begun
         time.sleep(0.001)
     mid = engine.stats("s0").blocks
     got = {}
     asker = threading.Thread(target=lambda: got.setdefault("a", list(engine.ask("s0", q, 8))))
     asker.start()
-    time.sleep(0.03)
+    while engine.scheduler.queued("s0") < 2 and time.monotonic() < deadline:  # the question is queued behind it
+        time.sleep(0.001)
     late_appender = threading.Thread(target=engine.append, args=("s0", late))  # asked after: not seen
     late_appender.start()
     for t in (appender, asker, late_appender):
