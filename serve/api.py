@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cache.kv.config import Sampling
+
 STREAM_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 StreamKind = Literal["file", "live", "push"]
 StreamState = Literal["starting", "running", "ended", "failed", "closed"]
@@ -56,6 +58,13 @@ class QuestionRequest(_Request):
         description="Wait up to this long for frames already received to reach the LLM before answering "
         "(0: answer about what the LLM holds now).",
     )
+    temperature: float = Field(0.0, ge=0, le=2, description="0 = greedy; > 0 = sample at this temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (1 = all tokens).")
+    seed: int | None = Field(None, description="RNG seed for reproducible sampling.")
+
+    def sampling(self) -> Sampling:
+        """The decoding settings for the LLM engine."""
+        return Sampling(temperature=self.temperature, top_p=self.top_p, seed=self.seed)
 
 
 class IngestStats(BaseModel):

@@ -133,7 +133,7 @@ class RayBackend:
             deadline = time.monotonic() + self.settings.ingest.misroute_retry_s
             while True:
                 gen = self.llm.options(stream=True).ask.remote(stream_id, token, request.question,
-                                                               request.max_new_tokens)
+                                                               request.max_new_tokens, request.sampling())
                 try:
                     return gen, await gen.__anext__()
                 except StopAsyncIteration:

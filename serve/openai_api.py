@@ -7,8 +7,8 @@ A user message names the video in a content part ``{"type": "video_url", "video_
 * ``rtsp://``, ``http(s)://`` or a media-root path: a stream is opened for this request, the answer waits at most
   ``video_wait_s`` (default 5 s, max 60 s) for its ingest to go idle, and the stream is closed afterwards.
 
-Decoding is the service's own greedy decoding: ``temperature`` is accepted (0..2) for client compatibility but does
-not change the answer. ``stop`` strings cut the answer (finish_reason ``stop``); reaching ``max_tokens`` pieces gives
+Decoding is greedy unless ``temperature`` > 0 (then sampled, with ``top_p`` and ``seed`` as OpenAI defines them; the
+same settings exist on ``POST /streams/{id}/questions``). ``stop`` strings cut the answer (finish_reason ``stop``); reaching ``max_tokens`` pieces gives
 ``length``. ``usage.completion_tokens`` counts generated pieces (one per decoded token); ``usage.prompt_tokens`` is
 the stream's KV tokens (its visual/text context) plus the question's whitespace-separated words -- an estimate,
 since the ingress has no tokenizer. Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
@@ -62,7 +62,9 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = False
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
+    temperature: float | None = Field(None, ge=0, le=2, description="Default 0 (greedy).")
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
     stop: str | list[str] | None = None
     wait_s: float = Field(0.0, ge=0, le=60, description="stream:// only: wait for ingest to go idle first.")
     video_wait_s: float = Field(5.0, ge=0, le=60, description="URL videos: bounded wait for the opened stream.")
@@ -176,7 +178,9 @@ async def _complete(backend: Any, settings: ServeSettings, body: ChatCompletionR
     try:
         stats = await backend.stats(sid)
         prompt_tokens = int(stats.kv_tokens or 0) + len(question.split())
-        pieces = backend.ask(sid, QuestionRequest(question=question, max_new_tokens=limit, wait_s=wait)).__aiter__()
+        request = QuestionRequest(question=question, max_new_tokens=limit, wait_s=wait, temperature=body.temperature or 0.0,
+                                  top_p=body.top_p or 1.0, seed=body.seed)
+        pieces = backend.ask(sid, request).__aiter__()
         first = await _first(pieces)  # errors before the first piece still get a real HTTP status
     except BaseException:
         if owned:

@@ -191,10 +191,12 @@ class LLMDeployment(_StreamStage):
             self._calls = ThreadPoolExecutor(max_workers=256, thread_name_prefix="llm-call")
         return await asyncio.get_running_loop().run_in_executor(self._calls, self.stage.append, chunk) or {}
 
-    async def ask(self, stream_id: str, token: str, question: str, max_new_tokens: int) -> AsyncIterator[str]:
+    async def ask(self, stream_id: str, token: str, question: str, max_new_tokens: int,
+                  sampling: Any = None) -> AsyncIterator[str]:
         """Stream the answer's text pieces (the stream's context is restored afterwards by the stage)."""
         self.slots.require(stream_id, token)
-        async for piece in iterate_in_thread(lambda: self.stage.ask(stream_id, question, max_new_tokens)):
+        async for piece in iterate_in_thread(lambda: self.stage.ask(stream_id, question, max_new_tokens,
+                                                                    sampling=sampling)):
             yield piece
 
 

@@ -16,6 +16,7 @@ from typing import Any, Iterator
 
 import torch
 
+from cache.kv.config import Sampling
 from serve.messages import AnswerStats, EncodedChunk
 from pruner.attention import attention_received, scores_to_tokens
 from serve.options import StreamOptions
@@ -234,7 +235,7 @@ class LLMStage:
         return {"prefill_ms": _ms(t0), "llm_tokens": tokens}
 
     def ask(self, stream_id: str, question: str, max_new_tokens: int = 64,
-            stats: AnswerStats | None = None) -> Iterator[str]:
+            stats: AnswerStats | None = None, sampling: Sampling | None = None) -> Iterator[str]:
         """Answer over the stream's current context, streaming text pieces; the context is restored afterwards.
 
         ``stats`` (if given) receives time to first token, decode time and token counts.
@@ -244,7 +245,7 @@ class LLMStage:
             q = self.adapter.question_embeds(question)  # [Lq, d]
         except ValueError as exc:
             raise RequestError(str(exc)) from None
-        tokens = self.engine.ask(stream_id, q, max_new_tokens, self.adapter.eos_token_ids)
+        tokens = self.engine.ask(stream_id, q, max_new_tokens, self.adapter.eos_token_ids, sampling)
         ids: list[int] = []
         emitted = ""
         t0 = time.perf_counter()

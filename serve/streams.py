@@ -320,7 +320,8 @@ class LocalBackend:
         if request.wait_s > 0:
             await asyncio.to_thread(runner.wait_idle, request.wait_s)
         runner.questions += 1
-        pieces = iterate_in_thread(lambda: self.llm.ask(stream_id, request.question, request.max_new_tokens))
+        pieces = iterate_in_thread(lambda: self.llm.ask(stream_id, request.question, request.max_new_tokens,
+                                                         sampling=request.sampling()))
         async for piece in pieces:
             yield piece
 

@@ -70,9 +70,10 @@ class FakeLLMStage:
         self.seen[chunk.stream_id].extend(chunk.pts)
         return {"llm_tokens": int(chunk.embeds.shape[0])}
 
-    def ask(self, stream_id: str, question: str, max_new_tokens: int = 64) -> Iterator[str]:
+    def ask(self, stream_id: str, question: str, max_new_tokens: int = 64, sampling: Any = None) -> Iterator[str]:
         if stream_id not in self.seen:
             raise UnknownStream(f"stream {stream_id!r} not open")
+        self.last_sampling = sampling  # what the transport passed on (tests read it)
         pts = list(self.seen[stream_id])
         last = f"{pts[-1]:.2f}" if pts else "none"
         for piece in (f"frames={len(pts)}", " ", f"last={last}"):

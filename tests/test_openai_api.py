@@ -25,8 +25,10 @@ def app(tmp_path):
     cfg = ServiceConfig.parse({"sampler": {"fps": 1000.0, "frames_per_chunk": 4},
                                "source": {"open_timeout_s": 2.0, "reconnect_attempts": 0},
                                "serve": {"media_root": str(root), "max_streams": 4, "api_key": "k"}})
-    backend = LocalBackend(cfg.serve, cfg.source, cfg.stream_options(), FakeVisionStage(), FakeLLMStage())
+    llm = FakeLLMStage()
+    backend = LocalBackend(cfg.serve, cfg.source, cfg.stream_options(), FakeVisionStage(), llm)
     client = TestClient(make_api(backend, cfg.serve), headers={"Authorization": "Bearer k"})
+    client.llm_double = llm
     rgb, pts = frames(8)
     assert client.post("/streams", json={"stream_id": "cam"}).status_code == 201
     r = client.post("/streams/cam/frames?flush=true", content=encode_frames(rgb, pts, "raw"),
@@ -103,3 +105,36 @@ def test_errors_in_openai_shape(app):
         _oa(app, key="wrong").models.list()
     with pytest.raises(openai.PermissionDeniedError):
         oa.chat.completions.create(model="stc-serve", messages=_msg("../secret.mp4"))
+
+
+def test_temperature_top_p_and_seed_reach_the_llm(app):
+    oa = _oa(app)
+    oa.chat.completions.create(model="stc-serve", messages=_msg("stream://cam"), temperature=0.7, top_p=0.9, seed=3)
+    got = app.llm_double.last_sampling
+    assert (got.temperature, got.top_p, got.seed) == (0.7, 0.9, 3)
+    oa.chat.completions.create(model="stc-serve", messages=_msg("stream://cam"))
+    assert app.llm_double.last_sampling.temperature == 0.0  # absent = greedy
+
+
+def test_real_llm_samples_reproducibly_with_a_seed():
+    """The real tiny-model LLM stage: temperature > 0 with a seed repeats itself; temperature 0 is greedy."""
+    import numpy as np
+
+    from cache.kv.config import Sampling
+    from serve.options import StreamOptions
+    from serve.stages import LLMStage, VisionStage
+    from stream.frames import FrameBatch
+    from stream.models import load_adapter
+
+    adapter = load_adapter(None)
+    vision, llm = VisionStage(adapter, StreamOptions()), LLMStage(adapter, StreamOptions(), 1 << 28)
+    vision.open("s")
+    llm.open("s")
+    rgb = np.random.default_rng(0).integers(0, 255, (4, 48, 64, 3), dtype=np.uint8)  # [frames, H, W, 3]
+    llm.append(vision.encode("s", FrameBatch(rgb, np.arange(4) / 1.0, np.arange(4))))
+    hot = Sampling(temperature=1.5, seed=7)
+    a = "".join(llm.ask("s", "what moves?", 12, sampling=hot))
+    assert a == "".join(llm.ask("s", "what moves?", 12, sampling=hot))
+    greedy = "".join(llm.ask("s", "what moves?", 12))
+    assert greedy == "".join(llm.ask("s", "what moves?", 12, sampling=Sampling()))
+    assert a != greedy  # near-uniform random-weight logits: sampling at 1.5 leaves the greedy path
