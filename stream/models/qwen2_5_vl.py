@@ -215,11 +215,12 @@ class Qwen2_5_VLAdapter(VLMAdapter):
     end_of_turn_tokens = ("<|im_end|>",)
     min_pixels = 128 * 28 * 28
     max_pixels = 768 * 28 * 28
+    text_lm_class: type[MRopeTextLM] = MRopeTextLM
 
     def _text_lm(self) -> TextLM:
         vc = self.model.config.vision_config
         self.patch, self.merge, self.temporal = vc.patch_size, vc.spatial_merge_size, vc.temporal_patch_size
-        return MRopeTextLM(self.model.model.language_model, self.model.lm_head)
+        return self.text_lm_class(self.model.model.language_model, self.model.lm_head)
 
     def configure_preprocessing(self, cfg: dict) -> None:
         """Read ``min_pixels`` / ``max_pixels`` (or ``size.shortest_edge/longest_edge``) from preprocessor_config."""

@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 from stream.models.base import LayerRunner, VisualTokens, grid_positions, run_layers
-from stream.models.llm import TextLM
 from stream.models.qwen2_5_vl import MRopeTextLM, Qwen2_5_VLAdapter, _GridBlock, frames_to_patches
 
 
@@ -73,11 +72,7 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
     family = "qwen3_vl"
     min_pixels = 128 * 32 * 32
     max_pixels = 768 * 32 * 32
-
-    def _text_lm(self) -> TextLM:
-        vc = self.model.config.vision_config
-        self.patch, self.merge, self.temporal = vc.patch_size, vc.spatial_merge_size, vc.temporal_patch_size
-        return DeepStackTextLM(self.model.model.language_model, self.model.lm_head)
+    text_lm_class = DeepStackTextLM
 
     def grid(self, height: int, width: int) -> tuple[int, int]:
         f = self.patch * self.merge
