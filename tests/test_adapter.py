@@ -39,7 +39,7 @@ def _reference(adapter, rgb: np.ndarray, pts: list[float]) -> torch.Tensor:
     pv = adapter.preprocess(rgb)[None]  # [1, F, 3, S, S]
     kwargs = {"pixel_values_videos": pv} if adapter.family == "llava_onevision" else {"pixel_values": pv}
     with torch.inference_mode():
-        logits = adapter.model(input_ids=ids[None], **kwargs).logits[0]
+        logits = adapter.model(input_ids=ids[None].to(adapter.device), **kwargs).logits[0]
     return logits[-(len(q_ids) + len(end)):].float()
 
 

@@ -30,7 +30,7 @@ from cache.config import CacherConfig
 from cache.kv import KVConfig, LLMEngine
 from stream.models import load_adapter
 from stream.models.llm import TextLM
-from tests.test_adapter import QUESTION, _frames, _ours
+from tests.test_adapter import QUESTION, _frames, _ours, _reference
 
 pytestmark = [
     pytest.mark.cuda,
@@ -51,18 +51,6 @@ def gpu_pair(request: pytest.FixtureRequest):
     """The family's tiny model on the GPU twice: (float32 adapter, bfloat16 adapter)."""
     path = _family_dir(request, request.param)
     return load_adapter(path, DEVICE, "float32"), load_adapter(path, DEVICE, "bfloat16")
-
-
-def _reference(adapter, rgb: np.ndarray, pts: list[float]) -> torch.Tensor:
-    """HF ``forward`` on placeholder ids + pixel values, on the adapter's device; logits of the question span."""
-    end = torch.full((adapter.video_end_embeds().shape[0],), adapter.placeholder_id)
-    q_ids = adapter.question_ids(QUESTION)
-    ids = torch.cat([adapter.stream_prefix_ids(), adapter.chunk_placeholder_ids(len(rgb), pts), end, q_ids])
-    pv = adapter.preprocess(rgb)[None]  # [1, F, 3, S, S]
-    kwargs = {"pixel_values_videos": pv} if adapter.family == "llava_onevision" else {"pixel_values": pv}
-    with torch.inference_mode():
-        logits = adapter.model(input_ids=ids[None].to(adapter.device), **kwargs).logits[0]
-    return logits[-(len(q_ids) + len(end)):].float()
 
 
 def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
