@@ -30,7 +30,7 @@ from cache.config import CacherConfig
 from cache.kv import KVConfig, LLMEngine
 from stream.models import load_adapter
 from stream.models.llm import TextLM
-from tests.test_adapter import QUESTION, _frames, _ours, _reference
+from tests.test_adapter import _frames, _ours, _reference
 
 pytestmark = [
     pytest.mark.cuda,
