@@ -70,7 +70,8 @@ def open_source(spec: str | Path, config: SourceConfig | None = None) -> FrameSo
         raise SourceFormatError(f"{path} is an image ({suffix}), not a video. Fix: pass a video file.")
     if suffix in _PLAYLIST_SUFFIXES:
         return _open_live(str(path), config)
-    return FileSource(path, batch_size=config.decode_batch, num_threads=config.decode_threads)
+    return FileSource(path, batch_size=config.decode_batch, num_threads=config.decode_threads,
+                      decoder=config.file_decoder)
 
 
 def _checked_path(path: Path, media_root: str | None) -> Path:
