@@ -224,6 +224,8 @@ class WatchHub:
         with self._lock:
             self._expire()
             ring = self._rings.get(stream_id) or self._ended.get(stream_id)
+        if ring is not None and ring.ended_at is not None and self._reopened(stream_id):
+            ring = None  # the id names a new stream now: the old ring's end is not its end
         if ring is None:
             _, _, state = self.asker.seen(stream_id)  # 404 unless open
             with self._lock:
@@ -278,6 +280,12 @@ class WatchHub:
             self._ended.pop(stream_id, None)
             ring = self._rings[stream_id] = EventRing(self.settings.max_events_per_stream)
         return ring
+
+    def _reopened(self, stream_id: str) -> bool:
+        try:
+            return self.asker.seen(stream_id)[2] not in FINAL_STATES
+        except StreamNotFoundError:
+            return False
 
     def _expire(self) -> None:
         now = time.monotonic()

@@ -138,6 +138,10 @@ def test_bounds_and_watches_end_when_their_stream_is_closed():
         time.sleep(0.6)
         assert backend.watches.counts() == {"watches": 0, "rings": 0, "ended_rings": 1, "asked": asked}
         assert client.get("/streams/cam/watches").status_code == 404
+        assert backend.watches.events("cam", 0).ended  # a late reader of the closed stream gets its end
+        _open(client)  # the id names a new stream now: its events start afresh, not with the old end
+        page = backend.watches.events("cam", 0)
+        assert not page.ended and page.events == []
     backend.shutdown()
 
 
