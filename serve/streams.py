@@ -29,10 +29,13 @@ from serve.api import (
     StreamStateError,
     StreamStats,
 )
+from serve.messages import AnswerStats
 from serve.protocol import FrameFormatError, jpeg_bytes
 from serve.sources_policy import check_source_text, check_url_source
 from serve.ingest import ChunkQueue, IngestWorker, queue_policy, stream_kind
 from serve.service_config import IngestSettings, ServeSettings
+from serve.watchset import FlowAsker, WatchHub
+from serve.webhooks import WebhookSender
 from stream.config import SourceConfig
 from stream.errors import SourceError, SourceNotFoundError
 from stream.frames import FrameBatch
@@ -280,9 +283,6 @@ class LocalBackend:
         self.vision, self.llm = vision, llm
         self._streams: dict[str, StreamRunner] = {}
         self._lock = threading.Lock()
-        from serve.watchset import FlowAsker, WatchHub  # noqa: PLC0415 (watches: the same class the hosts use)
-        from serve.webhooks import WebhookSender  # noqa: PLC0415
-
         self.watches = WatchHub(FlowAsker(self._get), settings.watches, WebhookSender(settings.watches.webhook_hosts),
                                 max_waiters=2)  # long-polls hold asyncio.to_thread workers: few at once
 
@@ -324,8 +324,6 @@ class LocalBackend:
     async def ask(self, stream_id: str, request: QuestionRequest,
                   usage: AnswerUsage | None = None) -> AsyncIterator[str]:
         """The answer's pieces; ``usage`` (if given) gets the LLM's exact token counts as they become known."""
-        from serve.messages import AnswerStats  # noqa: PLC0415 (torch-free import of this module)
-
         runner = self._get(stream_id)
         if request.wait_s > 0:
             await asyncio.to_thread(runner.wait_idle, request.wait_s)

@@ -201,7 +201,6 @@ class WatchHub:
             self._ring(stream_id)
             watch = Watch(watch_id=uuid.uuid4().hex[:12], stream_id=stream_id, request=request)
             mine[watch.watch_id] = _Running(watch, time.monotonic() + request.every_s)
-            self._start()
             self._lock.notify_all()
             return watch.model_copy(deep=True)
 
@@ -279,6 +278,7 @@ class WatchHub:
         if ring is None:
             self._ended.pop(stream_id, None)
             ring = self._rings[stream_id] = EventRing(self.settings.max_events_per_stream)
+            self._start()  # the scheduler also ends rings whose stream ended by itself
         return ring
 
     def _reopened(self, stream_id: str) -> bool:
