@@ -6,7 +6,9 @@ are detached named actors (``<app>/ingest/<k>`` in namespace ``stc-serve``), cre
 ingress replica needs one; a stream id maps to a host by consistent hashing, so every ingress replica finds every
 stream and ingress replicas can scale or die without touching streams. A host that dies is restarted by Ray
 empty: its streams are answered as lost (404 naming the restart), and their replica state is freed by the replicas'
-``state_ttl_s`` reaper. Ended, failed and idle streams are closed after ``serve.stream_ttl_s``.
+``state_ttl_s`` reaper. Ended, failed and idle streams are closed after ``serve.stream_ttl_s``. A host also owns its
+streams' standing questions (a :class:`serve.watchset.WatchHub`: watches, event rings, the watch rate limit), so any
+ingress replica reaches a watch the way it reaches the stream; they end with the stream.
 """
 from __future__ import annotations
 
