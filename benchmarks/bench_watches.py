@@ -1,7 +1,8 @@
 """Ingest frames/s of one stream with 0 vs 4 standing questions (text watches), same process, same run.
 
 Real tiny-model stages (random weights: the answers are meaningless, the costs are real) in the in-process
-LocalBackend; frames are pushed one chunk at a time (the next once the previous is encoded), so frames/s is the ingest
+LocalBackend, whose WatchHub (serve/watchset.py: the class every ingest host runs) drives the watches on its scheduler
+thread; frames are pushed one chunk at a time (the next once the previous is encoded), so frames/s is the ingest
 path's throughput while the watches compete for the LLM. Clock: wall time
 (``time.perf_counter``), since watches run concurrently with ingest; process CPU time is reported alongside.
 Prints ONE JSON line last.
@@ -23,7 +24,7 @@ from serve.api import CreateStreamRequest
 from serve.config import ServiceConfig
 from serve.stages import LLMStage, VisionStage
 from serve.streams import LocalBackend
-from serve.watches import WatchManager, WatchRequest, WatchSettings
+from serve.watchset import WatchRequest
 from stream.frames import FrameBatch
 from stream.models import load_adapter
 
@@ -31,9 +32,9 @@ from stream.models import load_adapter
 async def _run(backend: LocalBackend, watches: int, frames: int, chunk: int, every_s: float, bar: tqdm) -> dict:
     sid = f"bench{watches}"
     await backend.create(CreateStreamRequest(stream_id=sid))
-    manager = WatchManager(backend, WatchSettings(asks_per_s=1000, min_every_s=0.01))
     for i in range(watches):
-        await manager.add(sid, WatchRequest(question=f"what is happening {i}?", every_s=every_s, max_new_tokens=4))
+        await backend.add_watch(sid, WatchRequest(question=f"what is happening {i}?", every_s=every_s,
+                                                  max_new_tokens=4))
     rng = np.random.default_rng(0)
     t0, c0 = time.perf_counter(), time.process_time()
     for start in range(0, frames, chunk):  # one chunk in flight at a time: encoder throughput, no queue drops
@@ -47,15 +48,16 @@ async def _run(backend: LocalBackend, watches: int, frames: int, chunk: int, eve
             await asyncio.sleep(0.005)
         bar.update(chunk)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    ticks = sum(w.ticks for w in manager.list(sid))
-    manager.end_stream(sid)
-    stats = await backend.close(sid)
+    ticks = sum(w.ticks for w in await backend.list_watches(sid))
+    stats = await backend.close(sid)  # ends the stream's watches too
     return {"watches": watches, "frames_per_s": (frames - stats.ingest.frames_dropped) / wall, "wall_s": wall, "cpu_s": cpu, "watch_answers": ticks,
             "frames_dropped": stats.ingest.frames_dropped}
 
 
 async def main_async(args: argparse.Namespace) -> dict:
-    cfg = ServiceConfig.parse({"sampler": {"fps": 1000.0, "frames_per_chunk": args.chunk}, "serve": {"max_streams": 4}})
+    cfg = ServiceConfig.parse({"sampler": {"fps": 1000.0, "frames_per_chunk": args.chunk},
+                               "serve": {"max_streams": 4, "watches": {"asks_per_s": args.asks_per_s,
+                                                                       "min_every_s": 0.01}}})
     adapter = load_adapter(None)
     backend = LocalBackend(cfg.serve, cfg.source, cfg.stream_options(), VisionStage(adapter, cfg.stream_options()),
                            LLMStage(adapter, cfg.stream_options(), cfg.kv_replica_budget_bytes()))
@@ -70,7 +72,7 @@ async def main_async(args: argparse.Namespace) -> dict:
     none = [r["frames_per_s"] for r in runs if r["watches"] == 0]
     four = [r["frames_per_s"] for r in runs if r["watches"] == 4]
     return {"bench": "watches", "clock": "wall (perf_counter); cpu_s = process_time", "frames": args.frames,
-            "every_s": args.every_s, "fps_no_watches": float(np.median(none)), "fps_4_watches": float(np.median(four)),
+            "every_s": args.every_s, "asks_per_s": args.asks_per_s, "fps_no_watches": float(np.median(none)), "fps_4_watches": float(np.median(four)),
             "ratio_4_vs_none": float(np.median(four) / np.median(none)),
             "cpu_ms_per_frame_no_watches": float(np.median([r["cpu_s"] for r in runs if r["watches"] == 0])) * 1000
             / args.frames,
@@ -85,6 +87,8 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=4)
     parser.add_argument("--every-s", type=float, default=0.25)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--asks-per-s", type=float, default=1000.0,
+                        help="The watch rate limit (default: effectively none, the worst case for ingest).")
     parser.add_argument("--json", action="store_true", help="JSON only (no progress bar).")
     parser.add_argument("--plot", default=None, help="Write a bar chart of frames/s to this PNG.")
     args = parser.parse_args()

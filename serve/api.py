@@ -122,6 +122,36 @@ class PushResponse(BaseModel):
     frames_dropped: int = Field(..., description="Frames this stream dropped so far (encoder lag).")
 
 
+class AnswerUsage(BaseModel):
+    """Exact token counts of one answer, from the LLM that ran it (sent with the answer, typed).
+
+    For a live stream the prompt is what the question attended to: ``context_tokens`` (the KV tokens resident when
+    the question was placed: prompt prefix/sinks, retrieved blocks and the recent window) plus ``question_tokens``
+    (the tokens the question added: end-of-video piece, the question, the assistant-turn start). Frames evicted
+    from the window before the question are not part of it.
+    """
+
+    context_tokens: int = Field(0, ge=0, description="KV tokens of the stream the question attended to.")
+    question_tokens: int = Field(0, ge=0, description="Tokens the question added to the prompt.")
+    completion_tokens: int | None = Field(None, ge=0, description="Tokens generated (None until the answer ended).")
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.context_tokens + self.question_tokens
+
+    @classmethod
+    def of(cls, stats: Any, done: bool = False) -> "AnswerUsage":
+        """From a :class:`serve.messages.AnswerStats` (``completion_tokens`` only once the answer ``done``)."""
+        return cls(context_tokens=stats.attended_tokens, question_tokens=stats.question_tokens,
+                   completion_tokens=stats.new_tokens if done else None)
+
+    def update(self, other: "AnswerUsage") -> None:
+        """Take ``other``'s counts (a later message of the same answer)."""
+        self.context_tokens, self.question_tokens = other.context_tokens, other.question_tokens
+        if other.completion_tokens is not None:
+            self.completion_tokens = other.completion_tokens
+
+
 class AnswerDone(BaseModel):
     """Last event of an answer."""
 
@@ -129,6 +159,8 @@ class AnswerDone(BaseModel):
     tokens: int = Field(..., description="Text pieces generated.")
     ttft_ms: float = Field(..., description="Time to the first piece, measured at the ingress.")
     total_ms: float
+    prompt_tokens: int | None = Field(None, description="Context tokens attended + question tokens (exact).")
+    completion_tokens: int | None = Field(None, description="Tokens generated, counted by the LLM.")
 
 
 class ErrorBody(BaseModel):

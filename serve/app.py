@@ -26,6 +26,7 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from serve.api import (
+    AnswerUsage,
     CapacityError,
     CreateStreamRequest,
     HealthResponse,
@@ -80,7 +81,8 @@ class RayBackend:
             self._hosts[name] = self._remote.options(
                 name=name, namespace=STREAM_NAMESPACE, get_if_exists=True, lifetime="detached", max_restarts=-1,
                 num_cpus=ing.num_cpus, max_concurrency=ing.host_concurrency,
-            ).remote(self.settings.app_name, self.source_config, ing, self.settings.stream_ttl_s)
+            ).remote(self.settings.app_name, self.source_config, ing, self.settings.stream_ttl_s,
+                     self.settings.watches)
         return self._hosts[name]
 
     def _host(self, stream_id: str) -> Any:
@@ -116,16 +118,21 @@ class RayBackend:
     async def push(self, stream_id: str, batch: Any, flush: bool) -> PushResponse:
         return await self._call(stream_id, "push", batch, flush)
 
-    async def ask(self, stream_id: str, request: QuestionRequest) -> AsyncIterator[str]:
+    async def ask(self, stream_id: str, request: QuestionRequest,
+                  usage: AnswerUsage | None = None) -> AsyncIterator[str]:
+        """The answer's text pieces; ``usage`` (if given) takes the LLM replica's :class:`AnswerUsage` messages."""
         if request.wait_s > 0:
             await self._call(stream_id, "wait_idle", request.wait_s)
         token = await self._call(stream_id, "begin_question")
         gen, first = await self._start_answer(stream_id, token, request)
         if gen is None:
             return
-        yield first
-        async for piece in gen:
-            yield piece
+        async for item in _chain(first, gen):
+            if isinstance(item, AnswerUsage):
+                if usage is not None:
+                    usage.update(item)
+                continue
+            yield item
 
     async def _start_answer(self, stream_id: str, token: str, request: QuestionRequest) -> tuple[Any, str]:
         """Start the answer and await its first piece; retry misroutes, then reopen the LLM state once."""
@@ -149,13 +156,18 @@ class RayBackend:
                 token = await self._call(stream_id, "reopen", LLM)
         raise StreamMisroutedError(f"no LLM replica holds stream {stream_id!r} even after reopening it")
 
-    async def score_yes_no(self, stream_id: str, question: str) -> float:
-        """P(yes) / (P(yes) + P(no)) of the answer's first token, on the LLM replica that holds the stream."""
-        token = await self._call(stream_id, "token", LLM)
-        retry_s = min(2.0, self.settings.ingest.misroute_retry_s)
-        yes, no = await acall_stream(self.llm, "score_choices", stream_id, token, question, ["yes", "no"],
-                                     retry_s=retry_s)
-        return float(yes / max(yes + no, 1e-12))
+    # -- watches: owned by the stream's ingest host (serve/watchset.py), so every ingress replica sees them ----------
+    async def add_watch(self, stream_id: str, request: Any) -> Any:
+        return await self._call(stream_id, "add_watch", request)
+
+    async def list_watches(self, stream_id: str) -> list[Any]:
+        return await self._call(stream_id, "list_watches")
+
+    async def delete_watch(self, stream_id: str, watch_id: str) -> Any:
+        return await self._call(stream_id, "delete_watch", watch_id)
+
+    async def watch_events(self, stream_id: str, since: int, timeout_s: float) -> Any:
+        return await self._call(stream_id, "watch_events", since, timeout_s)
 
     async def frame_jpeg(self, stream_id: str) -> bytes | None:
         """The stream's newest sampled frame as JPEG (None before the first chunk)."""
@@ -204,6 +216,12 @@ class RayBackend:
 
 async def _await(response: Any) -> Any:
     return await response
+
+
+async def _chain(first: Any, rest: Any) -> AsyncIterator[Any]:
+    yield first
+    async for item in rest:
+        yield item
 
 
 @serve.deployment(name=INGRESS)

@@ -6,21 +6,32 @@ are detached named actors (``<app>/ingest/<k>`` in namespace ``stc-serve``), cre
 ingress replica needs one; a stream id maps to a host by consistent hashing, so every ingress replica finds every
 stream and ingress replicas can scale or die without touching streams. A host that dies is restarted by Ray
 empty: its streams are answered as lost (404 naming the restart), and their replica state is freed by the replicas'
-``state_ttl_s`` reaper. Ended, failed and idle streams are closed after ``serve.stream_ttl_s``.
+``state_ttl_s`` reaper. Ended, failed and idle streams are closed after ``serve.stream_ttl_s``. A host also owns its
+streams' standing questions (a :class:`serve.watchset.WatchHub`: watches, event rings, the watch rate limit), so any
+ingress replica reaches a watch the way it reaches the stream; they end with the stream.
 """
 from __future__ import annotations
 
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
-from serve.api import PushResponse, StreamExistsError, StreamNotFoundError, StreamStateError, StreamStats
+from serve.api import (
+    PushResponse,
+    StreamExistsError,
+    StreamMisroutedError,
+    StreamNotFoundError,
+    StreamStateError,
+    StreamStats,
+)
 from serve.flow import LLM, VISION, StageFlow
 from serve.protocol import jpeg_bytes
-from serve.replicas import call_stream
-from serve.service_config import IngestSettings
+from serve.replicas import call_stream, replica_gone, unwrap
+from serve.service_config import IngestSettings, WatchSettings
 from serve.streams import StreamRunner
+from serve.watchset import EventsPage, FlowAsker, Watch, WatchHub, WatchRequest
+from serve.webhooks import WebhookSender
 from stream.config import SourceConfig
 from stream.frames import FrameBatch
 
@@ -39,6 +50,19 @@ class ServeTransport:
         return call_stream(self.handles[kind], method, stream_id, token, *args,
                            timeout_s=self.ingest.call_timeout_s, retry_s=retry_s)
 
+    def ask(self, stream_id: str, token: str, question: str, max_new_tokens: int, **kw: Any) -> Iterator[Any]:
+        """The answer's items from the LLM replica holding the stream (text pieces and ``AnswerUsage``); blocking,
+        for the host's threads (watch questions)."""
+        try:
+            gen = self.handles[LLM].options(stream=True).ask.remote(stream_id, token, question, max_new_tokens,
+                                                                    kw.get("sampling"))
+            yield from gen
+        except Exception as exc:
+            err = unwrap(exc)
+            if replica_gone(err):
+                err = StreamMisroutedError(f"the replica serving stream {stream_id!r} is gone ({type(err).__name__})")
+            raise err from None
+
 
 @dataclass
 class _Entry:
@@ -56,10 +80,11 @@ class IngestHost:
         ingest: queue sizes and timeouts.
         ttl_s: ended, failed or idle streams are closed after this long.
         restarted: this host is a restart of one that died (its streams were lost).
+        watches: bounds and rate limit of the standing questions on this host's streams.
     """
 
     def __init__(self, transport: Any, source_config: SourceConfig, ingest: IngestSettings, ttl_s: float,
-                 restarted: bool = False) -> None:
+                 restarted: bool = False, watches: WatchSettings | None = None) -> None:
         self.transport = transport
         self.source_config = source_config
         self.ingest = ingest
@@ -69,6 +94,8 @@ class IngestHost:
         self._streams: dict[str, _Entry] = {}
         self._starting: set[str] = set()
         self._lock = threading.Lock()
+        ws = watches or WatchSettings()
+        self._watches = WatchHub(FlowAsker(self._runner), ws, WebhookSender(ws.webhook_hosts))
         threading.Thread(target=self._reap_forever, name="stc-reaper", daemon=True).start()
 
     # -- lifecycle ---------------------------------------------------------------------------------------------------
@@ -101,6 +128,7 @@ class IngestHost:
             raise self._not_found(stream_id)
         final = entry.runner.stats()
         entry.runner.close()
+        self._watches.end_stream(stream_id, "closed")
         return final.model_copy(update={"state": "closed"})
 
     def ids(self) -> list[str]:
@@ -114,6 +142,7 @@ class IngestHost:
             due = [sid for sid, e in self._streams.items()
                    if now - max(e.touched, e.runner.worker.last_activity if e.runner.worker else 0.0) > self.ttl_s]
         for sid in due:
+            self._watches.end_stream(sid, "reaped")
             try:
                 self.close(sid)
                 self.reaped += 1
@@ -185,13 +214,41 @@ class IngestHost:
                 "rss_mb": psutil.Process().memory_info().rss / 2**20}
 
 
+    # -- watches (standing questions): owned here, with their streams, so every ingress replica sees them ---------
+    def _runner(self, stream_id: str) -> StreamRunner:
+        """The open stream's runner without touching it (watch ticks do not keep an idle stream alive)."""
+        with self._lock:
+            entry = self._streams.get(stream_id)
+        if entry is None:
+            raise self._not_found(stream_id)
+        return entry.runner
+
+    def add_watch(self, stream_id: str, request: WatchRequest) -> Watch:
+        return self._watches.add(stream_id, request)
+
+    def list_watches(self, stream_id: str) -> list[Watch]:
+        return self._watches.list(stream_id)
+
+    def delete_watch(self, stream_id: str, watch_id: str) -> Watch:
+        self._runner(stream_id)
+        return self._watches.remove(stream_id, watch_id)
+
+    def watch_events(self, stream_id: str, since: int, timeout_s: float) -> EventsPage:
+        """Events after ``since`` (long-poll up to ``timeout_s``; a bounded number of callers wait at once)."""
+        return self._watches.events(stream_id, since, timeout_s)
+
+    def watch_counts(self) -> dict[str, int]:
+        return self._watches.counts()
+
+
 class IngestHostActor(IngestHost):
     """The Ray actor form of :class:`IngestHost` (deployment handles looked up from inside the actor)."""
 
-    def __init__(self, app_name: str, source_config: SourceConfig, ingest: IngestSettings, ttl_s: float) -> None:
+    def __init__(self, app_name: str, source_config: SourceConfig, ingest: IngestSettings, ttl_s: float,
+                 watches: WatchSettings | None = None) -> None:
         import ray
         from ray import serve
 
         handles = [serve.get_deployment_handle(kind, app_name=app_name) for kind in (VISION, LLM)]
         restarted = ray.get_runtime_context().was_current_actor_reconstructed
-        super().__init__(ServeTransport(*handles, ingest), source_config, ingest, ttl_s, restarted)
+        super().__init__(ServeTransport(*handles, ingest), source_config, ingest, ttl_s, restarted, watches)

@@ -21,6 +21,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from serve.api import (
     AnswerDone,
+    AnswerUsage,
     CreateStreamRequest,
     ErrorResponse,
     HealthResponse,
@@ -47,7 +48,9 @@ class StreamBackend(Protocol):
 
     async def push(self, stream_id: str, batch: FrameBatch, flush: bool) -> PushResponse: ...
 
-    def ask(self, stream_id: str, request: QuestionRequest) -> AsyncIterator[str]: ...
+    def ask(self, stream_id: str, request: QuestionRequest, usage: AnswerUsage | None = None) -> AsyncIterator[str]:
+        """The answer's text pieces; ``usage`` (if given) is filled with the LLM's exact token counts."""
+        ...
 
     async def stats(self, stream_id: str) -> StreamStats: ...
 
@@ -56,6 +59,15 @@ class StreamBackend(Protocol):
     async def close(self, stream_id: str) -> StreamStats: ...
 
     async def health(self) -> HealthResponse: ...
+
+    # watches (serve/watchset.py): owned by whoever owns the stream; the routes in serve/watches.py relay to these
+    async def add_watch(self, stream_id: str, request: Any) -> Any: ...
+
+    async def list_watches(self, stream_id: str) -> list[Any]: ...
+
+    async def delete_watch(self, stream_id: str, watch_id: str) -> Any: ...
+
+    async def watch_events(self, stream_id: str, since: int, timeout_s: float) -> Any: ...
 
 
 def error_response(status: int, kind: str, message: str) -> JSONResponse:
@@ -261,14 +273,15 @@ def _add_question_route(app: FastAPI, backend: StreamBackend, settings: ServeSet
         """Ask about what the stream showed so far; the answer streams as server-sent events."""
         _check_question(body, settings)
         start = time.perf_counter()
-        pieces = backend.ask(stream_id, body).__aiter__()
+        usage = AnswerUsage()
+        pieces = backend.ask(stream_id, body, usage=usage).__aiter__()
         try:  # the first piece is awaited here, so errors before it get a real HTTP status
             first = await pieces.__anext__()
         except StopAsyncIteration:
             first = ""
         ttft = time.perf_counter() - start
         metrics.ttft.observe(ttft)
-        return StreamingResponse(_sse(first, pieces, start, ttft, metrics), media_type="text/event-stream",
+        return StreamingResponse(_sse(first, pieces, start, ttft, metrics, usage), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
@@ -294,7 +307,7 @@ def sse_event(event: str, data: dict[str, Any]) -> bytes:
 
 
 async def _sse(first: str, pieces: AsyncIterator[str], start: float, ttft: float,
-               metrics: _Metrics) -> AsyncIterator[bytes]:
+               metrics: _Metrics, usage: AnswerUsage) -> AsyncIterator[bytes]:
     text, count = [first] if first else [], 1 if first else 0
     if first:
         yield sse_event("token", {"text": first})
@@ -311,7 +324,8 @@ async def _sse(first: str, pieces: AsyncIterator[str], start: float, ttft: float
         return
     metrics.questions.inc()
     done = AnswerDone(answer="".join(text), tokens=count, ttft_ms=ttft * 1000,
-                      total_ms=(time.perf_counter() - start) * 1000)
+                      total_ms=(time.perf_counter() - start) * 1000, prompt_tokens=usage.prompt_tokens,
+                      completion_tokens=usage.completion_tokens)
     yield sse_event("done", done.model_dump())
 
 

@@ -81,4 +81,12 @@ class AnswerStats:
     context_tokens: int = 0
     kv_tokens: int = 0
     kv_bytes: int = 0
+    attended_tokens: int = 0  # KV tokens the question attended to (exact, from the session)
+    question_tokens: int = 0  # tokens the question added (exact)
+    prompted: bool = False  # the two counts above are filled (the question was placed)
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def prompt_tokens(self) -> int:
+        """What the answer was conditioned on: context attended + question tokens."""
+        return self.attended_tokens + self.question_tokens

@@ -9,9 +9,12 @@ A user message names the video in a content part ``{"type": "video_url", "video_
 
 Decoding is greedy unless ``temperature`` > 0 (then sampled, with ``top_p`` and ``seed`` as OpenAI defines them; the
 same settings exist on ``POST /streams/{id}/questions``). ``stop`` strings cut the answer (finish_reason ``stop``); reaching ``max_tokens`` pieces gives
-``length``. ``usage.completion_tokens`` counts generated pieces (one per decoded token); ``usage.prompt_tokens`` is
-the stream's KV tokens (its visual/text context) plus the question's whitespace-separated words -- an estimate,
-since the ingress has no tokenizer. Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
+``length``. Usage is exact, counted by the LLM that answered (:class:`serve.api.AnswerUsage`, sent with the answer):
+``usage.prompt_tokens`` is what the answer was conditioned on -- for a live stream, the KV tokens the question
+attended to (prompt prefix/sinks, retrieved blocks and the recent window, *not* frames already evicted) plus the
+tokens the question added (end-of-video piece, question text, assistant-turn start); ``usage.completion_tokens`` is
+the tokens generated (when a stop string cut the answer: the pieces read up to the stop). Errors use OpenAI's shape
+``{"error": {"message", "type", "param", "code"}}``.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from serve.api import CreateStreamRequest, QuestionRequest
+from serve.api import AnswerUsage, CreateStreamRequest, QuestionRequest
 from serve.service_config import ServeSettings
 from stream.errors import RequestError
 
@@ -175,12 +178,11 @@ async def _complete(backend: Any, settings: ServeSettings, body: ChatCompletionR
         created = await backend.create(CreateStreamRequest(source=url))
         sid = owned = created.stream_id
         wait = await _first_frames(backend, sid, body.video_wait_s)
+    usage = AnswerUsage()  # filled by the backend from the LLM's own counts
     try:
-        stats = await backend.stats(sid)
-        prompt_tokens = int(stats.kv_tokens or 0) + len(question.split())
         request = QuestionRequest(question=question, max_new_tokens=limit, wait_s=wait, temperature=body.temperature or 0.0,
                                   top_p=body.top_p or 1.0, seed=body.seed)
-        pieces = backend.ask(sid, request).__aiter__()
+        pieces = backend.ask(sid, request, usage=usage).__aiter__()
         first = await _first(pieces)  # errors before the first piece still get a real HTTP status
     except BaseException:
         if owned:
@@ -188,16 +190,16 @@ async def _complete(backend: Any, settings: ServeSettings, body: ChatCompletionR
         raise
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": body.model}
     if body.stream:
-        return StreamingResponse(_stream(backend, owned, first, pieces, stops, limit, prompt_tokens, meta),
+        return StreamingResponse(_stream(backend, owned, first, pieces, stops, limit, usage, meta),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     try:
-        text, count, reason = await _collect(first, pieces, stops, limit)
+        text, count, reason = await _collect(first, pieces, stops, limit, usage)
     finally:
         if owned:
             await backend.close(owned)
     return {**meta, "object": "chat.completion",
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}],
-            "usage": _usage(prompt_tokens, count)}
+            "usage": _usage(usage, count)}
 
 
 async def _first_frames(backend: Any, sid: str, wait_s: float) -> float:
@@ -227,7 +229,7 @@ async def _all(first: str | None, pieces: AsyncIterator[str]) -> AsyncIterator[s
 
 
 async def _cut_pieces(first: str | None, pieces: AsyncIterator[str], stops: list[str], limit: int,
-                      state: dict[str, Any]) -> AsyncIterator[str]:
+                      state: dict[str, Any], usage: AnswerUsage) -> AsyncIterator[str]:
     cut, state["count"], state["reason"] = _Cut(stops), 0, "stop"
     async for piece in _all(first, pieces):
         state["count"] += 1
@@ -239,17 +241,21 @@ async def _cut_pieces(first: str | None, pieces: AsyncIterator[str], stops: list
     tail = cut.flush()
     if tail:
         yield tail
-    if state["count"] >= limit:
+    if (usage.completion_tokens or state["count"]) >= limit:
         state["reason"] = "length"
 
 
-async def _collect(first: str | None, pieces: AsyncIterator[str], stops: list[str], limit: int) -> tuple[str, int, str]:
+async def _collect(first: str | None, pieces: AsyncIterator[str], stops: list[str], limit: int,
+                   usage: AnswerUsage) -> tuple[str, int, str]:
     state: dict[str, Any] = {}
-    text = "".join([p async for p in _cut_pieces(first, pieces, stops, limit, state)])
+    text = "".join([p async for p in _cut_pieces(first, pieces, stops, limit, state, usage)])
     return text, state["count"], state["reason"]
 
 
-def _usage(prompt: int, completion: int) -> dict[str, int]:
+def _usage(usage: AnswerUsage, pieces: int) -> dict[str, int]:
+    """OpenAI's usage from the LLM's exact counts (``pieces`` read stands in when a stop string cut the answer)."""
+    completion = usage.completion_tokens if usage.completion_tokens is not None else pieces
+    prompt = usage.prompt_tokens
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
@@ -262,18 +268,18 @@ def _chunk(meta: dict[str, Any], delta: dict[str, Any], reason: str | None, usag
 
 
 async def _stream(backend: Any, owned: str | None, first: str | None, pieces: AsyncIterator[str], stops: list[str],
-                  limit: int, prompt_tokens: int, meta: dict[str, Any]) -> AsyncIterator[bytes]:
+                  limit: int, usage: AnswerUsage, meta: dict[str, Any]) -> AsyncIterator[bytes]:
     state: dict[str, Any] = {}
     try:
         yield _chunk(meta, {"role": "assistant", "content": ""}, None)
         try:
-            async for text in _cut_pieces(first, pieces, stops, limit, state):
+            async for text in _cut_pieces(first, pieces, stops, limit, state, usage):
                 yield _chunk(meta, {"content": text}, None)
         except RequestError as exc:  # the status is sent already: report in-band, as OpenAI-style servers do
             err = {"error": {"message": str(exc), "type": "invalid_request_error", "param": None, "code": exc.status}}
             yield f"data: {json.dumps(err)}\n\n".encode()
             return
-        yield _chunk(meta, {}, state["reason"], _usage(prompt_tokens, state["count"]))
+        yield _chunk(meta, {}, state["reason"], _usage(usage, state["count"]))
         yield b"data: [DONE]\n\n"
     finally:
         if owned:

@@ -22,7 +22,8 @@ import ray.serve.exceptions
 import torch
 from ray import serve
 
-from serve.api import StreamMisroutedError
+from serve.api import AnswerUsage, StreamMisroutedError
+from serve.messages import AnswerStats
 from serve.routing import StreamSlots
 from serve.streams import iterate_in_thread
 from stream.frames import FrameBatch
@@ -193,11 +194,18 @@ class LLMDeployment(_StreamStage):
 
     async def ask(self, stream_id: str, token: str, question: str, max_new_tokens: int,
                   sampling: Any = None) -> AsyncIterator[str]:
-        """Stream the answer's text pieces (the stream's context is restored afterwards by the stage)."""
+        """Stream the answer's text pieces (the stream's context is restored afterwards by the stage), with a typed
+        :class:`serve.api.AnswerUsage` (exact prompt counts) before the first piece and one more (with the
+        completion tokens) after the last."""
         self.slots.require(stream_id, token)
+        stats, told = AnswerStats(), False
         async for piece in iterate_in_thread(lambda: self.stage.ask(stream_id, question, max_new_tokens,
-                                                                    sampling=sampling)):
+                                                                    sampling=sampling, stats=stats)):
+            if not told and stats.prompted:
+                told = True
+                yield AnswerUsage.of(stats)
             yield piece
+        yield AnswerUsage.of(stats, done=True)
 
 
     async def score_choices(self, stream_id: str, token: str, question: str, choices: list[str]) -> list[float]:

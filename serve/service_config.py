@@ -155,11 +155,11 @@ class IngestSettings(StrictModel):
 
 
 class WatchSettings(StrictModel):
-    """Standing questions (``serve/watches.py``): bounds, the service-wide rate limit and the webhook allowlist."""
+    """Standing questions (``serve/watchset.py``): bounds, the rate limit (per ingest host) and the webhook allowlist."""
 
     max_watches_per_stream: int = Field(4, ge=1, le=64)
     max_events_per_stream: int = Field(256, ge=1, le=100_000)
-    asks_per_s: float = Field(4.0, gt=0, le=1000, description="Watch questions per second, service-wide.")
+    asks_per_s: float = Field(4.0, gt=0, le=1000, description="Watch questions per second per ingest host.")
     min_every_s: float = Field(0.2, gt=0, description="Smallest accepted every_s.")
     max_new_tokens: int = Field(32, ge=1, le=512)
     webhook_hosts: list[str] = Field(default_factory=list, description="Hosts webhooks may POST to.")

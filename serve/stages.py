@@ -17,6 +17,7 @@ from typing import Any, Iterator
 import torch
 
 from cache.kv.config import Sampling
+from cache.kv.stats import PromptUsage
 from serve.messages import AnswerStats, EncodedChunk
 from pruner.attention import attention_received, scores_to_tokens
 from serve.options import StreamOptions
@@ -245,13 +246,15 @@ class LLMStage:
             q = self.adapter.question_embeds(question)  # [Lq, d]
         except ValueError as exc:
             raise RequestError(str(exc)) from None
-        tokens = self.engine.ask(stream_id, q, max_new_tokens, self.adapter.eos_token_ids, sampling)
+        usage = PromptUsage()
+        tokens = self.engine.ask(stream_id, q, max_new_tokens, self.adapter.eos_token_ids, sampling, usage)
         ids: list[int] = []
         emitted = ""
         t0 = time.perf_counter()
         for tid in tokens:
             if not ids:
                 stats.ttft_ms = stats.prefill_ms = _ms(t0)
+                _prompt(stats, usage)
             ids.append(tid)
             text = self.adapter.tokenizer.decode(ids, skip_special_tokens=True)
             if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
@@ -261,6 +264,7 @@ class LLMStage:
                 emitted = text
         stats.decode_ms = _ms(t0) - stats.ttft_ms
         stats.new_tokens = len(ids)
+        _prompt(stats, usage)
         kv = self.stats(stream_id)
         stats.kv_tokens, stats.kv_bytes = kv["resident_tokens"], kv["used_bytes"]
         stats.context_tokens = kv["stream_tokens"]
@@ -288,3 +292,9 @@ class LLMStage:
         out.update(held_bytes=st.held_bytes, used_bytes=st.used_bytes, kv_tokens=st.resident_tokens,
                    kv_bytes=st.used_bytes)
         return out
+
+
+def _prompt(stats: AnswerStats, usage: PromptUsage) -> None:
+    """Copy the session's exact prompt counts into the answer's stats."""
+    stats.attended_tokens, stats.question_tokens = usage.context_tokens, usage.question_tokens
+    stats.prompted = True

@@ -16,6 +16,7 @@ import uuid
 from typing import Any, AsyncIterator, Callable, Iterator, Protocol
 
 from serve.api import (
+    AnswerUsage,
     CapacityError,
     CreateStreamRequest,
     ForbiddenSourceError,
@@ -28,10 +29,13 @@ from serve.api import (
     StreamStateError,
     StreamStats,
 )
+from serve.messages import AnswerStats
 from serve.protocol import FrameFormatError, jpeg_bytes
 from serve.sources_policy import check_source_text, check_url_source
 from serve.ingest import ChunkQueue, IngestWorker, queue_policy, stream_kind
 from serve.service_config import IngestSettings, ServeSettings
+from serve.watchset import FlowAsker, WatchHub
+from serve.webhooks import WebhookSender
 from stream.config import SourceConfig
 from stream.errors import SourceError, SourceNotFoundError
 from stream.frames import FrameBatch
@@ -279,6 +283,8 @@ class LocalBackend:
         self.vision, self.llm = vision, llm
         self._streams: dict[str, StreamRunner] = {}
         self._lock = threading.Lock()
+        self.watches = WatchHub(FlowAsker(self._get), settings.watches, WebhookSender(settings.watches.webhook_hosts),
+                                max_waiters=2)  # long-polls hold asyncio.to_thread workers: few at once
 
     async def create(self, request: CreateStreamRequest) -> StreamStats:
         resolved = resolve_source(request.source, self.settings)
@@ -315,26 +321,40 @@ class LocalBackend:
     async def push(self, stream_id: str, batch: FrameBatch, flush: bool) -> PushResponse:
         return await asyncio.to_thread(self._get(stream_id).push, batch, flush)
 
-    async def ask(self, stream_id: str, request: QuestionRequest) -> AsyncIterator[str]:
+    async def ask(self, stream_id: str, request: QuestionRequest,
+                  usage: AnswerUsage | None = None) -> AsyncIterator[str]:
+        """The answer's pieces; ``usage`` (if given) gets the LLM's exact token counts as they become known."""
         runner = self._get(stream_id)
         if request.wait_s > 0:
             await asyncio.to_thread(runner.wait_idle, request.wait_s)
         runner.questions += 1
+        stats = AnswerStats()
         pieces = iterate_in_thread(lambda: self.llm.ask(stream_id, request.question, request.max_new_tokens,
-                                                         sampling=request.sampling()))
+                                                         sampling=request.sampling(), stats=stats))
         async for piece in pieces:
+            if usage is not None and stats.prompted:
+                usage.update(AnswerUsage.of(stats))
             yield piece
+        if usage is not None and stats.prompted:
+            usage.update(AnswerUsage.of(stats, done=True))
+
+    # -- watches (serve/watchset.py: the same WatchHub an ingest host runs) -------------------------------------------
+    async def add_watch(self, stream_id: str, request: Any) -> Any:
+        return await asyncio.to_thread(self.watches.add, stream_id, request)
+
+    async def list_watches(self, stream_id: str) -> list[Any]:
+        return await asyncio.to_thread(self.watches.list, stream_id)
+
+    async def delete_watch(self, stream_id: str, watch_id: str) -> Any:
+        return self.watches.remove(stream_id, watch_id)
+
+    async def watch_events(self, stream_id: str, since: int, timeout_s: float) -> Any:
+        return await asyncio.to_thread(self.watches.events, stream_id, since, timeout_s)
 
     async def frame_jpeg(self, stream_id: str) -> bytes | None:
         """The newest sampled frame as JPEG (None before the first chunk)."""
         frame = getattr(self._get(stream_id), "last_frame", None)
         return None if frame is None else await asyncio.to_thread(jpeg_bytes, frame)
-
-    async def score_yes_no(self, stream_id: str, question: str) -> float:
-        """P(yes) / (P(yes) + P(no)) for the answer's first token over the stream's context (the LLM's score_choices)."""
-        self._get(stream_id)
-        probs = await asyncio.to_thread(self.llm.score_choices, stream_id, question, ["yes", "no"])
-        return float(probs[0] / max(probs[0] + probs[1], 1e-12))
 
     async def stats(self, stream_id: str) -> StreamStats:
         runner = self._get(stream_id)
@@ -354,6 +374,7 @@ class LocalBackend:
         await asyncio.to_thread(runner.close)
         with self._lock:
             self._streams.pop(stream_id, None)
+        self.watches.end_stream(stream_id, "closed")
         return final.model_copy(update={"state": "closed"})
 
     async def health(self) -> HealthResponse:
@@ -367,7 +388,9 @@ class LocalBackend:
             runners = list(self._streams.values())
             self._streams.clear()
         for runner in runners:
+            self.watches.end_stream(runner.stream_id, "closed")
             runner.close()
+        self.watches.shutdown()
 
 
 def _safe(fn: Callable[[str], dict[str, Any]], stream_id: str) -> dict[str, Any]:

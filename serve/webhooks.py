@@ -1,11 +1,14 @@
 """Webhook delivery of watch events: host allowlist, retries with exponential backoff, never blocking the caller.
 
-``send`` only schedules an asyncio task (at most ``max_pending`` in flight; past that the event is dropped and
-counted), so neither ingest nor the watch loop ever waits on a slow receiver.
+``send`` only puts the event on a bounded queue (``max_pending``; past that the event is dropped and counted) that
+``workers`` daemon threads drain, so neither ingest nor the watch scheduler (:mod:`serve.watchset`) ever waits on a
+slow receiver. Plain threads, no event loop: it runs wherever the watches run (an ingest host, the local backend).
 """
 from __future__ import annotations
 
-import asyncio
+import queue
+import threading
+import time
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -22,11 +25,14 @@ class WebhookSender:
     """POSTs JSON events to allowlisted hosts."""
 
     def __init__(self, allowed_hosts: list[str], retries: int = 3, backoff_s: float = 0.2, timeout_s: float = 5.0,
-                 max_pending: int = 64) -> None:
+                 max_pending: int = 64, workers: int = 2) -> None:
         self.allowed = {h.lower() for h in allowed_hosts}
-        self.retries, self.backoff_s, self.timeout_s, self.max_pending = retries, backoff_s, timeout_s, max_pending
-        self.pending: set[asyncio.Task] = set()
+        self.retries, self.backoff_s, self.timeout_s = retries, backoff_s, timeout_s
+        self.pending: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue(maxsize=max_pending)
         self.delivered = self.failed = self.dropped = 0
+        self._workers = workers
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
 
     def check(self, url: str) -> None:
         """Raise 400/403 unless ``url`` is http(s) on an allowlisted host."""
@@ -40,24 +46,37 @@ class WebhookSender:
             )
 
     def send(self, url: str, event: dict[str, Any]) -> None:
-        """Schedule delivery; drops (and counts) the event when ``max_pending`` deliveries are in flight."""
-        if len(self.pending) >= self.max_pending:
-            self.dropped += 1
-            return
-        task = asyncio.get_running_loop().create_task(self._deliver(url, event))
-        self.pending.add(task)
-        task.add_done_callback(self.pending.discard)
+        """Queue delivery; drops (and counts) the event when ``max_pending`` deliveries are waiting."""
+        with self._lock:
+            if not self._threads:
+                self._threads = [threading.Thread(target=self._drain, name=f"stc-webhook-{i}", daemon=True)
+                                 for i in range(self._workers)]
+                for t in self._threads:
+                    t.start()
+        try:
+            self.pending.put_nowait((url, event))
+        except queue.Full:
+            with self._lock:
+                self.dropped += 1
 
-    async def _deliver(self, url: str, event: dict[str, Any]) -> None:
-        async with httpx.AsyncClient(timeout=self.timeout_s) as client:
-            for attempt in range(self.retries + 1):
-                try:
-                    response = await client.post(url, json=event)
-                    if response.status_code < 500:
+    def _drain(self) -> None:
+        with httpx.Client(timeout=self.timeout_s) as client:
+            while True:
+                url, event = self.pending.get()
+                ok = self._deliver(client, url, event)
+                with self._lock:
+                    if ok:
                         self.delivered += 1
-                        return
-                except httpx.HTTPError:
-                    pass
-                if attempt < self.retries:
-                    await asyncio.sleep(self.backoff_s * 2 ** attempt)
-        self.failed += 1
+                    else:
+                        self.failed += 1
+
+    def _deliver(self, client: httpx.Client, url: str, event: dict[str, Any]) -> bool:
+        for attempt in range(self.retries + 1):
+            try:
+                if client.post(url, json=event).status_code < 500:
+                    return True
+            except httpx.HTTPError:
+                pass
+            if attempt < self.retries:
+                time.sleep(self.backoff_s * 2 ** attempt)
+        return False

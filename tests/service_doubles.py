@@ -70,13 +70,19 @@ class FakeLLMStage:
         self.seen[chunk.stream_id].extend(chunk.pts)
         return {"llm_tokens": int(chunk.embeds.shape[0])}
 
-    def ask(self, stream_id: str, question: str, max_new_tokens: int = 64, sampling: Any = None) -> Iterator[str]:
+    def ask(self, stream_id: str, question: str, max_new_tokens: int = 64, sampling: Any = None,
+            stats: Any = None) -> Iterator[str]:
         if stream_id not in self.seen:
             raise UnknownStream(f"stream {stream_id!r} not open")
         self.last_sampling = sampling  # what the transport passed on (tests read it)
         pts = list(self.seen[stream_id])
         last = f"{pts[-1]:.2f}" if pts else "none"
-        for piece in (f"frames={len(pts)}", " ", f"last={last}"):
+        if stats is not None:  # the double's "prompt": one token per frame seen + one per question word
+            stats.attended_tokens, stats.question_tokens, stats.prompted = len(pts), len(question.split()), True
+        pieces = (f"frames={len(pts)}", " ", f"last={last}")
+        for n, piece in enumerate(pieces, 1):
+            if stats is not None:
+                stats.new_tokens = n
             yield piece
 
     def close(self, stream_id: str) -> None:

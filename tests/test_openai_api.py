@@ -60,8 +60,9 @@ def test_models_and_non_streamed_answer_equals_native_question(app):
     out = oa.chat.completions.create(model="stc-serve", messages=_msg("stream://cam"), max_tokens=16)
     assert out.choices[0].message.content == native
     assert out.choices[0].finish_reason == "stop"
-    assert out.usage.completion_tokens == 3  # the double answers in 3 pieces
-    assert out.usage.prompt_tokens >= 2 and out.usage.total_tokens == out.usage.prompt_tokens + 3
+    assert out.usage.completion_tokens == 3  # the double answers in 3 tokens
+    # the double's exact prompt: one context token per frame it holds (8) + one per question word (2)
+    assert out.usage.prompt_tokens == 10 and out.usage.total_tokens == 13
 
 
 def test_streamed_equals_non_streamed(app):
@@ -71,6 +72,7 @@ def test_streamed_equals_non_streamed(app):
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content
     assert chunks[-1].choices[0].finish_reason == "stop" and chunks[-1].usage.completion_tokens == 3
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens == 10
 
 
 def test_stop_and_max_tokens(app):
@@ -138,3 +140,42 @@ def test_real_llm_samples_reproducibly_with_a_seed():
     greedy = "".join(llm.ask("s", "what moves?", 12))
     assert greedy == "".join(llm.ask("s", "what moves?", 12, sampling=Sampling()))
     assert a != greedy  # near-uniform random-weight logits: sampling at 1.5 leaves the greedy path
+
+
+def test_real_llm_usage_is_exact_context_attended_plus_question_tokens():
+    """The real tiny-model stages (random weights) behind the app: usage.prompt_tokens is the KV tokens the question
+    attended to (here every token the stream holds: nothing was evicted) plus the question's tokens as the tokenizer
+    counts them (end-of-video piece + templated question); completion_tokens is what the LLM generated. The native
+    SSE 'done' event reports the same numbers."""
+    import numpy as np
+
+    from serve.options import StreamOptions
+    from serve.stages import LLMStage, VisionStage
+    from stream.models import load_adapter
+
+    adapter = load_adapter(None)
+    cfg = ServiceConfig.parse({"sampler": {"fps": 1000.0, "frames_per_chunk": 4}, "serve": {"max_streams": 2}})
+    llm = LLMStage(adapter, StreamOptions(), 1 << 28)
+    backend = LocalBackend(cfg.serve, cfg.source, cfg.stream_options(), VisionStage(adapter, StreamOptions()), llm)
+    client = TestClient(make_api(backend, cfg.serve))
+    try:
+        assert client.post("/streams", json={"stream_id": "cam"}).status_code == 201
+        rgb = np.random.default_rng(0).integers(0, 255, (4, 48, 64, 3), dtype=np.uint8)  # [frames, H, W, 3]
+        r = client.post("/streams/cam/frames?flush=true", content=encode_frames(rgb, [0.0, 0.5, 1.0, 1.5], "raw"),
+                        headers={"Content-Type": CONTENT_TYPE})
+        assert r.status_code == 200
+        _native(client, "cam")  # waits until the chunk is in the KV
+        kv = llm.stats("cam")
+        question = "what happened?"
+        q_tokens = len(adapter.question_ids(question)) + int(adapter.video_end_embeds().shape[0])
+        assert q_tokens == adapter.question_embeds(question).shape[0]
+        expected = kv["resident_tokens"] + q_tokens
+        assert kv["resident_tokens"] == kv["stream_tokens"] > len(adapter.stream_prefix_ids())  # prefix + frames
+        out = _oa(client).chat.completions.create(model="stc-serve", messages=_msg("stream://cam"), max_tokens=5)
+        assert out.usage.prompt_tokens == expected
+        assert out.usage.completion_tokens == 5 and out.choices[0].finish_reason == "length"
+        done = [e for e in iter_sse(client.post("/streams/cam/questions", json={
+            "question": question, "max_new_tokens": 5}).iter_lines()) if e[0] == "done"][0][1]
+        assert done["prompt_tokens"] == expected and done["completion_tokens"] == 5
+    finally:
+        backend.shutdown()

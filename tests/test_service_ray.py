@@ -259,6 +259,60 @@ def test_latest_frame_and_yes_no_scores_through_the_cluster(service):
     client.close_stream(sid)
 
 
+def test_watches_live_in_the_ingest_host_and_every_ingress_sees_them(service):
+    """A watch made over HTTP (through either of the 2 ingress replicas) is listed, polled and deleted through a second
+    ingress instance -- a fresh RayBackend in this process, which finds the stream's host by name -- and vice versa;
+    its events stream as SSE through the HTTP ingress; closing the stream ends them (an 'end' event, then the SSE
+    stream closes). The answer's usage is exact: the KV tokens attended + the question's tokens."""
+    import asyncio
+
+    from serve.app import RayBackend
+    from serve.client import iter_sse
+    from serve.watchset import WatchRequest
+    from stream.models import load_adapter
+
+    client, _, cfg = service
+    sid = client.create_stream(stream_id="watched")["stream_id"]
+    rgb, pts = _frames(4)
+    client.push_frames(sid, rgb, pts, encoding="raw")
+    _wait(lambda: client.stats(sid)["ingest"]["frames_encoded"] == 4, 60, "4 frames encoded")
+    _, done = client.ask_text(sid, "What moves?", max_new_tokens=3, wait_s=60)
+    q_tokens = load_adapter(cfg.model.name).question_embeds("What moves?").shape[0]
+    assert done["prompt_tokens"] == client.stats(sid)["kv_tokens"] + q_tokens and done["completion_tokens"] >= 1
+
+    made = client._json("POST", f"/streams/{sid}/watches", {"question": "What moves?", "every_s": 0.5,
+                                                            "max_new_tokens": 2})
+    other = RayBackend(cfg, serve.get_deployment_handle(VISION, app_name=cfg.serve.app_name),
+                       serve.get_deployment_handle(LLM, app_name=cfg.serve.app_name))
+    assert [w.watch_id for w in asyncio.run(other.list_watches(sid))] == [made["watch_id"]]
+    second = asyncio.run(other.add_watch(sid, WatchRequest(question="Is it red?", every_s=0.5, mode="yes_no")))
+    for _ in range(8):  # each HTTP call lands on either ingress replica
+        listed = client._json("GET", f"/streams/{sid}/watches")["watches"]
+        assert sorted(w["watch_id"] for w in listed) == sorted([made["watch_id"], second.watch_id])
+    assert client._json("DELETE", f"/streams/{sid}/watches/{second.watch_id}")["watch_id"] == second.watch_id
+    assert [w.watch_id for w in asyncio.run(other.list_watches(sid))] == [made["watch_id"]]
+
+    got: list = []
+
+    def read() -> None:
+        with urllib.request.urlopen(f"{client.url}/streams/{sid}/events", timeout=120) as resp:
+            for item in iter_sse(resp):  # ends when the server ends the SSE stream
+                got.append(item)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    _wait(lambda: any(k == "answer" for k, _ in got), 60, "a watch answer over SSE")
+    page = asyncio.run(other.watch_events(sid, 0, 2.0))  # the same events, polled through the other instance
+    assert any(e["type"] == "answer" and e["watch_id"] == made["watch_id"] for e in page.events)
+    assert client.close_stream(sid)["state"] == "closed"
+    reader.join(timeout=30)
+    assert not reader.is_alive(), "the SSE stream did not close after the stream was closed"
+    assert got[-1][0] == "end" and got[-1][1]["reason"] == "closed"
+    with pytest.raises(ServiceError) as info:
+        client._json("GET", f"/streams/{sid}/watches")
+    assert info.value.status == 404
+
+
 def test_twenty_streams_created_concurrently(service):
     from concurrent.futures import ThreadPoolExecutor
 

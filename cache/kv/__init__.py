@@ -8,13 +8,14 @@ blocks live in :mod:`cache.kv.policies`, :mod:`cache.kv.quant` and :mod:`cache.k
 from cache.kv.config import KVConfig, Sampling, SchedulerConfig
 from cache.kv.engine import LLMEngine
 from cache.kv.errors import KVCapacityError, StreamExistsError, UnknownStreamError
-from cache.kv.stats import EngineStats, RetrievedBlock, SessionStats
+from cache.kv.stats import EngineStats, PromptUsage, RetrievedBlock, SessionStats
 
 __all__ = [
     "EngineStats",
     "KVCapacityError",
     "KVConfig",
     "LLMEngine",
+    "PromptUsage",
     "RetrievedBlock",
     "Sampling",
     "SchedulerConfig",

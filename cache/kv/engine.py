@@ -33,7 +33,7 @@ from cache.kv.config import KVConfig, Sampling
 from cache.kv.errors import KVCapacityError, StreamExistsError, UnknownStreamError
 from cache.kv.scheduler import Scheduler, SchedulerStats, token_stream
 from cache.kv.session import KVSession, reserved_bytes
-from cache.kv.stats import EngineStats, SessionStats
+from cache.kv.stats import EngineStats, PromptUsage, SessionStats
 from stream.errors import ConfigError, RequestError
 from stream.models.inputs import LLMInput
 from stream.models.llm import TextLM
@@ -175,12 +175,14 @@ class LLMEngine:
         max_new_tokens: int,
         eos_ids: Iterable[int] = (),
         sampling: Sampling | None = None,
+        usage: PromptUsage | None = None,
     ) -> Iterator[int]:
         """Answer a question against the stream so far; an iterator of generated token ids.
 
         Arguments are checked now; the question is queued at the first ``next()`` and sees every chunk appended
         before that. The stream's context is restored when the answer ends or the iterator is closed (the
-        question and answer are not kept). EOS is not yielded.
+        question and answer are not kept). EOS is not yielded. ``usage`` (if given) holds the exact prompt counts
+        (context attended + question tokens) once the question is prefilled, i.e. before the first token.
         """
         session = self._get(stream_id)
         question = self._check_piece(question_embeds, "question_embeds")
@@ -192,7 +194,8 @@ class LLMEngine:
                 f"kv.reserve_tokens={self.config.reserve_tokens}; shorten the question, lower max_new_tokens or "
                 "raise kv.reserve_tokens"
             )
-        return self._answer(session, stream_id, question, max_new_tokens, list(eos_ids), sampling or Sampling())
+        return self._answer(session, stream_id, question, max_new_tokens, list(eos_ids), sampling or Sampling(),
+                            usage)
 
     def next_logits(self, stream_id: str, question_embeds: Piece) -> torch.Tensor:
         """Logits ``[vocab]`` (float32) of the first answer token to a question; the context is restored.
@@ -213,9 +216,9 @@ class LLMEngine:
         return out[0]
 
     def _answer(self, session: KVSession, stream_id: str, question: LLMInput, max_new: int,
-                eos_ids: list[int], sampling: Sampling) -> Iterator[int]:
+                eos_ids: list[int], sampling: Sampling, usage: PromptUsage | None = None) -> Iterator[int]:
         self._check_open(session, stream_id)
-        work = session.answer(question, max_new, eos_ids, sampling)
+        work = session.answer(question, max_new, eos_ids, sampling, usage)
         task = self.scheduler.submit(stream_id, "question", work, answer=True)
         yield from token_stream(self.scheduler, task)
 

@@ -40,7 +40,7 @@ from cache.kv.config import KVConfig, Sampling
 from cache.kv.kvcache import BoundedCache
 from cache.kv.offload import BlockStore, StoredBlock, pack_block, unpack_block
 from cache.kv.sampling import next_token
-from cache.kv.stats import RetrievedBlock, SessionStats
+from cache.kv.stats import PromptUsage, RetrievedBlock, SessionStats
 from stream.models.inputs import LLMInput
 from stream.models.llm import TextLM
 
@@ -255,15 +255,17 @@ class KVSession:
             self.cache.truncate(saved)
 
     @torch.inference_mode()
-    def answer(self, question: LLMInput, max_new_tokens: int, eos_ids: Iterable[int], sampling: Sampling) -> Work:
+    def answer(self, question: LLMInput, max_new_tokens: int, eos_ids: Iterable[int], sampling: Sampling,
+               usage: PromptUsage | None = None) -> Work:
         """Answer ``question`` against the stream so far; yields forwards and generated token ids (not EOS).
 
-        The stream's resident state is restored when the coroutine finishes or is closed (cancellation).
+        ``usage`` (if given) receives the exact prompt counts when the question is placed. The stream's resident
+        state is restored when the coroutine finishes or is closed (cancellation).
         """
         saved, eos = self.cache.length, set(eos_ids)
         generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
         try:
-            logits = yield self._question_forward(question, max_new_tokens)
+            logits = yield self._question_forward(question, max_new_tokens, usage)
             pos = self.next_pos + question.extent
             for step in range(max_new_tokens):
                 token = next_token(logits, sampling.temperature, sampling.top_k, sampling.top_p, generator)
@@ -278,13 +280,16 @@ class KVSession:
         finally:
             self.cache.truncate(saved)
 
-    def _question_forward(self, question: LLMInput, max_new_tokens: int) -> Forward:
+    def _question_forward(self, question: LLMInput, max_new_tokens: int,
+                          usage: PromptUsage | None = None) -> Forward:
         """Place retrieved blocks and sinks for a question; the forward that prefills it after the window."""
         # 1. bounded positions; 2. bring back relevant offloaded blocks; 3. sinks before them
         self._rebase()
         allowance = self.cfg.reserve_tokens - question.tokens - max_new_tokens
         retrieved = self._place_retrieved(self._retrieve(question, min(self.cfg.retrieve_tokens, allowance)))
         self._place_sinks(retrieved_extent=retrieved)
+        if usage is not None:  # the question attends to everything resident now, then to itself
+            usage.context_tokens, usage.question_tokens = int(self.cache.length), int(question.tokens)
         # 4. the question right after the window
         rel = self._rel(question)
         return Forward(self, question.embeds, self._shifted(rel, self.next_pos), piece_extras(question))

@@ -15,6 +15,23 @@ class RetrievedBlock:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class PromptUsage:
+    """What one question's prompt was, filled by the session when it prefills the question (exact counts).
+
+    ``context_tokens``: KV tokens the question attended to (prefix/sinks + retrieved blocks + the window, i.e. the
+    resident cache right before the question); ``question_tokens``: the tokens the question added (the family's
+    end-of-video piece, the question text and the assistant-turn start). ``prompt_tokens`` is their sum.
+    """
+
+    context_tokens: int = 0
+    question_tokens: int = 0
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.context_tokens + self.question_tokens
+
+
 @dataclass(frozen=True)
 class SessionStats:
     """One stream's KV state. Token counts are KV-cache tokens; bytes include offloaded CPU storage.
