@@ -43,6 +43,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--churn-s", type=float, default=20.0, help="delete + recreate one stream this often")
     p.add_argument("--sample-s", type=float, default=10.0)
     p.add_argument("--probe-streams", type=int, default=8, help="idle streams opened to measure ingest cost")
+    p.add_argument("--kill-host-after", type=float, default=None,
+                   help="fault injection: SIGKILL one ingest host this many seconds into the load (Ray restarts it)")
     p.add_argument("--plot", type=Path)
     return p.parse_args()
 
@@ -148,6 +150,16 @@ class Soak:
         return frames, dropped
 
 
+def kill_one_host() -> str:
+    """SIGKILL the first ingest host process (by its Ray process title); returns its key."""
+    import os
+    import signal
+
+    key = sorted(k for k in ray_rss_mb() if "IngestHostActor" in k)[0]
+    os.kill(int(key.split("#")[1]), signal.SIGKILL)
+    return key
+
+
 def host_rss(snapshot: dict[str, float]) -> float:
     return sum(v for k, v in snapshot.items() if "IngestHostActor" in k)
 
@@ -192,7 +204,10 @@ def main() -> None:
             t.start()
         t0, samples = time.monotonic(), []
         end = t0 + args.minutes * 60
+        killed: list[str] = []
         while time.monotonic() < end:
+            if args.kill_host_after is not None and not killed and time.monotonic() - t0 >= args.kill_host_after:
+                killed.append(kill_one_host())
             snap = ray_rss_mb()
             kv = sum((s.get("kv_bytes") or 0) for s in soak._guard("list", client.list_streams) or [])
             samples.append((time.monotonic() - t0, snap, kv / 2**20))
@@ -229,6 +244,7 @@ def main() -> None:
         "ingest_mb_per_stream": round(ingest_mb, 2), "errors": len(soak.errors), "error_examples": soak.errors[:3],
         "frames": frames, "dropped": dropped, "kv_mb_end": round(samples[-1][2], 3) if samples else None,
         "slopes_mb_per_min": slopes, "random_weights": args.model is None,
+        "killed": killed if args.kill_host_after is not None else None,
         "machine": machine_info("cpu"),
     }))
 

@@ -34,9 +34,11 @@ from serve.api import (
     QuestionRequest,
     StreamMisroutedError,
     StreamNotFoundError,
+    StreamStateError,
     StreamStats,
 )
-from serve.hosts import STREAM_NAMESPACE, IngestHostActor
+from serve.directory import StreamDirectory
+from serve.hosts import STREAM_NAMESPACE, IngestHostActor, directory_name
 from serve.http_app import make_api
 from serve.replicas import (
     LLM,
@@ -74,9 +76,15 @@ class RayBackend:
         self.host_names = [f"{self.settings.app_name}/ingest/{k}" for k in range(self.settings.ingest.hosts)]
         self._remote = ray.remote(IngestHostActor)
         self._hosts: dict[str, Any] = {}
+        self._directory: Any | None = None
 
     def _host_by_name(self, name: str) -> Any:
         if name not in self._hosts:
+            if self._directory is None:  # before any host: a restarted host looks its streams up there
+                self._directory = ray.remote(StreamDirectory).options(
+                    name=directory_name(self.settings.app_name), namespace=STREAM_NAMESPACE, get_if_exists=True,
+                    lifetime="detached", max_restarts=-1, num_cpus=0,
+                ).remote(4 * self.settings.max_streams + 16)
             ing = self.settings.ingest
             self._hosts[name] = self._remote.options(
                 name=name, namespace=STREAM_NAMESPACE, get_if_exists=True, lifetime="detached", max_restarts=-1,
@@ -91,9 +99,10 @@ class RayBackend:
     async def _call(self, stream_id: str, method: str, *args: Any) -> Any:
         try:
             return await getattr(self._host(stream_id), method).remote(stream_id, *args)
-        except ray.exceptions.RayActorError as exc:  # the host died mid-call: Ray restarts it empty
-            raise StreamNotFoundError(
-                f"stream {stream_id!r} was lost: its ingest host died ({type(exc).__name__}). Fix: create it again."
+        except ray.exceptions.RayActorError as exc:  # the host died mid-call: Ray restarts it, the stream failed
+            raise StreamStateError(
+                f"stream {stream_id!r} failed: its ingest host died during this call ({type(exc).__name__}); once "
+                "Ray restarted the host, GET /streams lists it as failed. Fix: DELETE it and create it again."
             ) from None
         except Exception as exc:
             raise unwrap(exc) from None
@@ -175,6 +184,8 @@ class RayBackend:
 
     async def stats(self, stream_id: str) -> StreamStats:
         base, tokens = await self._call(stream_id, "stats")
+        if not tokens:  # a stream its dead host lost: failed, no stage state left to ask
+            return base
         retry_s = min(2.0, self.settings.ingest.misroute_retry_s)
 
         async def stage(handle: Any, kind: str) -> dict[str, Any]:
@@ -303,8 +314,9 @@ def stop_service(app_name: str | None = None) -> None:
         if ray.is_initialized():
             for actor in ray.util.list_named_actors(all_namespaces=True):
                 named = actor["name"]
-                if actor["namespace"] == STREAM_NAMESPACE and "/ingest/" in named and (
-                        app_name is None or named.startswith(f"{app_name}/ingest/")):
+                owned = "/ingest/" in named or named.endswith("/directory")
+                if actor["namespace"] == STREAM_NAMESPACE and owned and (
+                        app_name is None or named.startswith(f"{app_name}/")):
                     try:
                         ray.kill(ray.get_actor(named, namespace=STREAM_NAMESPACE), no_restart=True)
                     except ValueError:

@@ -5,8 +5,9 @@ stream at most) whose chunks go through one :class:`serve.flow.StageFlow` each, 
 are detached named actors (``<app>/ingest/<k>`` in namespace ``stc-serve``), created on first use by whichever
 ingress replica needs one; a stream id maps to a host by consistent hashing, so every ingress replica finds every
 stream and ingress replicas can scale or die without touching streams. A host that dies is restarted by Ray
-empty: its streams are answered as lost (404 naming the restart), and their replica state is freed by the replicas'
-``state_ttl_s`` reaper. Ended, failed and idle streams are closed after ``serve.stream_ttl_s``. A host also owns its
+empty; the :class:`serve.directory.StreamDirectory` still knows the streams it ran, so the restarted host lists them
+as ``failed`` with the reason (409 to pushes and questions, DELETE frees them) and frees their replica state at
+once (the replicas' ``state_ttl_s`` reaper is the backstop). Ended, failed and idle streams are closed after ``serve.stream_ttl_s``. A host also owns its
 streams' standing questions (a :class:`serve.watchset.WatchHub`: watches, event rings, the watch rate limit), so any
 ingress replica reaches a watch the way it reaches the stream; they end with the stream.
 """
@@ -25,6 +26,7 @@ from serve.api import (
     StreamStateError,
     StreamStats,
 )
+from serve.directory import RemoteDirectory, StreamRecord, failed_stats
 from serve.flow import LLM, VISION, StageFlow
 from serve.protocol import jpeg_bytes
 from serve.replicas import call_stream, replica_gone, unwrap
@@ -81,10 +83,14 @@ class IngestHost:
         ttl_s: ended, failed or idle streams are closed after this long.
         restarted: this host is a restart of one that died (its streams were lost).
         watches: bounds and rate limit of the standing questions on this host's streams.
+        directory: where the host records its open streams (a :class:`serve.directory.StreamDirectory` or its
+            remote form); ``None``: a restart cannot name the streams it lost.
+        name: this host's name in the directory.
     """
 
     def __init__(self, transport: Any, source_config: SourceConfig, ingest: IngestSettings, ttl_s: float,
-                 restarted: bool = False, watches: WatchSettings | None = None) -> None:
+                 restarted: bool = False, watches: WatchSettings | None = None, directory: Any | None = None,
+                 name: str = "ingest") -> None:
         self.transport = transport
         self.source_config = source_config
         self.ingest = ingest
@@ -94,17 +100,57 @@ class IngestHost:
         self._streams: dict[str, _Entry] = {}
         self._starting: set[str] = set()
         self._lock = threading.Lock()
+        self.directory, self.name = directory, name
+        self._lost: dict[str, tuple[StreamRecord, str, float]] = {}  # id -> (record, reason, since): failed
+        if restarted and directory is not None:
+            self._account_for_lost()
         ws = watches or WatchSettings()
         self._watches = WatchHub(FlowAsker(self._runner), ws, WebhookSender(ws.webhook_hosts))
         threading.Thread(target=self._reap_forever, name="stc-reaper", daemon=True).start()
+
+    def _account_for_lost(self) -> None:
+        """List the streams the dead incarnation ran as ``failed``; free their replica state in the background."""
+        when = time.strftime("%H:%M:%S", time.gmtime(self.restarted_at or time.time()))
+        reason = (f"its ingest host {self.name} died and was restarted at {when} UTC: the stream's ingest and context "
+                  "are lost. Fix: DELETE it and create it again.")
+        records = self.directory.take(self.name)
+        for rec in records:
+            self._lost[rec.stream_id] = (rec, reason, time.monotonic())
+
+        def free() -> None:
+            for rec in records:
+                for kind, token in rec.tokens.items():
+                    try:
+                        self.transport.call(kind, "close", rec.stream_id, token)
+                    except Exception:  # noqa: BLE001 - already gone; the replicas' reaper is the backstop
+                        pass
+        threading.Thread(target=free, name="stc-free-lost", daemon=True).start()
+
+    def _record(self, stream_id: str, entry: _Entry) -> None:
+        """Tell the directory the stream is open (best effort: a directory outage must not fail the stream)."""
+        if self.directory is None:
+            return
+        rec = StreamRecord(stream_id, self.name, entry.runner.kind, entry.runner.source_spec, entry.runner.created_at,
+                           {k: entry.flow.token(k) for k in (VISION, LLM)})
+        try:
+            self.directory.record(rec)
+        except Exception:  # noqa: BLE001
+            pass
+
+    def _forget(self, stream_id: str) -> None:
+        if self.directory is not None:
+            try:
+                self.directory.forget(self.name, stream_id)
+            except Exception:  # noqa: BLE001
+                pass
 
     # -- lifecycle ---------------------------------------------------------------------------------------------------
     def create(self, stream_id: str, source_spec: str | None, resolved: str, options: Any) -> StreamStats:
         """Open the stream (source, then stage state) and start its ingest threads."""
         with self._lock:
-            if stream_id in self._streams or stream_id in self._starting:
-                raise StreamExistsError(f"stream {stream_id!r} is already open. Fix: pick another id or DELETE it "
-                                        "first.")
+            if stream_id in self._streams or stream_id in self._starting or stream_id in self._lost:
+                raise StreamExistsError(f"stream {stream_id!r} is already open (or failed). Fix: pick another id or "
+                                        "DELETE it first.")
             self._starting.add(stream_id)
         flow = StageFlow(self.transport)
         runner = StreamRunner(stream_id, source_spec, resolved, options, self.source_config, self.ingest, flow)
@@ -113,8 +159,10 @@ class IngestHost:
         finally:
             with self._lock:
                 self._starting.discard(stream_id)
+        entry = _Entry(runner, flow)
         with self._lock:
-            self._streams[stream_id] = _Entry(runner, flow)
+            self._streams[stream_id] = entry
+        self._record(stream_id, entry)
         return runner.stats()
 
     def close(self, stream_id: str) -> StreamStats:
@@ -124,16 +172,21 @@ class IngestHost:
                 raise StreamStateError(f"stream {stream_id!r} is still being created. Fix: DELETE it again once "
                                        "POST /streams answered.")
             entry = self._streams.pop(stream_id, None)
+            lost = self._lost.pop(stream_id, None)
+        if lost is not None:
+            return failed_stats(lost[0], lost[1]).model_copy(update={"state": "closed"})
         if entry is None:
             raise self._not_found(stream_id)
         final = entry.runner.stats()
         entry.runner.close()
+        self._forget(stream_id)
         self._watches.end_stream(stream_id, "closed")
         return final.model_copy(update={"state": "closed"})
 
     def ids(self) -> list[str]:
+        """Open and failed (lost) streams."""
         with self._lock:
-            return sorted(self._streams)
+            return sorted([*self._streams, *self._lost])
 
     def reap(self, now: float | None = None) -> list[str]:
         """Close streams ended, failed or idle for longer than the TTL."""
@@ -141,6 +194,8 @@ class IngestHost:
         with self._lock:
             due = [sid for sid, e in self._streams.items()
                    if now - max(e.touched, e.runner.worker.last_activity if e.runner.worker else 0.0) > self.ttl_s]
+            for sid in [sid for sid, (_, _, since) in self._lost.items() if now - since > self.ttl_s]:
+                del self._lost[sid]
         for sid in due:
             self._watches.end_stream(sid, "reaped")
             try:
@@ -162,6 +217,9 @@ class IngestHost:
             if entry is not None:
                 entry.touched = time.monotonic()
                 return entry
+            lost = self._lost.get(stream_id)
+        if lost is not None:
+            raise StreamStateError(f"stream {stream_id!r} failed: {lost[1]}")
         raise self._not_found(stream_id)
 
     def _not_found(self, stream_id: str) -> StreamNotFoundError:
@@ -197,10 +255,16 @@ class IngestHost:
         """Rebuild one stage's state cold (its replica lost it); returns the new token."""
         entry = self._get(stream_id)
         entry.flow.reopen(kind, stream_id)
+        self._record(stream_id, entry)  # the new token, so a restarted host frees the right state
         return entry.flow.token(kind)
 
     def stats(self, stream_id: str) -> tuple[StreamStats, dict[str, str]]:
-        """The runner's stats and the stream's incarnation tokens (for the stage stats calls)."""
+        """The runner's stats and the stream's incarnation tokens (for the stage stats calls); a lost stream's
+        ``failed`` stats and no tokens."""
+        with self._lock:
+            lost = self._lost.get(stream_id)
+        if lost is not None:
+            return failed_stats(lost[0], lost[1]), {}
         entry = self._get(stream_id)
         return entry.runner.stats(), {k: entry.flow.token(k) for k in (VISION, LLM)}
 
@@ -250,5 +314,12 @@ class IngestHostActor(IngestHost):
         from ray import serve
 
         handles = [serve.get_deployment_handle(kind, app_name=app_name) for kind in (VISION, LLM)]
-        restarted = ray.get_runtime_context().was_current_actor_reconstructed
-        super().__init__(ServeTransport(*handles, ingest), source_config, ingest, ttl_s, restarted, watches)
+        context = ray.get_runtime_context()
+        directory = RemoteDirectory(ray.get_actor(directory_name(app_name), namespace=STREAM_NAMESPACE))
+        super().__init__(ServeTransport(*handles, ingest), source_config, ingest, ttl_s,
+                         context.was_current_actor_reconstructed, watches, directory, context.get_actor_name())
+
+
+def directory_name(app_name: str) -> str:
+    """The name of the app's detached :class:`serve.directory.StreamDirectory` actor."""
+    return f"{app_name}/directory"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from serve.api import StreamStateError
+from serve.api import StreamExistsError, StreamStateError
 from serve.config import ServiceConfig
 from serve.flow import DirectTransport
 from serve.hosts import IngestHost
@@ -142,3 +142,60 @@ def test_ingest_for_many_streams_costs_threads_not_processes():
     assert len(host.ids()) == 16 and per_stream_mb < 50, per_stream_mb  # was one ~470 MB process per stream
     for i in range(16):
         host.close(f"s{i}")
+
+
+def test_a_restarted_host_lists_the_streams_it_lost_as_failed_and_frees_their_state():
+    """The directory outlives the host: its restart reports each lost stream as failed (with the reason), answers
+    pushes and questions 409, frees the stages' state, and DELETE / the TTL remove the failed entry."""
+    from serve.directory import StreamDirectory
+
+    vision, llm = FakeVisionStage(), FakeLLMStage()
+    cfg = _cfg()
+    directory = StreamDirectory(16)
+    first = IngestHost(DirectTransport(vision, llm), cfg.source, cfg.serve.ingest, 60.0, directory=directory,
+                       name="h0")
+    for sid in ("a", "b", "c"):
+        first.create(sid, None, "memory://", cfg.stream_options())
+    first.close("c")  # closed cleanly: forgotten, not "lost"
+    assert len(directory) == 2
+    for sid in ("a", "b"):  # the process dies: its threads stop, but nothing is closed
+        first._streams[sid].runner.worker.close()
+    restarted = IngestHost(DirectTransport(vision, llm), cfg.source, cfg.serve.ingest, 0.5, restarted=True,
+                           directory=directory, name="h0")
+    assert restarted.ids() == ["a", "b"] and len(directory) == 0
+    stats, tokens = restarted.stats("a")
+    assert stats.state == "failed" and "ingest host h0 died" in stats.error and "Fix: DELETE" in stats.error
+    assert tokens == {}
+    rgb, pts = frames(2)
+    with pytest.raises(StreamStateError, match="failed: its ingest host h0 died"):
+        restarted.push("a", FrameBatch(rgb=rgb, pts=np.asarray(pts), indices=np.arange(2)), False)
+    with pytest.raises(StreamStateError):
+        restarted.begin_question("a")
+    with pytest.raises(StreamExistsError):
+        restarted.create("a", None, "memory://", cfg.stream_options())
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline and (vision.streams or llm.seen):
+        time.sleep(0.02)
+    assert not vision.streams and not llm.seen  # the lost streams' stage state was freed
+    assert restarted.close("a").state == "closed" and restarted.ids() == ["b"]
+    restarted.reap(time.monotonic() + 1.0)  # past the TTL: the failed entry goes too
+    assert restarted.ids() == []
+    with pytest.raises(StreamNotFoundError):
+        restarted.stats("b")
+
+
+def test_the_stream_directory_is_bounded():
+    from serve.api import CapacityError
+    from serve.directory import StreamDirectory, StreamRecord
+
+    directory = StreamDirectory(3)
+    for k in range(10_000):  # churn: record + forget keeps it at one entry
+        directory.record(StreamRecord(f"s{k}", "h", "push", None, 0.0))
+        assert directory.forget("h", f"s{k}")
+    assert len(directory) == 0
+    for k in range(3):
+        directory.record(StreamRecord(f"s{k}", "h", "push", None, 0.0))
+    directory.record(StreamRecord("s0", "h", "push", None, 1.0))  # an update is not a new record
+    with pytest.raises(CapacityError, match="maximum of 3 records"):
+        directory.record(StreamRecord("s9", "h", "push", None, 0.0))
+    assert [r.stream_id for r in directory.take("h")] == ["s0", "s1", "s2"] and len(directory) == 0

@@ -393,19 +393,21 @@ def test_sigkill_replicas_ingress_and_a_host_mid_stream(service):
     host = ray.get_actor(_host_of(a), namespace="stc-serve")
     _sigkill(ray.get(host.memory.remote())["pid"])
     time.sleep(1.0)
-    err = _retry(lambda: _expect_not_found(client, a), 60)  # a's host died: a is reported lost, not a 5xx
-    assert err.status == 404 and ("lost" in err.message or "restarted" in err.message), err
+    st = _retry(lambda: _expect_failed(client, a), 60)  # a's host died: a is listed as failed, not a 5xx or gone
+    assert "ingest host" in st["error"] and "died" in st["error"], st
+    assert a in {s["stream_id"]: s for s in client.list_streams() if s["state"] == "failed"}
+    with pytest.raises(ServiceError) as info:  # a failed stream takes no frames: 409 with the reason
+        client.push_frames(a, *_frames(2))
+    assert info.value.status == 409 and "failed" in info.value.message
     _feed_and_check(client, (b,), 50)  # the stream on the other host carries on
     client.close_stream(b)
-    assert _retry(lambda: client.create_stream(stream_id=a))["stream_id"] == a  # the id is free again
+    assert client.close_stream(a)["state"] == "closed"  # DELETE frees the failed entry ...
+    assert _retry(lambda: client.create_stream(stream_id=a))["stream_id"] == a  # ... and the id is free again
     client.close_stream(a)
 
 
-def _expect_not_found(client, sid) -> ServiceError:
-    try:
-        client.stats(sid)
-    except ServiceError as exc:
-        if exc.status == 404:
-            return exc
-        raise RuntimeError(f"not yet: {exc.status}") from None
-    raise RuntimeError("still listed")
+def _expect_failed(client, sid) -> dict:
+    st = client.stats(sid)
+    if st["state"] != "failed":
+        raise RuntimeError(f"not yet: {st['state']}")
+    return st
