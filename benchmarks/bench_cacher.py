@@ -126,8 +126,10 @@ QWEN_TOWERS = {
 }
 
 
-def build_qwen_tower(family: str, device: str, dtype: torch.dtype, layers: int, max_pixels: int):
-    """The family's adapter around a real-shape vision tower (tiny random LLM); ``preprocess`` gives its patches."""
+def build_qwen_tower(family: str, device: str, dtype: torch.dtype, layers: int, max_pixels: int,
+                     text_overrides: dict[str, Any] | None = None):
+    """The family's adapter around a real-shape vision tower (tiny random LLM unless ``text_overrides`` give its
+    shape, as bench_pruner does); ``preprocess`` gives its patches."""
     from stream.models.base import PreprocessSpec
     from stream.models.loading import FAMILY_BY_MODEL_TYPE
     from stream.models.tiny import build_tiny_model, train_tokenizer
@@ -141,7 +143,7 @@ def build_qwen_tower(family: str, device: str, dtype: torch.dtype, layers: int, 
     else:
         vision.pop("fullatt_block_indexes")
     with torch.device(device):
-        model = build_tiny_model(family, tok, vision_overrides=vision).to(dtype)
+        model = build_tiny_model(family, tok, text_overrides=text_overrides, vision_overrides=vision).to(dtype)
     cls, _, template = FAMILY_BY_MODEL_TYPE[family]
     mean = (0.5,) * 3
     adapter = cls(model, tok, PreprocessSpec(size=0, mean=mean, std=mean), template)

@@ -214,3 +214,44 @@ def test_attention_policy_on_a_tower_without_layer_ops_fails_at_open(qwen) -> No
         stage.open("s")
     assert stage.streams() == []
     stage.open("t", opts.merged({"pruner": {"policy": "uniform"}}))  # other policies open fine
+
+
+@pytest.mark.parametrize("family,layers", [("qwen2_5_vl", 8), ("qwen3_vl", 9)])
+def test_bench_pruner_family_runs_its_own_checks(family: str, layers: int, media_dir, capsys) -> None:
+    """``bench_pruner.py --family``: real-shape Qwen blocks (fewer of them), M-RoPE LLM input; the script's own
+    checks pass (keep_all is the identity on the 3-row input, cached == one-shot, exact budgets)."""
+    import json
+
+    from benchmarks import bench_pruner
+
+    bench_pruner.main(["--family", family, "--video", str(media_dir / "vtest.avi"), "--llm-shape", "tiny",
+                       "--vision-layers", str(layers), "--max-pixels", str(64 * 28 * 28), "--frames", "4",
+                       "--chunk", "2", "--repeats", "1"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    t = out["tokens_per_frame"]
+    assert out["family"] == family and out["pruner_frames"] == 2 and out["grid"][0] * out["grid"][1] == t
+    assert out["budget_per_frame"] == round(t / 4) and out["tokens_kept"] == 2 * out["budget_per_frame"]
+    assert out["seq_len_full"] - out["seq_len_pruned"] == 2 * (t - out["budget_per_frame"])
+    assert out["kl_mean"] >= 0 and out["kl_random"] >= 0 and out["vision_tower"]["layers"] == layers
+
+
+def test_window_aware_selection_takes_whole_changed_windows() -> None:
+    """In a window-local layer the recompute budget goes to whole windows, most changed first, then the least
+    similar other tokens; exactly k tokens; tokens below the threshold always; full attention is unchanged."""
+    from cache.stc import select_tokens
+
+    groups = torch.tensor([0] * 4 + [1] * 4 + [2] * 4)  # 3 windows of 4 tokens
+    sim = torch.tensor([[0.9, 0.9, 0.9, 0.2,  0.5, 0.5, 0.5, 0.5,  0.99, 0.99, 0.99, 0.99]])
+    # token-level: the 6 least similar are window 1 and token 3 + one of window 0
+    plain = set(select_tokens(sim, 0.5, None).flatten().tolist())
+    assert plain == {3, 4, 5, 6, 7} | (plain & {0, 1, 2}) and len(plain) == 6
+    got = select_tokens(sim, 0.5, None, groups).flatten().tolist()  # k = 6: window 1 (mean change .5) whole,
+    assert len(got) == 6 and set(got) >= {4, 5, 6, 7, 3}  # then window 0 does not fit: its least similar tokens
+    got = select_tokens(sim, 0.7, None, groups).flatten().tolist()  # k = 9: windows 1 and 0 whole, then one more
+    assert len(got) == 9 and set(got) >= set(range(8))
+    # a token below the threshold is always recomputed, even outside the whole windows
+    sim2 = sim.clone()
+    sim2[0, 9] = 0.1
+    got = set(select_tokens(sim2, 0.4, 0.15, groups).flatten().tolist())  # k = 5
+    assert 9 in got and len(got) == 5 and {4, 5, 6, 7} <= got
+    torch.testing.assert_close(select_tokens(sim, 1.0, None, groups).sort().values, torch.arange(12)[None])

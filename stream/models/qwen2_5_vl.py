@@ -161,13 +161,12 @@ class QwenBlockOps(LayerOps):
     def attn_scale(self) -> float:
         return float(self.scale)
 
-    def attention_mask(self, idx: torch.Tensor, p: int) -> torch.Tensor | None:
-        """A windowed block: a query sees only the keys of its own window -> ``[N, 1, k, P]`` bool."""
+    def token_groups(self, p: int) -> torch.Tensor | None:
+        """A windowed block: ``[P]`` window of each patch (window order, so windows are contiguous runs)."""
         windows = self.grid_block.windows
         if windows is None:
             return None
-        wid = torch.bucketize(torch.arange(p), windows[1:].long(), right=True).to(idx.device)  # [P] window of a patch
-        return wid[idx][:, None, :, None] == wid[None, None, None, :]
+        return torch.bucketize(torch.arange(p), windows[1:].long(), right=True)  # [P]
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         mask = self.attention_mask(idx, k.shape[1])

@@ -7,6 +7,8 @@ subset of query tokens ``idx`` ``[N, k]`` against all ``P`` keys:
   ``values(h_sel)``, ``attend(q, k, v, idx)`` (the block's own attention, window-local where the block is
   windowed, then its output projection), ``mlp_residual(x)`` (``x + mlp(norm2(x))``), and ``finish(out)``
   (called with the layer's output; Qwen3-VL records DeepStack levels there).
+* ``token_groups(P)``: the attention window of each token where the layer attends locally (the STC cacher then
+  recomputes whole windows first, see :func:`cache.stc.select_tokens`), ``None`` for full attention.
 * ``attention_received(x)``: the attention each patch receives in this layer, averaged over heads and queries
   (VisionZip's dominant-token score, for the ``attention`` pruning policy), from the same pieces.
 
@@ -74,9 +76,17 @@ class LayerOps:
     def attn_scale(self) -> float:
         return float(self.layer.self_attn.scale)
 
+    def token_groups(self, p: int) -> torch.Tensor | None:
+        """``[P]`` int64 attention window of each token when the layer attends locally; ``None`` = full attention."""
+        return None
+
     def attention_mask(self, idx: torch.Tensor, p: int) -> torch.Tensor | None:
         """``[N, 1, k, P]`` bool: which keys the queries at ``idx`` ``[N, k]`` see; ``None`` = all (full attention)."""
-        return None
+        wid = self.token_groups(p)
+        if wid is None:
+            return None
+        wid = wid.to(idx.device)
+        return wid[idx][:, None, :, None] == wid[None, None, None, :]
 
     def attention_received(self, x: torch.Tensor, frames_per_step: int = 4) -> torch.Tensor:
         """``[N, P, D]`` layer input -> ``[N, P]`` float32 mean attention each patch receives (over heads and
