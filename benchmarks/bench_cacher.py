@@ -356,7 +356,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.plot:
         plot(results, args.plot)
     summary = {**results[0], "frames": args.frames, "fps": args.fps, "chunk": args.chunk,
-               "video": Path(args.video).name, "family": args.family, "all_full": args.all_full, "layers": args.layers, "dtype": args.dtype, "passes": args.passes,
+               "video": Path(args.video).name, "family": args.family, "all_full": args.all_full,
+               "layers": args.layers, "dtype": args.dtype, "passes": args.passes,
                "clock": args.clock, "exact_max_diff": exact_err,
                "full_s_per_frame": round(float(t_full.sum()) / args.frames, 3), "sweep": results,
                "machine": machine_info(args.device, python=platform.python_version())}

@@ -33,7 +33,6 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import machine_info, progress  # noqa: E402
+from benchmarks.pruner_inputs import Kept, Seq, forward, mrope_overrides  # noqa: E402
 
 from pruner import PrunerConfig, StreamPruner, available_policies  # noqa: E402
 from stream.models.base import PreprocessSpec, VisualTokens, VLMAdapter  # noqa: E402
@@ -119,18 +119,6 @@ def load_frames(path: str, n: int, fps: float) -> tuple[np.ndarray, list[float]]
     return vr.get_batch(idx).asnumpy(), [i / src_fps for i in idx]
 
 
-def _mrope(family: str, shape: dict) -> dict:
-    """The family's M-RoPE for an LLM shape: the real ``mrope_section`` scaled to its head dim."""
-    if not shape:
-        return {}  # tiny: the tiny model's own sections
-    hd = shape.get("head_dim") or shape["hidden_size"] // shape["num_attention_heads"]
-    if family == "qwen2_5_vl":  # Qwen2.5-VL-7B: [16, 24, 24] of head_dim 128
-        return {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6,
-                                    "mrope_section": [hd // 8, 3 * hd // 16, 3 * hd // 16]}}
-    return {"rope_parameters": {"rope_type": "default", "rope_theta": 5e6, "mrope_interleaved": True,  # Qwen3-VL-8B
-                                "mrope_section": [3 * hd // 16, 5 * hd // 32, 5 * hd // 32]}}
-
-
 def build_adapter(device: str, shape_name: str, dtype_name: str | None = None, family: str = "llava_onevision",
                   max_pixels: int = 192 * 28 * 28, vision_layers: int | None = None) -> VLMAdapter:
     """Real classes of ``family``, random weights: its vision tower (small SigLIP for LLaVA-OV, the real-size Qwen
@@ -145,7 +133,7 @@ def build_adapter(device: str, shape_name: str, dtype_name: str | None = None, f
 
             torch.manual_seed(0)
             adapter = build_qwen_tower(family, device, dtype, vision_layers or 99, max_pixels,
-                                       {**shape, **_mrope(family, shape)})
+                                       {**shape, **mrope_overrides(family, shape)})
             adapter.model.eval()
             return adapter
         tokenizer = train_tokenizer("llava_onevision")
@@ -166,18 +154,6 @@ def encode(adapter: VLMAdapter, rgb: np.ndarray) -> tuple[VisualTokens, torch.Te
     return tokens, adapter.attention_tokens(scores, tokens.grid)
 
 
-@dataclass
-class Kept:
-    """One stream's pruned frames: per frame the kept tokens ``[k, d]``, their (row, col) ``[k, 2]`` and, with
-    DeepStack, their rows of every level ``[levels, k, d]``."""
-
-    embeds: list[torch.Tensor]
-    positions: list[torch.Tensor]
-    deepstack: list[torch.Tensor] | None = None
-    tokens: int = 0
-    select_s: np.ndarray = field(default_factory=lambda: np.zeros(2))
-
-
 def prune(cfg: PrunerConfig, tokens: VisualTokens, attn: torch.Tensor, pts: list[float], chunk: int) -> Kept:
     """Run one stream's pruner chunk by chunk -> the kept tokens (positions, DeepStack rows), selection seconds."""
     pruner, out, t0 = StreamPruner(cfg), Kept([], [], None if tokens.deepstack is None else []), clock()
@@ -190,33 +166,6 @@ def prune(cfg: PrunerConfig, tokens: VisualTokens, attn: torch.Tensor, pts: list
             out.deepstack += [tokens.deepstack[:, s + f][:, result.mask[f]] for f in range(e.shape[0])]
     out.tokens, out.select_s = pruner.stats()["tokens_kept"], clock() - t0
     return out
-
-
-@dataclass
-class Seq:
-    """A prefill sequence: embeddings ``[L, d]``, absolute M-RoPE positions ``[3, L]`` (``None``: 1-D RoPE,
-    ``0..L-1``), the next position after it, DeepStack extras (``deepstack`` / ``visual_mask``)."""
-
-    embeds: torch.Tensor
-    positions: torch.Tensor | None
-    extent: int
-    extras: dict = field(default_factory=dict)
-
-    def equal(self, other: "Seq") -> bool:
-        same = torch.equal(self.embeds, other.embeds) and self.extent == other.extent
-        same &= (self.positions is None) == (other.positions is None)
-        same &= self.positions is None or torch.equal(self.positions, other.positions)
-        return same and all(torch.equal(v, other.extras[k]) for k, v in self.extras.items())
-
-
-def forward(adapter: VLMAdapter, seq: Seq, q: torch.Tensor, cache, after_video: bool = False) -> torch.Tensor:
-    """Prefill ``seq`` + question ``q`` ``[Lq, d]`` (or only ``q`` on top of a cached ``seq``) -> last logits."""
-    pos = None
-    if seq.positions is not None:
-        tail = torch.arange(seq.extent, seq.extent + q.shape[0], device=seq.positions.device).expand(3, -1)
-        pos = (tail if after_video else torch.cat([seq.positions, tail], dim=1))[:, None]  # [3, 1, L]
-    emb, extras = (q, {}) if after_video else (torch.cat([seq.embeds, q]), seq.extras)
-    return adapter.llm.forward(emb[None], cache=cache, position_ids=pos, **extras)[0, -1]
 
 
 def sync(device: str) -> None:

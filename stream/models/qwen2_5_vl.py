@@ -306,7 +306,8 @@ class Qwen2_5_VLAdapter(VLMAdapter):
         cos, sin = (x.view(rows * cols, unit, -1)[order].reshape(rows * cols * unit, -1) for x in (cos, sin))
         full = set(self.model.config.vision_config.fullatt_block_indexes)
         return nn.ModuleList(
-            _GridBlock(b, cos, sin, None if i in full else bounds, (rows, cols)) for i, b in enumerate(self.visual.blocks)
+            _GridBlock(b, cos, sin, None if i in full else bounds, (rows, cols))
+            for i, b in enumerate(self.visual.blocks)
         )
 
     @torch.inference_mode()
