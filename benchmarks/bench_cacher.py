@@ -126,8 +126,10 @@ QWEN_TOWERS = {
 }
 
 
-def build_qwen_tower(family: str, device: str, dtype: torch.dtype, layers: int, max_pixels: int):
-    """The family's adapter around a real-shape vision tower (tiny random LLM); ``preprocess`` gives its patches."""
+def build_qwen_tower(family: str, device: str, dtype: torch.dtype, layers: int, max_pixels: int,
+                     text_overrides: dict[str, Any] | None = None, all_full: bool = False):
+    """The family's adapter around a real-shape vision tower (tiny random LLM unless ``text_overrides`` give its
+    shape, as bench_pruner does); ``preprocess`` gives its patches."""
     from stream.models.base import PreprocessSpec
     from stream.models.loading import FAMILY_BY_MODEL_TYPE
     from stream.models.tiny import build_tiny_model, train_tokenizer
@@ -135,13 +137,15 @@ def build_qwen_tower(family: str, device: str, dtype: torch.dtype, layers: int, 
     tok = train_tokenizer(family)
     vision = {**QWEN_TOWERS[family], "depth": min(layers, QWEN_TOWERS[family]["depth"])}
     vision["fullatt_block_indexes"] = [i for i in vision.get("fullatt_block_indexes", []) if i < vision["depth"]]
+    if all_full:  # ablation: every Qwen2.5-VL block attends over the whole temporal patch (no windows)
+        vision["fullatt_block_indexes"] = list(range(vision["depth"]))
     vision["deepstack_visual_indexes"] = [i for i in vision.get("deepstack_visual_indexes", []) if i < vision["depth"]]
     if family == "qwen2_5_vl":
         vision.pop("deepstack_visual_indexes")
     else:
         vision.pop("fullatt_block_indexes")
     with torch.device(device):
-        model = build_tiny_model(family, tok, vision_overrides=vision).to(dtype)
+        model = build_tiny_model(family, tok, text_overrides=text_overrides, vision_overrides=vision).to(dtype)
     cls, _, template = FAMILY_BY_MODEL_TYPE[family]
     mean = (0.5,) * 3
     adapter = cls(model, tok, PreprocessSpec(size=0, mean=mean, std=mean), template)
@@ -295,6 +299,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="tower shape: SigLIP-so400m (LLaVA-OV), Qwen2.5-VL-7B (windowed) or Qwen3-VL-8B (DeepStack)")
     p.add_argument("--max-pixels", type=int, default=192 * 28 * 28,
                    help="Qwen: smart-resize area cap per frame (the real default is larger; kept small for CPU)")
+    p.add_argument("--all-full", action="store_true",
+                   help="Qwen2.5-VL ablation: every block full attention (no windows), to measure what windows cost")
     p.add_argument("--setting", default=PRIMARY, help="primary cacher setting, e.g. 'ratio=0.15,max_reuse=4'")
     p.add_argument("--sweep", default=";".join(SWEEP), help="';'-separated settings for the sweep ('' = primary only)")
     p.add_argument("--passes", type=int, default=1, help="replay the stream this many times, keep per-chunk minima")
@@ -322,7 +328,8 @@ def main(argv: list[str] | None = None) -> None:
         tower = build_tower(args.device, dtype, args.layers)
         dims = (SO400M["image_size"] // SO400M["patch_size"]) ** 2, SO400M["hidden_size"], SO400M["intermediate_size"]
     else:  # one "frame" of the cacher = one temporal patch of 2 video frames
-        tower = build_qwen_tower(args.family, args.device, dtype, args.layers, args.max_pixels)
+        tower = build_qwen_tower(args.family, args.device, dtype, args.layers, args.max_pixels,
+                                 all_full=args.all_full)
         pv = tower.preprocess(rgb)
         vc = tower.model.config.vision_config
         dims = pv.shape[1] * pv.shape[2] * pv.shape[3], vc.hidden_size, vc.intermediate_size
@@ -349,7 +356,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.plot:
         plot(results, args.plot)
     summary = {**results[0], "frames": args.frames, "fps": args.fps, "chunk": args.chunk,
-               "video": Path(args.video).name, "family": args.family, "layers": args.layers, "dtype": args.dtype, "passes": args.passes,
+               "video": Path(args.video).name, "family": args.family, "all_full": args.all_full,
+               "layers": args.layers, "dtype": args.dtype, "passes": args.passes,
                "clock": args.clock, "exact_max_diff": exact_err,
                "full_s_per_frame": round(float(t_full.sum()) / args.frames, 3), "sweep": results,
                "machine": machine_info(args.device, python=platform.python_version())}

@@ -50,6 +50,8 @@ class CacheStats:
     """Counters for one chunk or a whole stream.
 
     ``hits`` counts frames that matched a reference (reused + refreshed); ``misses`` the new scenes.
+    ``grid_changes``: chunks whose token grid differed from the previous chunk's (grid-bound layers only): the old
+    grid's references were dropped.
     ``tokens_recomputed[l]`` / ``tokens_reusable[l]``: tokens recomputed in layer ``l`` over reused frames / the
     tokens those frames have. ``refs_held`` and ``store_bytes`` are the state after the chunk.
     """
@@ -62,6 +64,7 @@ class CacheStats:
     misses: int = 0
     refreshes: int = 0
     evictions: int = 0
+    grid_changes: int = 0
     tokens_recomputed: list[int] = field(default_factory=list)
     tokens_reusable: list[int] = field(default_factory=list)
     refs_held: int = 0
@@ -80,7 +83,8 @@ class CacheStats:
 
     def merge(self, other: "CacheStats") -> None:
         """Add ``other``'s counters (a chunk) into these; gauges take ``other``'s values."""
-        for name in ("chunks", "frames", "frames_full", "frames_reused", "hits", "misses", "refreshes", "evictions"):
+        for name in ("chunks", "frames", "frames_full", "frames_reused", "hits", "misses", "refreshes", "evictions",
+                     "grid_changes"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for name in ("tokens_recomputed", "tokens_reusable"):
             mine, theirs = getattr(self, name), getattr(other, name)
@@ -133,6 +137,7 @@ class StreamCacher:
         self.config = config or CacherConfig()
         self._store: ReferenceStore[ReferenceStates] | None = None
         self._shape: tuple[int, int, int] | None = None  # (layers, tokens, dim) the store was built for
+        self._grid: object = None  # the grid of grid-bound layers (Qwen: (rows, cols)) the store was built for
         self._lock = threading.RLock()
         self._last = CacheStats()
         self._total = CacheStats()
@@ -159,13 +164,14 @@ class StreamCacher:
                 self._decisions = [("off", -1)] * len(hidden)
                 return out
             check_layers(layers)
-            store = self._ensure_store(len(layers), hidden.shape[1], hidden.shape[2])
+            store, new_grid = self._ensure_store(len(layers), hidden.shape[1], hidden.shape[2],
+                                                 getattr(layers[0], "grid", None))
             signatures = frame_signature(hidden, self.config.signature_grid).cpu().numpy()  # [N, S]
             plan = self._plan(store, signatures)  # 1
             out = torch.empty_like(hidden)
             fresh = self._encode_full_frames(hidden, layers, plan, out)  # 2
             stats = CacheStats(chunks=1, frames=len(hidden), frames_full=len(plan.full), hits=plan.hits)
-            stats.misses, stats.refreshes = plan.misses, plan.refreshes
+            stats.misses, stats.refreshes, stats.grid_changes = plan.misses, plan.refreshes, int(new_grid)
             stats.evictions = self._commit(store, plan, fresh)  # 3
             self._encode_reused(hidden, layers, plan, fresh, out, stats)  # 4
             stats.refs_held, stats.store_bytes = len(store), store.memory_bytes()
@@ -177,8 +183,16 @@ class StreamCacher:
         self._last = stats
         self._total.merge(stats)
 
-    def _ensure_store(self, num_layers: int, tokens: int, dim: int) -> ReferenceStore[ReferenceStates]:
+    def _ensure_store(self, num_layers: int, tokens: int, dim: int,
+                      grid: object = None) -> tuple[ReferenceStore[ReferenceStates], bool]:
+        """The store for this encoder shape. Layers bound to a token grid (``layer.grid``, the Qwen adapters) may
+        change grid mid-stream (a frame of another size): the old grid's references cannot serve the new one, so
+        they are dropped and the new grid starts with a new reference (``CacheStats.grid_changes``)."""
         shape = (num_layers, tokens, dim)
+        changed = (self._store is not None and grid is not None and self._grid != grid
+                   and (num_layers, dim) == self._shape[::2])
+        if changed:
+            self._store, self._shape = None, None
         if self._store is not None and self._shape != shape:
             raise ValueError(
                 f"this stream's cacher holds references for (layers, tokens, dim)={self._shape}, got {shape}; a "
@@ -186,8 +200,8 @@ class StreamCacher:
             )
         if self._store is None:
             self._store = ReferenceStore(signature_dim(tokens, dim, self.config.signature_grid), self.config.max_refs)
-            self._shape = shape
-        return self._store
+            self._shape, self._grid = shape, grid
+        return self._store, changed
 
     def _plan(self, store: ReferenceStore[ReferenceStates], signatures: np.ndarray) -> _Plan:
         """Step 1: decide per frame: new scene, refresh or reuse (see the module docstring)."""
@@ -317,7 +331,7 @@ class StreamCacher:
     def reset(self) -> None:
         """Forget every reference and counter (a new stream, or another model / frame size)."""
         with self._lock:
-            self._store, self._shape = None, None
+            self._store, self._shape, self._grid = None, None, None
             self._last, self._total, self._decisions = CacheStats(), CacheStats(), []
 
     def memory_bytes(self) -> int:

@@ -6,7 +6,8 @@ is stored, a quarter less memory and one less pass). A later frame encoded again
 
 1. computes ``layer_norm1`` and keys for **all** tokens;
 2. picks the tokens whose key is least similar (cosine) to the reference key at the same position: the
-   ``ceil(ratio * P)`` least similar, plus every token whose cosine is below ``threshold`` (when given);
+   ``ceil(ratio * P)`` least similar, plus every token whose cosine is below ``threshold`` (when given); in a
+   window-local layer (Qwen2.5-VL) whole windows are taken first, most changed first (see :func:`select_tokens`);
 3. computes queries and values for the picked tokens only; the value matrix is the reference's with the picked
    rows replaced, so a picked token's query attends to **all** tokens' fresh keys and to the mixed values (as
    STC's ``custom_siglip.py`` does; keys must be computed for every token anyway to pick tokens);
@@ -135,9 +136,27 @@ def count_to_recompute(sim: torch.Tensor, ratio: float, threshold: float | None)
     return min(max(k, 0), p)
 
 
-def select_tokens(sim: torch.Tensor, ratio: float, threshold: float | None) -> torch.Tensor:
-    """Indices ``[N, k]`` of the least similar tokens per frame (see :func:`count_to_recompute`)."""
+def select_tokens(sim: torch.Tensor, ratio: float, threshold: float | None,
+                  groups: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices ``[N, k]`` of the least similar tokens per frame (see :func:`count_to_recompute`).
+
+    ``groups`` ``[P]`` (the attention windows of a window-local layer): a kept token's reused update is stale
+    wherever its window changed, since it attends only there; so whole windows are taken first, most changed (mean
+    ``1 - sim``) first, while they fit in ``k``, and the rest of ``k`` goes to the least similar other tokens.
+    """
     k = count_to_recompute(sim, ratio, threshold)
+    if groups is not None and 0 < k < sim.shape[-1]:
+        groups = groups.to(sim.device)
+        size = torch.bincount(groups).to(sim.dtype)  # [G]
+        change = torch.zeros(sim.shape[0], size.shape[0], dtype=sim.dtype, device=sim.device)
+        change = change.index_add_(1, groups, 1 - sim) / size  # [N, G] mean dissimilarity per window
+        order = change.argsort(dim=-1, descending=True)  # [N, G]
+        below = sim < threshold if threshold is not None else torch.zeros_like(sim, dtype=torch.bool)  # [N, P]
+        room = k - below.sum(dim=-1, keepdim=True)  # [N, 1] left after the tokens below the threshold
+        fits = size[order].cumsum(dim=-1) <= room  # [N, G] whole windows within the budget, most changed first
+        whole = torch.zeros_like(fits).scatter_(1, order, fits)  # [N, G]
+        # rank: tokens below the threshold, then whole windows, then the least similar (cosines lie in [-1, 1])
+        sim = sim - 3.0 * whole[:, groups] - 6.0 * below
     return torch.topk(sim, k, dim=-1, largest=False, sorted=False).indices  # [N, k]
 
 
@@ -161,7 +180,7 @@ def selective_layer(
     ops = layer_ops(layer)
     h = ops.norm1(x)  # [N, P, D]
     keys = ops.keys(h)  # [N, P, D]
-    idx = select_tokens(token_similarity(keys, ref.keys), ratio, threshold)  # [N, k]
+    idx = select_tokens(token_similarity(keys, ref.keys), ratio, threshold, ops.token_groups(x.shape[1]))  # [N, k]
     if idx.shape[1] == 0:
         return ops.finish(x + ref.update), idx
     h_sel = _gather_rows(h, idx)  # [N, k, D]

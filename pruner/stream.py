@@ -3,6 +3,10 @@
 State, whatever the stream length: the running memory mean ``[d]`` and its counter, the previous frame ``[T, d]``
 (only for policies that compare with it), the last pts and a fractional token credit (per-second budgets), and
 summaries of the last :attr:`StreamPruner.history` chunks.
+
+A chunk on another token grid than the previous one (Qwen: frames of another size mid-stream) starts the new grid
+cleanly: the previous frame (grid-bound) is dropped, so the new grid's first frame is treated as a stream start;
+the grid-free state (memory mean, pts, token credit, statistics) carries on.
 """
 from __future__ import annotations
 
@@ -76,6 +80,8 @@ class StreamPruner:
         self._memory: torch.Tensor | None = None  # [d]
         self._memory_count = 0
         self._previous: torch.Tensor | None = None  # [T, d]
+        self._grid: tuple[int, int, int] | None = None  # (T, rows, cols) of the last chunk's token grid
+        self._grid_changes = 0
         self._last_pts: float | None = None
         self._credit = 0.0
         self._frames = 0
@@ -105,6 +111,7 @@ class StreamPruner:
         """
         pts_t = self._check(embeds, positions, pts)
         n, t = embeds.shape[:2]
+        self._follow_grid(positions, n)
         # 1. context: memory each frame is compared with, previous frame, global frame indices
         ctx = self._context(embeds, positions, attention)
         # 2. how many tokens each frame keeps
@@ -120,6 +127,17 @@ class StreamPruner:
         result = PruneResult(mask=mask, counts=mask.sum(dim=1).long().cpu(), budget_requested=requested)
         self._record(result)
         return result
+
+    def _follow_grid(self, positions: torch.Tensor, n: int) -> None:
+        """Drop the grid-bound state (previous frame) when this chunk's grid differs from the last one's."""
+        if n == 0:
+            return
+        t = positions.shape[0]
+        grid = (t, int(positions[:, 0].max()) + 1, int(positions[:, 1].max()) + 1) if t else (0, 0, 0)
+        if self._grid is not None and grid != self._grid:
+            self._previous = None
+            self._grid_changes += 1
+        self._grid = grid
 
     def _check(
         self, embeds: torch.Tensor, positions: torch.Tensor, pts: Sequence[float] | torch.Tensor | None
@@ -215,6 +233,7 @@ class StreamPruner:
             "tokens_in": self._tokens_in,
             "tokens_kept": self._tokens_kept,
             "kept_ratio": self._tokens_kept / self._tokens_in if self._tokens_in else 1.0,
+            "grid_changes": self._grid_changes,
             "recent_chunks": list(self._recent),
         }
 

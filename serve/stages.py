@@ -7,7 +7,6 @@ Both are thread-safe per stream: different streams may be served concurrently, c
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import threading
 import time
@@ -19,7 +18,6 @@ import torch
 from cache.kv.config import Sampling
 from cache.kv.stats import PromptUsage
 from serve.messages import AnswerStats, EncodedChunk
-from pruner.attention import attention_received, scores_to_tokens
 from serve.options import StreamOptions
 from stream.errors import RequestError, StreamExistsError, StreamNotFoundError
 from stream.frames import FrameBatch
@@ -27,22 +25,6 @@ from stream.models.base import VLMAdapter
 
 
 UnknownStreamError = StreamNotFoundError  # 404; the name the pipeline exports
-
-
-@contextlib.contextmanager
-def _capture_input(layer: torch.nn.Module, enabled: bool) -> Iterator[list[torch.Tensor]]:
-    """Record the hidden states ``layer`` is called with (a forward pre-hook), when ``enabled``."""
-    seen: list[torch.Tensor] = []
-    if not enabled:
-        yield seen
-        return
-    handle = layer.register_forward_pre_hook(lambda _m, args, kwargs: seen.append(args[0] if args else
-                                                                                 kwargs["hidden_states"]),
-                                             with_kwargs=True)
-    try:
-        yield seen
-    finally:
-        handle.remove()
 
 
 def _faiss_single_thread() -> None:
@@ -131,6 +113,12 @@ class VisionStage:
             except TypeError as exc:
                 raise RequestError(f"{exc} (model family {self.adapter.family}: set cacher.enabled=false, "
                                    "e.g. --no-cache)") from None
+        if opts.pruner.enabled and opts.pruner.policy == "attention":
+            try:
+                self.adapter.check_attention()
+            except TypeError as exc:
+                raise RequestError(f"pruner.policy='attention': {exc} (model family {self.adapter.family}: choose "
+                                   "another pruning policy, e.g. stc_context or uniform)") from None
         self._streams.add(stream_id, _VisionState(opts, cacher, opts.make_pruner()))
 
     def close(self, stream_id: str) -> None:
@@ -149,13 +137,14 @@ class VisionStage:
             needs_attention = st.pruner is not None and st.options.pruner.policy == "attention"
             with self._model_lock:
                 runner = st.cacher.runner if st.cacher is not None else None
-                with _capture_input(self.adapter.vision_layers[-1], needs_attention) as last_in:
-                    feats = self.adapter.encode_vision(pv, layer_runner=runner)  # [F, P, D]
-                vt = self.adapter.project(feats)  # [F, T, d]
                 attention = None
                 if needs_attention:  # VisionZip-style: attention each patch receives in the last used layer
-                    scores = attention_received(self.adapter.vision_layers[-1], last_in[0])  # [F, P]
-                    attention = scores_to_tokens(scores, vt.grid)  # [F, T]
+                    feats, scores = self.adapter.encode_vision_attention(pv)  # [F, P, D], [F, P]
+                else:
+                    feats = self.adapter.encode_vision(pv, layer_runner=runner)  # [F, P, D]
+                vt = self.adapter.project(feats)  # [F, T, d]
+                if needs_attention:
+                    attention = self.adapter.attention_tokens(scores, vt.grid)  # [F, T]
             vit_ms = _ms(t0)
             t1 = time.perf_counter()
             pts = self.adapter.frame_pts(batch.pts.tolist())  # one per adapter frame (Qwen: per 2 frames)

@@ -153,6 +153,44 @@ class VLMAdapter:
         for i, layer in enumerate(self.vision_layers):
             layer_ops(layer, i)
 
+    def check_attention(self) -> None:
+        """Raise ``TypeError`` when :meth:`encode_vision_attention` cannot score this tower's last layer (the
+        ``attention`` pruning policy); the message names the layer and what it lacks."""
+        from stream.models.vision_ops import layer_ops
+
+        layers = self.vision_layers
+        try:
+            layer_ops(layers[-1], len(layers) - 1)
+        except TypeError:
+            raise TypeError(
+                f"the last vision layer ({type(layers[-1]).__name__}) has no per-layer ops to score the attention "
+                "each patch receives; supported: SigLIP-style layers (LLaVA-OneVision, SmolVLM) and the Qwen "
+                "adapters' blocks") from None
+
+    @torch.inference_mode()
+    def encode_vision_attention(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`encode_vision` (plain layer loop) plus the attention each patch receives in the last layer,
+        ``[N, P]`` in the order the layers see the patches (VisionZip's dominant-token score). Costs one extra
+        ``q @ k`` of that layer. Map it onto the token grid with :meth:`attention_tokens`."""
+        from stream.models.vision_ops import layer_ops
+
+        seen: list[torch.Tensor] = []
+
+        def capture(hidden: torch.Tensor, layers: nn.ModuleList) -> torch.Tensor:
+            x = run_layers(hidden, layers[:-1])  # [N, P, D] input of the last layer
+            seen.append(layer_ops(layers[-1], len(layers) - 1).attention_received(x))  # [N, P]
+            return run_layers(x, layers[-1:])
+
+        features = self.encode_vision(pixel_values, layer_runner=capture)
+        return features, torch.cat(seen, dim=0)
+
+    def attention_tokens(self, scores: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Patch scores ``[N, P]`` (:meth:`encode_vision_attention`) -> ``[N, rows * cols]`` per LLM token, row-major
+        like ``VisualTokens.positions`` (area averaging onto the token grid, as the projector pools)."""
+        from pruner.attention import scores_to_tokens
+
+        return scores_to_tokens(scores, grid)
+
     # ---- LLM side: prompt pieces ---------------------------------------------------------------------------------
     def _ids(self, text: str) -> torch.Tensor:
         """Tokenize ``text`` without special-token insertion -> ``[L]`` int64."""

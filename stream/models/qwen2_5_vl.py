@@ -30,7 +30,7 @@ from torch import nn
 from stream.models.base import LayerRunner, VisualTokens, VLMAdapter, grid_positions, run_layers
 from stream.models.inputs import LLMInput
 from stream.models.llm import TextLM
-from stream.models.vision_ops import LayerOps
+from stream.models.vision_ops import LayerOps, merge_heads, split_heads
 
 VIDEO_MARKER = "<|vision_start|><|video_pad|><|vision_end|>"
 
@@ -153,15 +153,23 @@ class QwenBlockOps(LayerOps):
     def values(self, h_sel: torch.Tensor) -> torch.Tensor:
         return self._qkv(h_sel, 2)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        from stream.models.vision_ops import merge_heads, split_heads
+    @property
+    def num_heads(self) -> int:
+        return int(self.heads)
 
-        mask = None
+    @property
+    def attn_scale(self) -> float:
+        return float(self.scale)
+
+    def token_groups(self, p: int) -> torch.Tensor | None:
+        """A windowed block: ``[P]`` window of each patch (window order, so windows are contiguous runs)."""
         windows = self.grid_block.windows
-        if windows is not None:  # a query sees only the keys of its own window
-            p = k.shape[1]
-            wid = torch.bucketize(torch.arange(p), windows[1:].long(), right=True).to(q.device)  # [P]
-            mask = (wid[idx][:, None, :, None] == wid[None, None, None, :])  # [N, 1, k, P]
+        if windows is None:
+            return None
+        return torch.bucketize(torch.arange(p), windows[1:].long(), right=True)  # [P]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        mask = self.attention_mask(idx, k.shape[1])
         o = F.scaled_dot_product_attention(split_heads(q, self.heads), split_heads(k, self.heads),
                                            split_heads(v, self.heads), attn_mask=mask, scale=self.scale)
         return self.layer.attn.proj(merge_heads(o))
@@ -179,12 +187,14 @@ class _GridBlock(nn.Module):
     """One vision block bound to a grid: ``[N, P, D]`` temporal patches (window order) -> ``[N, P, D]``.
 
     Each temporal patch attends within itself (full blocks) or within its windows (other blocks), as HF's
-    ``cu_seqlens`` make it; 2-D rotary cos/sin of the grid are fixed.
+    ``cu_seqlens`` make it; 2-D rotary cos/sin of the grid are fixed. ``grid`` = ``(rows, cols)`` of the token grid
+    (the STC cacher starts new references when it changes: a frame of another size mid-stream).
     """
 
-    def __init__(self, block: nn.Module, cos: torch.Tensor, sin: torch.Tensor, windows: torch.Tensor | None):
+    def __init__(self, block: nn.Module, cos: torch.Tensor, sin: torch.Tensor, windows: torch.Tensor | None,
+                 grid: tuple[int, int] | None = None):
         super().__init__()
-        self.block, self.cos, self.sin, self.windows = block, cos, sin, windows
+        self.block, self.cos, self.sin, self.windows, self.grid = block, cos, sin, windows, grid
         self.tap = None  # called with the block's output (Qwen3-VL DeepStack levels)
 
     def stc_ops(self) -> QwenBlockOps:
@@ -273,6 +283,17 @@ class Qwen2_5_VLAdapter(VLMAdapter):
     def check_cacher(self) -> None:
         """The grid-bound blocks the runner gets always have per-layer ops (:class:`QwenBlockOps`)."""
 
+    def check_attention(self) -> None:
+        """The last grid-bound block scores attention through its ops (rotary, window mask where windowed)."""
+
+    def attention_tokens(self, scores: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Patch scores ``[N, P]`` in window order -> ``[N, rows * cols]``: the mean over the ``m*m`` patches the
+        merger fuses into each token, row-major on the token grid."""
+        rows, cols = grid
+        order, _ = self._window_index(rows, cols)
+        n = scores.shape[0]
+        return scores.float().view(n, rows * cols, -1)[:, torch.argsort(order)].mean(dim=-1)  # [N, T]
+
     def grid_layers(self, rows: int, cols: int) -> nn.ModuleList:
         """The vision blocks bound to a ``rows x cols`` token grid (see :class:`_GridBlock`)."""
         from transformers.vision_utils import get_vision_position_ids
@@ -285,7 +306,8 @@ class Qwen2_5_VLAdapter(VLMAdapter):
         cos, sin = (x.view(rows * cols, unit, -1)[order].reshape(rows * cols * unit, -1) for x in (cos, sin))
         full = set(self.model.config.vision_config.fullatt_block_indexes)
         return nn.ModuleList(
-            _GridBlock(b, cos, sin, None if i in full else bounds) for i, b in enumerate(self.visual.blocks)
+            _GridBlock(b, cos, sin, None if i in full else bounds, (rows, cols))
+            for i, b in enumerate(self.visual.blocks)
         )
 
     @torch.inference_mode()

@@ -102,13 +102,17 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
         pos = (v.pos_embed(idx) * wts[:, :, None]).sum(1)  # [P, D]
         return hidden + pos.to(hidden.dtype)[None]
 
+    def attention_tokens(self, scores: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Patch scores ``[N, P]`` (merge-block order) -> ``[N, rows * cols]``: the mean over each token's patches."""
+        return scores.float().view(scores.shape[0], grid[0] * grid[1], -1).mean(dim=-1)  # [N, T]
+
     def grid_layers(self, rows: int, cols: int) -> nn.ModuleList:
         from transformers.vision_utils import get_vision_position_ids
 
         grid = torch.tensor([[1, rows * self.merge, cols * self.merge]])
         pos = get_vision_position_ids(grid, self.merge).to(self.device)  # [P, 2]
         cos, sin = self.visual.rotary_pos_emb(pos, pos)
-        return nn.ModuleList(_GridBlock(b, cos, sin, None) for b in self.visual.blocks)
+        return nn.ModuleList(_GridBlock(b, cos, sin, None, (rows, cols)) for b in self.visual.blocks)
 
     @torch.inference_mode()
     def encode_vision(self, pixel_values: torch.Tensor, layer_runner: LayerRunner | None = None) -> torch.Tensor:

@@ -133,8 +133,8 @@ def _build_qwen2_5_vl(tokenizer: PreTrainedTokenizerFast, text: dict[str, Any], 
                       vision_overrides: dict[str, Any] | None) -> torch.nn.Module:
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    text = {**text, "model_type": "qwen2_5_vl_text", "bos_token_id": None, "eos_token_id": tokenizer.eos_token_id,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]}}
+    text = {"rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]}, **text,
+            "model_type": "qwen2_5_vl_text", "bos_token_id": None, "eos_token_id": tokenizer.eos_token_id}
     vision = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=text["hidden_size"],
                   patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                   fullatt_block_indexes=[1, 3], tokens_per_second=2)
@@ -154,10 +154,9 @@ def _build_qwen3_vl(tokenizer: PreTrainedTokenizerFast, text: dict[str, Any], id
                     vision_overrides: dict[str, Any] | None) -> torch.nn.Module:
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-    text = {**text, "model_type": "qwen3_vl_text", "head_dim": 16, "bos_token_id": None,
-            "eos_token_id": tokenizer.eos_token_id,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [2, 3, 3],
-                                "mrope_interleaved": True}}
+    text = {"head_dim": 16, "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0,
+                                                "mrope_section": [2, 3, 3], "mrope_interleaved": True},
+            **text, "model_type": "qwen3_vl_text", "bos_token_id": None, "eos_token_id": tokenizer.eos_token_id}
     vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=text["hidden_size"],
                   patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
                   deepstack_visual_indexes=[0, 1])

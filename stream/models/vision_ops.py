@@ -7,6 +7,10 @@ subset of query tokens ``idx`` ``[N, k]`` against all ``P`` keys:
   ``values(h_sel)``, ``attend(q, k, v, idx)`` (the block's own attention, window-local where the block is
   windowed, then its output projection), ``mlp_residual(x)`` (``x + mlp(norm2(x))``), and ``finish(out)``
   (called with the layer's output; Qwen3-VL records DeepStack levels there).
+* ``token_groups(P)``: the attention window of each token where the layer attends locally (the STC cacher then
+  recomputes whole windows first, see :func:`cache.stc.select_tokens`), ``None`` for full attention.
+* ``attention_received(x)``: the attention each patch receives in this layer, averaged over heads and queries
+  (VisionZip's dominant-token score, for the ``attention`` pruning policy), from the same pieces.
 
 :func:`layer_ops` returns a layer's ops: ``layer.stc_ops()`` when the layer provides it (the Qwen adapters' grid-bound
 blocks), else SigLIP-style ops for ``SiglipEncoderLayer`` / ``Idefics3EncoderLayer`` (LLaVA-OneVision, SmolVLM).
@@ -63,6 +67,43 @@ class LayerOps:
 
     def finish(self, out: torch.Tensor) -> torch.Tensor:
         return out
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.layer.self_attn.num_heads)
+
+    @property
+    def attn_scale(self) -> float:
+        return float(self.layer.self_attn.scale)
+
+    def token_groups(self, p: int) -> torch.Tensor | None:
+        """``[P]`` int64 attention window of each token when the layer attends locally; ``None`` = full attention."""
+        return None
+
+    def attention_mask(self, idx: torch.Tensor, p: int) -> torch.Tensor | None:
+        """``[N, 1, k, P]`` bool: which keys the queries at ``idx`` ``[N, k]`` see; ``None`` = all (full attention)."""
+        wid = self.token_groups(p)
+        if wid is None:
+            return None
+        wid = wid.to(idx.device)
+        return wid[idx][:, None, :, None] == wid[None, None, None, :]
+
+    def attention_received(self, x: torch.Tensor, frames_per_step: int = 4) -> torch.Tensor:
+        """``[N, P, D]`` layer input -> ``[N, P]`` float32 mean attention each patch receives (over heads and
+        queries; rows of a full-attention layer sum to 1). ``frames_per_step`` bounds the ``[n, H, P, P]`` buffer."""
+        out = []
+        for start in range(0, x.shape[0], frames_per_step):
+            xs = x[start:start + frames_per_step]  # [n, P, D]
+            n, p, _ = xs.shape
+            idx = torch.arange(p, device=xs.device).expand(n, -1)  # [n, P]
+            h = self.norm1(xs)
+            q, k = split_heads(self.queries(h, idx), self.num_heads), split_heads(self.keys(h), self.num_heads)
+            logits = (q @ k.transpose(-1, -2)).float() * self.attn_scale  # [n, H, P(query), P(key)]
+            mask = self.attention_mask(idx, p)
+            if mask is not None:
+                logits = logits.masked_fill(~mask, float("-inf"))
+            out.append(torch.softmax(logits, dim=-1).mean(dim=(1, 2)))  # [n, P]
+        return torch.cat(out, dim=0)
 
 
 def layer_ops(layer: nn.Module, index: int = 0) -> LayerOps:
