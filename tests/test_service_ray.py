@@ -15,6 +15,7 @@ import os
 import threading
 import time
 import urllib.request
+from typing import Any
 
 import numpy as np
 import pytest
@@ -411,3 +412,45 @@ def _expect_failed(client, sid) -> dict:
     if st["state"] != "failed":
         raise RuntimeError(f"not yet: {st['state']}")
     return st
+
+
+def test_a_busy_owner_is_waited_for_and_never_split(service):
+    """Real Serve with the service's router: two replicas taking one request at a time. While a stream's owner is
+    busy with a slow call, the stream's next calls wait for that replica instead of going to the idle one (which
+    would build split state). Control: Serve's default router does send them to the idle replica."""
+    from ray.serve.config import RequestRouterConfig
+
+    from serve.routing import StreamAffinityRouter
+
+    def deploy(name: str, router: Any) -> Any:
+        opts = {"request_router_config": RequestRouterConfig(request_router_class=router)} if router else {}
+
+        @serve.deployment(num_replicas=2, max_ongoing_requests=1, ray_actor_options={"num_cpus": 0}, **opts)
+        class Slow:
+            def __init__(self) -> None:
+                self.replica = serve.get_replica_context().replica_id.unique_id
+
+            def work(self, stream_id: str, sleep_s: float) -> tuple[str, float, float]:
+                start = time.time()
+                time.sleep(sleep_s)
+                return self.replica, start, time.time()
+
+        return serve.run(Slow.bind(), name=name, route_prefix=None)
+
+    def run(handle: Any) -> tuple[tuple[str, float, float], list[tuple[str, float, float]]]:
+        for _ in range(4):  # both replicas up and warm
+            handle.work.remote("warm", 0.0).result(timeout_s=60)
+        slow = handle.work.remote("cam-1", 3.0)
+        time.sleep(0.8)  # the slow call holds its replica's only slot now
+        rest = [handle.work.remote("cam-1", 0.0) for _ in range(3)]
+        return slow.result(timeout_s=60), [r.result(timeout_s=60) for r in rest]
+
+    try:
+        (owner, _, slow_end), rest = run(deploy("slow-affinity", StreamAffinityRouter))
+        assert {r[0] for r in rest} == {owner}, "a call of the stream went to a replica that does not own it"
+        assert all(r[1] >= slow_end - 0.05 for r in rest), "the calls must wait for the busy owner"
+        (owner, _, _), rest = run(deploy("slow-default", None))
+        assert {r[0] for r in rest} - {owner}, "control: the default router falls back to the idle replica"
+    finally:
+        for name in ("slow-affinity", "slow-default"):
+            serve.delete(name)
