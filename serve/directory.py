@@ -4,6 +4,7 @@ account for the streams it held (lists them as ``failed`` with the reason, frees
 :class:`StreamDirectory` is a plain bounded class; the service runs it as one detached named actor per app
 (``<app>/directory``). A host records a stream once it is open, updates the record when a stage's state is
 rebuilt (new tokens), and forgets it on close. A restarted host :meth:`StreamDirectory.take`s its records.
+This module imports nothing heavy (no torch): the directory actor's process stays small.
 """
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from serve.api import CapacityError, IngestStats, StreamStats
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class StreamDirectory:
         key = (rec.host, rec.stream_id)
         with self._lock:
             if key not in self._records and len(self._records) >= self.max_records:
-                raise CapacityError(
+                raise OverflowError(
                     f"the stream directory holds its maximum of {self.max_records} records. Fix: close streams, "
                     "or raise serve.max_streams."
                 )
@@ -74,12 +74,6 @@ class StreamDirectory:
     def __len__(self) -> int:
         with self._lock:
             return len(self._records)
-
-
-def failed_stats(rec: StreamRecord, reason: str) -> StreamStats:
-    """The stats a host reports for a stream it lost: ``failed`` with the reason, counters unknown (zero)."""
-    return StreamStats(stream_id=rec.stream_id, kind=rec.kind, source=rec.source, state="failed", error=reason,
-                       created_at=rec.created_at, ingest=IngestStats())
 
 
 class RemoteDirectory:

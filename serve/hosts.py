@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from serve.api import (
+    IngestStats,
     PushResponse,
     StreamExistsError,
     StreamMisroutedError,
@@ -26,7 +27,7 @@ from serve.api import (
     StreamStateError,
     StreamStats,
 )
-from serve.directory import RemoteDirectory, StreamRecord, failed_stats
+from serve.directory import RemoteDirectory, StreamRecord
 from serve.flow import LLM, VISION, StageFlow
 from serve.protocol import jpeg_bytes
 from serve.replicas import call_stream, replica_gone, unwrap
@@ -64,6 +65,12 @@ class ServeTransport:
             if replica_gone(err):
                 err = StreamMisroutedError(f"the replica serving stream {stream_id!r} is gone ({type(err).__name__})")
             raise err from None
+
+
+def failed_stats(rec: StreamRecord, reason: str) -> StreamStats:
+    """The stats a host reports for a stream it lost: ``failed`` with the reason, counters unknown (zero)."""
+    return StreamStats(stream_id=rec.stream_id, kind=rec.kind, source=rec.source, state="failed", error=reason,
+                       created_at=rec.created_at, ingest=IngestStats())
 
 
 @dataclass

@@ -185,7 +185,6 @@ def test_a_restarted_host_lists_the_streams_it_lost_as_failed_and_frees_their_st
 
 
 def test_the_stream_directory_is_bounded():
-    from serve.api import CapacityError
     from serve.directory import StreamDirectory, StreamRecord
 
     directory = StreamDirectory(3)
@@ -196,6 +195,6 @@ def test_the_stream_directory_is_bounded():
     for k in range(3):
         directory.record(StreamRecord(f"s{k}", "h", "push", None, 0.0))
     directory.record(StreamRecord("s0", "h", "push", None, 1.0))  # an update is not a new record
-    with pytest.raises(CapacityError, match="maximum of 3 records"):
+    with pytest.raises(OverflowError, match="maximum of 3 records"):
         directory.record(StreamRecord("s9", "h", "push", None, 0.0))
     assert [r.stream_id for r in directory.take("h")] == ["s0", "s1", "s2"] and len(directory) == 0
