@@ -13,6 +13,7 @@ ingress replica reaches a watch the way it reaches the stream; they end with the
 """
 from __future__ import annotations
 
+import collections
 import threading
 import time
 from dataclasses import dataclass, field
@@ -104,6 +105,7 @@ class IngestHost:
         self.ttl_s = ttl_s
         self.restarted_at = time.time() if restarted else None
         self.reaped = 0
+        self.reap_errors: collections.deque[str] = collections.deque(maxlen=32)  # bounded: the latest only
         self._streams: dict[str, _Entry] = {}
         self._starting: set[str] = set()
         self._lock = threading.Lock()
@@ -210,6 +212,8 @@ class IngestHost:
                 self.reaped += 1
             except (StreamNotFoundError, StreamStateError):
                 pass
+            except Exception as exc:  # noqa: BLE001 - a stage that fails to close must not stop the reaper
+                self.reap_errors.append(f"{sid}: {type(exc).__name__}: {exc}"[:300])
         return due
 
     def _reap_forever(self) -> None:

@@ -7,6 +7,7 @@ one test runs the real tiny-model stages through the same API.
 from __future__ import annotations
 
 import os
+import time
 
 import msgpack
 import numpy as np
@@ -116,10 +117,13 @@ def test_file_stream_under_media_root(api):
     assert resp.status_code == 201, resp.text
     sid = resp.json()["stream_id"]
     assert resp.json()["kind"] == "file"
+    deadline = time.monotonic() + 20  # a file is read as fast as the encoder takes it: wait for its end
+    while api.get(f"/streams/{sid}").json()["state"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.05)
     _, events = _ask(api, sid, wait_s=20)
     stats = api.get(f"/streams/{sid}").json()
     # 24 frames at 24 fps sampled at 12 fps -> 12 frames, none dropped (files wait for the encoder)
-    assert stats["ingest"]["frames_sampled"] == 12 and stats["ingest"]["frames_dropped"] == 0
+    assert stats["ingest"]["frames_sampled"] == 12 and stats["ingest"]["frames_dropped"] == 0, stats
     assert events[-1][1]["answer"].startswith("frames=12")
     _error(_push(api, sid, 0, 2), 409, "StreamStateError", "frames can only be pushed")
 

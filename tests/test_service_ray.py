@@ -61,7 +61,7 @@ def service(tmp_path_factory, tiny_llava_dir, cluster):
         "serve": {
             "http": {"port": free_port()}, "media_root": str(media), "max_push_bytes": 2_000_000,
             "allow_hosts": ["127.0.0.1"],  # the RTSP tests serve from loopback, denied by default
-            "max_streams": 24, "max_streams_per_replica": 16,
+            "max_streams": 48, "max_streams_per_replica": 40,  # 20 at once may hash unevenly
             "ingress": {"num_cpus": 0, "num_replicas": 2}, "ingest": {"num_cpus": 0, "misroute_retry_s": 5, "hosts": 2},
             "vision": {"num_cpus": 0, "num_gpus": 0.25, "num_replicas": 2},
             "llm": {"num_cpus": 0, "num_gpus": 0.25, "num_replicas": 2},
@@ -320,14 +320,24 @@ def test_twenty_streams_created_concurrently(service):
     client, _, _ = service
     t0 = time.monotonic()
     with ThreadPoolExecutor(20) as pool:
-        made = list(pool.map(lambda i: client.create_stream(stream_id=f"many{i}")["stream_id"], range(20)))
+        made = list(pool.map(lambda i: _created_or_none(client, f"many{i}"), range(20)))
     took = time.monotonic() - t0
-    listed = {s["stream_id"] for s in client.list_streams()}
-    assert set(made) <= listed and len(made) == 20
-    for sid in made:
-        client.close_stream(sid)
+    try:
+        listed = {s["stream_id"] for s in client.list_streams()}
+        assert set(made) <= listed and None not in made
+    finally:
+        for sid in made:
+            if sid is not None:
+                client.close_stream(sid)
     assert not {s["stream_id"] for s in client.list_streams()} & set(made)
     print(f"20 concurrent creates answered in {took:.1f}s")
+
+
+def _created_or_none(client, sid: str) -> str | None:
+    try:
+        return client.create_stream(stream_id=sid)["stream_id"]
+    except ServiceError:
+        return None
 
 
 # ---- faults: SIGKILL a replica, an ingress replica, an ingest host mid-stream --------------------------------------
