@@ -105,5 +105,9 @@ def test_console_shows_stream_streamed_answer_and_alert(server):
         if os.environ.get("ARTIFACTS_DIR"):
             shutil.copy(SHOT, Path(os.environ["ARTIFACTS_DIR"]) / "console.png")
         assert SHOT.stat().st_size > 1000
+        assert httpx.delete(server + "/streams/cam", headers=auth).status_code == 200  # watches end with it
+        ended = _until(lambda: [li for li in drv.find_elements(By.CSS_SELECTOR, "#events li")
+                                if li.text.startswith("[end]")])
+        assert "closed" in ended[0].text and "1 watches stopped" in ended[0].text
     finally:
         drv.quit()

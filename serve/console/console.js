@@ -102,6 +102,11 @@ function select(sid) {
 }
 function onWatchEvent(kind, ev) {
   const li = document.createElement("li");
+  if (kind === "end" || ev.type === "end") {  // the stream closed, ended or was reaped: its watches stopped
+    li.textContent = `[end] ${ev.reason || ""} (${ev.watches_stopped ?? 0} watches stopped)`;
+    $("events").prepend(li);
+    return;
+  }
   const what = ev.answer !== undefined ? JSON.stringify(ev.answer) : (ev.score !== undefined ? "P(yes)=" + ev.score.toFixed(2) : "");
   li.textContent = `[${kind}] ${ev.question || ""} ${what} (pts ${ev.pts ?? "-"}, frame ${ev.frame_index ?? "-"})`;
   if (kind === "alert") { li.className = "alert"; $("alerts").prepend(li); }
