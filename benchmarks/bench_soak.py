@@ -77,18 +77,23 @@ class Soak:
     def __init__(self, client: Any, args: argparse.Namespace, frames: np.ndarray) -> None:
         self.client, self.args, self.frames = client, args, frames
         self.errors: list[str] = []
+        self.races: list[str] = []  # 404/409 on a stream this soak's churn deleted during the call (not errors)
         self.stop = threading.Event()
         self.lock = threading.Lock()
         self.streams: dict[str, str] = {}  # id -> "push" | "file"
         self.closed_frames = self.closed_dropped = 0
         self.serial = 0
 
-    def _guard(self, what: str, call: Any) -> Any:
+    def _guard(self, what: str, call: Any, sid: str | None = None) -> Any:
         try:
             return call()
         except Exception as exc:  # noqa: BLE001 - every failed answer is a soak error, counted and named
             with self.lock:
-                self.errors.append(f"{what}: {type(exc).__name__}: {exc}"[:300])
+                status = getattr(exc, "status", None)
+                if sid is not None and sid not in self.streams and status in (404, 409):
+                    self.races.append(f"{what}: {type(exc).__name__}: {exc}"[:300])  # we deleted it meanwhile
+                else:
+                    self.errors.append(f"{what}: {type(exc).__name__}: {exc}"[:300])
             return None
 
     def open(self, kind: str) -> None:
@@ -115,7 +120,7 @@ class Soak:
             for sid, kind in list(self.streams.items()):
                 if kind == "push":
                     rgb = self.frames[k % len(self.frames)][None]
-                    self._guard("push", lambda: self.client.push_frames(sid, rgb, [k / 4.0]))
+                    self._guard("push", lambda: self.client.push_frames(sid, rgb, [k / 4.0]), sid)
             k += 1
             time.sleep(0.25)
 
@@ -127,12 +132,12 @@ class Soak:
                         text, done = self.client.ask_text(sid, "What happens?", max_new_tokens=4)
                         if not done:
                             raise RuntimeError("answer without a done event")
-                    self._guard("ask", ask)
+                    self._guard("ask", ask, sid)
 
     def churner(self) -> None:
         while not self.stop.wait(self.args.churn_s):
             for sid, kind in list(self.streams.items()):  # ended file streams are replaced
-                st = self._guard("stats", lambda: self.client.stats(sid))
+                st = self._guard("stats", lambda: self.client.stats(sid), sid)
                 if st and st["state"] in ("ended", "failed"):
                     self.close(sid)
                     self.open(kind)
@@ -242,6 +247,7 @@ def main() -> None:
         "rss_mb_end": round(sum(samples[-1][1].values()), 1) if samples else None,
         "slope_mb_per_min": max(slopes.values()) if slopes else None,
         "ingest_mb_per_stream": round(ingest_mb, 2), "errors": len(soak.errors), "error_examples": soak.errors[:3],
+        "races": len(soak.races), "race_examples": soak.races[:2],
         "frames": frames, "dropped": dropped, "kv_mb_end": round(samples[-1][2], 3) if samples else None,
         "slopes_mb_per_min": slopes, "random_weights": args.model is None,
         "killed": killed if args.kill_host_after is not None else None,

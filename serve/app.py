@@ -136,12 +136,15 @@ class RayBackend:
         gen, first = await self._start_answer(stream_id, token, request)
         if gen is None:
             return
-        async for item in _chain(first, gen):
-            if isinstance(item, AnswerUsage):
-                if usage is not None:
-                    usage.update(item)
-                continue
-            yield item
+        try:
+            async for item in _chain(first, gen):
+                if isinstance(item, AnswerUsage):
+                    if usage is not None:
+                        usage.update(item)
+                    continue
+                yield item
+        except Exception as exc:  # e.g. the stream was closed mid-answer: the user error, not Ray's wrapper
+            raise unwrap(exc) from None
 
     async def _start_answer(self, stream_id: str, token: str, request: QuestionRequest) -> tuple[Any, str]:
         """Start the answer and await its first piece; retry misroutes, then reopen the LLM state once."""
