@@ -212,6 +212,8 @@ class StreamCacher:
                 plan.decisions.append(("refresh", slot))
                 continue
             slot.uses += 1
+            if cfg.rolling:
+                slot.signature = sig  # the reference will hold this frame's recomputed tokens
             plan.decisions.append(("reuse", slot))
             if slot.frame is not None:
                 plan.reuse.setdefault(("frame", slot.frame), []).append(i)
@@ -219,6 +221,8 @@ class StreamCacher:
                 plan.stored[slot.store_id] = slot.payload
                 plan.reuse.setdefault(("ref", slot.store_id), []).append(i)
                 store.touch(slot.store_id)
+                if cfg.rolling:
+                    store.resign(slot.store_id, sig)
         return plan
 
     @staticmethod
@@ -282,7 +286,8 @@ class StreamCacher:
         stats.tokens_reusable = [0] * len(layers)
         for (kind, src), frames in plan.reuse.items():
             ref = fresh[src] if kind == "frame" else plan.stored[src]
-            out[frames], counts = encode_selective(hidden[frames], layers, ref, cfg.ratio, cfg.threshold)
+            out[frames], counts = encode_selective(hidden[frames], layers, ref, cfg.ratio, cfg.threshold,
+                                                   rolling=cfg.rolling)
             stats.frames_reused += len(frames)
             for i, c in enumerate(counts):
                 stats.tokens_recomputed[i] += c

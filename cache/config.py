@@ -51,6 +51,13 @@ class CacherConfig(StrictModel):
         "grid (signature_grid x signature_grid regions) has cosine to the reference's cell below this, so a local "
         "change (something appeared) that barely moves the whole-frame signature is not served stale; null: off.",
     )
+    rolling: bool = Field(
+        True,
+        description="Rolling reference: a reused frame writes the tokens it recomputed (keys, values, residual "
+        "update per layer) back into its reference, and the reference's signature becomes that frame's, so the "
+        "next frame is compared with, and reuses, the freshest features of every position; false: the reference "
+        "stays the frame it was encoded from (STC's schedule). Reused frames then run one after another.",
+    )
     max_reuse: int | None = Field(
         3,
         ge=1,
