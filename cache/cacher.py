@@ -212,8 +212,6 @@ class StreamCacher:
                 plan.decisions.append(("refresh", slot))
                 continue
             slot.uses += 1
-            if cfg.rolling:
-                slot.signature = sig  # the reference will hold this frame's recomputed tokens
             plan.decisions.append(("reuse", slot))
             if slot.frame is not None:
                 plan.reuse.setdefault(("frame", slot.frame), []).append(i)
@@ -221,8 +219,6 @@ class StreamCacher:
                 plan.stored[slot.store_id] = slot.payload
                 plan.reuse.setdefault(("ref", slot.store_id), []).append(i)
                 store.touch(slot.store_id)
-                if cfg.rolling:
-                    store.resign(slot.store_id, sig)
         return plan
 
     @staticmethod

@@ -54,9 +54,10 @@ class CacherConfig(StrictModel):
     rolling: bool = Field(
         True,
         description="Rolling reference: a reused frame writes the tokens it recomputed (keys, values, residual "
-        "update per layer) back into its reference, and the reference's signature becomes that frame's, so the "
-        "next frame is compared with, and reuses, the freshest features of every position; false: the reference "
-        "stays the frame it was encoded from (STC's schedule). Reused frames then run one after another.",
+        "update per layer) back into its reference, so the next frame is compared with, and reuses, the freshest "
+        "features of every position (drift cannot build up against a stale key frame); the reference keeps the "
+        "signature of the frame it was fully encoded from, so refresh_below / refresh_cell_below still measure "
+        "drift since then. false: the reference stays that frame (STC). Reused frames then run one after another.",
     )
     max_reuse: int | None = Field(
         3,

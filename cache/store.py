@@ -139,17 +139,6 @@ class ReferenceStore(Generic[P]):
             self._refs[ref_id] = StoredRef(ref_id, vec[0].copy(), payload, int(nbytes), uses, old.hits + uses)
             self._refs.move_to_end(ref_id)
 
-    def resign(self, ref_id: int, signature: np.ndarray) -> None:
-        """Index ``ref_id`` under a new ``signature`` (a rolling reference now stands for a later frame's view);
-        payload, ``uses`` and recency are unchanged."""
-        vec = self._vector(signature)
-        with self._lock:
-            if ref_id not in self._refs:
-                raise KeyError(f"cannot re-sign reference {ref_id}: not in the store (held: {list(self._refs)})")
-            self._index.remove_ids(np.array([ref_id], dtype=np.int64))
-            self._index.add_with_ids(vec, np.array([ref_id], dtype=np.int64))
-            self._refs[ref_id].signature = vec[0].copy()
-
     def remove(self, ref_id: int) -> None:
         """Drop ``ref_id`` if held."""
         with self._lock:

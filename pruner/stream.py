@@ -16,7 +16,7 @@ import torch
 from pruner.budget import allocate_budget
 from pruner.config import PrunerConfig
 from pruner.policies import PolicyContext, get_policy
-from pruner.scoring import frame_change, running_memory
+from pruner.scoring import background_memory, frame_change, running_memory
 
 
 @dataclass(frozen=True, eq=False)
@@ -76,6 +76,8 @@ class StreamPruner:
         self._memory: torch.Tensor | None = None  # [d]
         self._memory_count = 0
         self._previous: torch.Tensor | None = None  # [T, d]
+        self._background: torch.Tensor | None = None  # [T, d] per-position running memory (stc_context)
+        self._background_count = 0
         self._last_pts: float | None = None
         self._credit = 0.0
         self._frames = 0
@@ -145,7 +147,11 @@ class StreamPruner:
         self, embeds: torch.Tensor, positions: torch.Tensor, attention: torch.Tensor | None
     ) -> PolicyContext:
         n = embeds.shape[0]
-        memory_before = None
+        memory_before, background = None, None
+        if self.policy.uses_background and n:
+            background, self._background, self._background_count = background_memory(
+                embeds.detach(), self._background, self._background_count, self.config.novelty_horizon
+            )
         if self.policy.uses_memory and n:
             frame_means = embeds.detach().float().mean(dim=1)  # [F, d]
             memory_before, self._memory, self._memory_count = running_memory(
@@ -161,6 +167,9 @@ class StreamPruner:
             previous=self._previous,
             attention=attention,
             novel_share=self.config.novel_share,
+            motion_radius=self.config.motion_radius,
+            novelty_smooth=self.config.novelty_smooth,
+            background=background,
         )
 
     def _counts(self, embeds: torch.Tensor, pts: torch.Tensor | None) -> tuple[torch.Tensor, int]:
@@ -220,4 +229,5 @@ class StreamPruner:
 
     def state_bytes(self) -> int:
         """Bytes held by the tensor state (memory mean + previous frame); constant in the stream length."""
-        return sum(x.numel() * x.element_size() for x in (self._memory, self._previous) if x is not None)
+        return sum(x.numel() * x.element_size() for x in (self._memory, self._previous, self._background)
+                   if x is not None)
