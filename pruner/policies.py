@@ -45,9 +45,9 @@ class PolicyContext:
     memory_before: torch.Tensor | None = None
     previous: torch.Tensor | None = None
     attention: torch.Tensor | None = None
-    novel_share: float = 0.4
-    motion_radius: int = 0
-    novelty_smooth: int = 0
+    novel_share: float = 0.3
+    motion_radius: int = 1
+    novelty_smooth: int = 2
     background: torch.Tensor | None = None
 
 

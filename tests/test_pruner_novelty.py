@@ -16,7 +16,7 @@ from pruner.scoring import (
     temporal_dissimilarity,
 )
 
-SIDE = 12
+SIDE = 14  # LLaVA-OneVision's projector grid
 
 
 def grid(rows: int = SIDE, cols: int = SIDE) -> torch.Tensor:
@@ -31,12 +31,13 @@ def panning_scene(frames: int, d: int = 16, seed: int = 0) -> torch.Tensor:
     return torch.stack([world[:, f:f + SIDE].reshape(SIDE * SIDE, d) for f in range(frames)])
 
 
-def plant(x: torch.Tensor, frame: int, top: int, left: int, size: int = 3, seed: int = 7) -> torch.Tensor:
-    """Paste a ``size x size`` block of new random tokens (an object from elsewhere) into ``frame``; returns
+def plant(x: torch.Tensor, frame: int, top: int, left: int, size: tuple[int, int] = (3, 4), seed: int = 7
+          ) -> torch.Tensor:
+    """Paste a ``size`` (rows, cols) block of new random tokens (an object from elsewhere) into ``frame``; returns
     the ``[T]`` bool mask of its tokens."""
     g = torch.Generator().manual_seed(seed)
     mask = torch.zeros(SIDE, SIDE, dtype=torch.bool)
-    mask[top:top + size, left:left + size] = True
+    mask[top:top + size[0], left:left + size[1]] = True
     flat = mask.flatten()
     x[frame, flat] = torch.randn(int(flat.sum()), x.shape[-1], generator=g)
     return flat
@@ -85,18 +86,18 @@ def test_background_memory_horizon_one_is_the_previous_frame_and_chunks_do_not_m
 
 
 def test_default_keeps_an_object_that_appears_while_the_camera_pans() -> None:
-    """A 3x3 object appears at frame 4 of a panning scene (random tokens elsewhere change as the view moves):
-    the default keeps it; same-position novelty (the old default) spends the novel budget on the pan."""
+    """A 3x4 object (12 tokens, the size of bench_events' planted crop) appears at frame 4 of a panning scene: the
+    default keeps most of it; same-position novelty (the old default) spends the novel budget on the pan."""
     x = panning_scene(6, seed=5)
     obj = plant(x, 4, 4, 3)
     kept = {}
-    for name, extra in (("default", {}), ("same_place", {"motion_radius": 0, "novelty_smooth": 0})):
+    for name, extra in (("default", {}), ("same_place", {"motion_radius": 0, "novelty_smooth": 0}),
+                        ("random", {"policy": "random"}), ("uniform", {"policy": "uniform"})):
         mask = StreamPruner(PrunerConfig(keep_ratio=0.25, **extra)).select(x, grid()).mask
         kept[name] = int(mask[4][obj].sum())
-    assert kept["default"] == 9, kept
-    assert kept["same_place"] < kept["default"], kept
-    rnd = StreamPruner(PrunerConfig(policy="random", keep_ratio=0.25)).select(x, grid()).mask
-    assert int(rnd[4][obj].sum()) < 9
+    print(kept)
+    assert kept["default"] >= 9, kept  # of 12; 15 of the 49 kept tokens are novel
+    assert kept["default"] >= 2 * max(kept["random"], kept["uniform"], kept["same_place"]), kept
 
 
 @pytest.mark.parametrize("key,value", [("motion_radius", -1), ("novelty_smooth", 65), ("novelty_horizon", 0)])
