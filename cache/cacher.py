@@ -15,7 +15,8 @@ Per chunk (``encode(hidden0 [N, P, D], layers)``, frames in stream order):
    replaces it); otherwise the frame *reuses* it.
 2. **Full encode** of new and refreshing frames in one batch, keeping their per-layer states.
 3. **Commit** those states to the store (insert or replace; least recently used evicted).
-4. **Selective encode** of reusing frames, batched per reference (:func:`cache.stc.encode_selective`).
+4. **Selective encode** of reusing frames per reference (:func:`cache.stc.encode_selective`): batched, or with
+   ``rolling`` (default) one after another, each writing the tokens it recomputed back into the reference.
 
 Memory bound: ``max_refs * (3 * L * P * D * store element size + 2 * signature_dim * 4 + 8)`` bytes in the store,
 see :meth:`StreamCacher.memory_bound`; a chunk adds at most its own new references transiently.
