@@ -14,6 +14,8 @@ Metrics per setting (all frames of the stream, reference encodes included):
   output of the frame's reference (what a frame-level cache would return). Fully encoded frames are exact and
   count 1.0; ``fidelity_reused`` averages the reused frames only. Raw cosine is inflated with random weights
   (``copy_cos_mean`` shows how much a plain frame copy already scores), hence this normalisation.
+* ``fidelity_vs_prev``: the reused frames' error against a stricter baseline that does not depend on the
+  reference schedule, the previous frame's full output (``1 - ||cached - full||^2 / ||full[i-1] - full||^2``).
 * ``cos_mean`` / ``cos_p5``: token cosine of cached vs full output, mean and 5th percentile over all tokens.
 
 Before timing: ``ratio=1.0`` must reproduce the full encoder (correctness check), and one frame is encoded as
@@ -206,7 +208,7 @@ def flop_ratio(stats: dict[str, Any], tokens: int, dim: int, inter: int, layers:
 def quality(cached: torch.Tensor, full: torch.Tensor, decisions: list[tuple[str, int]]) -> dict[str, float]:
     """Fidelity vs a frame-level copy, and token cosines (see the module docstring)."""
     source: dict[int, int] = {}  # reference id -> frame whose full encode it holds
-    fid, fid_reused, copy_cos = [], [], []
+    fid, fid_reused, copy_cos, fid_prev = [], [], [], []
     for i, (kind, ref_id) in enumerate(decisions):
         if kind != "reuse":
             source[ref_id] = i
@@ -218,12 +220,15 @@ def quality(cached: torch.Tensor, full: torch.Tensor, decisions: list[tuple[str,
         value = 1.0 - err / base if base > 0 else 1.0
         fid.append(value)
         fid_reused.append(value)
+        prev = float(((full[i - 1] - full[i]) ** 2).sum())  # a cache refreshed every frame would return full[i-1]
+        fid_prev.append(1.0 - err / prev if prev > 0 else 1.0)
         copy_cos.append(torch.nn.functional.cosine_similarity(copy, full[i], dim=-1).mean().item())
     cos = torch.nn.functional.cosine_similarity(cached.float(), full.float(), dim=-1).flatten()  # [N * P]
     return {
         "fidelity": float(np.mean(fid)),
         "fidelity_reused": float(np.mean(fid_reused)) if fid_reused else 1.0,
         "fidelity_reused_min": float(np.min(fid_reused)) if fid_reused else 1.0,
+        "fidelity_vs_prev": float(np.mean(fid_prev)) if fid_prev else 1.0,
         "cos_mean": cos.mean().item(),
         "cos_p5": torch.quantile(cos, 0.05).item(),
         "copy_cos_mean": float(np.mean(copy_cos)) if copy_cos else 1.0,
@@ -351,7 +356,7 @@ def main(argv: list[str] | None = None) -> None:
                "store_mb": round(stats[k]["store_bytes"] / 2**20, 1)}
         results.append({k2: round(v, 4) if isinstance(v, float) else v for k2, v in row.items()})
         print(f"{name:45s} time {row['time_ratio']:.3f} flops {row['flop_ratio']:.3f} fidelity {row['fidelity']:.3f} "
-              f"(reused {row['fidelity_reused']:.3f}) cos {row['cos_mean']:.4f} p5 {row['cos_p5']:.4f} "
+              f"(reused {row['fidelity_reused']:.3f}, vs prev {row['fidelity_vs_prev']:.3f}) cos {row['cos_mean']:.4f} p5 {row['cos_p5']:.4f} "
               f"reuse {row['reuse_rate']:.2f}", flush=True)
     if args.plot:
         plot(results, args.plot)

@@ -107,8 +107,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_frames(path: str, n: int, fps: float) -> tuple[np.ndarray, list[float]]:
-    """``n`` frames at ``fps`` from the start of ``path`` -> ``[n, H, W, 3]`` uint8 and their pts (seconds)."""
+    """``n`` frames at ``fps`` from the start of ``path`` -> ``[n, H, W, 3]`` uint8 and their pts (seconds).
+    ``path`` may be an edited clip ``"PATH@START_S:N,..."`` (see ``bench_cacher.load_clip``; pts ``k / fps``)."""
     import decord
+
+    if "@" in path:
+        from benchmarks.bench_cacher import load_clip
+
+        return load_clip(path, n, fps), [k / fps for k in range(n)]
 
     vr = decord.VideoReader(path, num_threads=1)
     src_fps = float(vr.get_avg_fps())

@@ -15,7 +15,8 @@ Per chunk (``encode(hidden0 [N, P, D], layers)``, frames in stream order):
    replaces it); otherwise the frame *reuses* it.
 2. **Full encode** of new and refreshing frames in one batch, keeping their per-layer states.
 3. **Commit** those states to the store (insert or replace; least recently used evicted).
-4. **Selective encode** of reusing frames, batched per reference (:func:`cache.stc.encode_selective`).
+4. **Selective encode** of reusing frames per reference (:func:`cache.stc.encode_selective`): batched, or with
+   ``rolling`` (default) one after another, each writing the tokens it recomputed back into the reference.
 
 Memory bound: ``max_refs * (3 * L * P * D * store element size + 2 * signature_dim * 4 + 8)`` bytes in the store,
 see :meth:`StreamCacher.memory_bound`; a chunk adds at most its own new references transiently.
@@ -296,7 +297,8 @@ class StreamCacher:
         stats.tokens_reusable = [0] * len(layers)
         for (kind, src), frames in plan.reuse.items():
             ref = fresh[src] if kind == "frame" else plan.stored[src]
-            out[frames], counts = encode_selective(hidden[frames], layers, ref, cfg.ratio, cfg.threshold)
+            out[frames], counts = encode_selective(hidden[frames], layers, ref, cfg.ratio, cfg.threshold,
+                                                   rolling=cfg.rolling)
             stats.frames_reused += len(frames)
             for i, c in enumerate(counts):
                 stats.tokens_recomputed[i] += c

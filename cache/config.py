@@ -16,7 +16,7 @@ class CacherConfig(StrictModel):
 
     enabled: bool = Field(True, description="Reuse ViT features across frames; false encodes every frame fully.")
     ratio: float = Field(
-        0.25,
+        0.15,
         ge=0.0,
         le=1.0,
         description="Fraction of tokens recomputed per layer in a reused frame (the least similar keys); 1.0 is "
@@ -44,15 +44,23 @@ class CacherConfig(StrictModel):
         "below this (>= match_threshold), so drift cannot accumulate; null: no similarity-based refresh.",
     )
     refresh_cell_below: float | None = Field(
-        None,
+        0.8,
         ge=-1.0,
         le=1.0,
         description="Per-region drift: re-encode a matched reference fully when any cell of the frame's signature "
         "grid (signature_grid x signature_grid regions) has cosine to the reference's cell below this, so a local "
         "change (something appeared) that barely moves the whole-frame signature is not served stale; null: off.",
     )
+    rolling: bool = Field(
+        True,
+        description="Rolling reference: a reused frame writes the tokens it recomputed (keys, values, residual "
+        "update per layer) back into its reference, so the next frame is compared with, and reuses, the freshest "
+        "features of every position (drift cannot build up against a stale key frame); the reference keeps the "
+        "signature of the frame it was fully encoded from, so refresh_below / refresh_cell_below still measure "
+        "drift since then. false: the reference stays that frame (STC). Reused frames then run one after another.",
+    )
     max_reuse: int | None = Field(
-        3,
+        None,
         ge=1,
         description="Refresh a reference after this many frames reused it; 1 re-encodes every 2nd frame (STC's "
         "schedule); null: never refresh by count.",

@@ -73,6 +73,12 @@ class ReferenceStates:
         self.values[index].copy_(states.values[frame])
         self.update[index].copy_(states.update[frame])
 
+    def write_rows(self, index: int, idx: torch.Tensor, rows: LayerStates) -> None:
+        """Rolling reference: overwrite tokens ``idx [k]`` of layer ``index`` with ``rows`` (each ``[k, D]``), the
+        keys, values and residual update a reused frame just recomputed there."""
+        for dst, src in ((self.keys, rows.keys), (self.values, rows.values), (self.update, rows.update)):
+            dst[index].index_copy_(0, idx, src.to(dst.dtype))
+
     def layer(self, index: int, dtype: torch.dtype) -> LayerStates:
         """Layer ``index`` as broadcastable ``[1, P, D]`` tensors in the compute ``dtype``."""
         return LayerStates(
@@ -177,17 +183,29 @@ def selective_layer(
 
     Returns the layer output ``[N, P, D]`` and the recomputed token indices ``[N, k]``.
     """
+    out, idx, _ = selective_layer_rows(layer, x, ref, ratio, threshold)
+    return out, idx
+
+
+def selective_layer_rows(
+    layer: nn.Module, x: torch.Tensor, ref: LayerStates, ratio: float, threshold: float | None
+) -> tuple[torch.Tensor, torch.Tensor, LayerStates]:
+    """:func:`selective_layer`, also returning the recomputed rows (keys, values, residual update, each
+    ``[N, k, D]``) that a rolling reference writes back."""
     ops = layer_ops(layer)
     h = ops.norm1(x)  # [N, P, D]
     keys = ops.keys(h)  # [N, P, D]
     idx = select_tokens(token_similarity(keys, ref.keys), ratio, threshold, ops.token_groups(x.shape[1]))  # [N, k]
     if idx.shape[1] == 0:
-        return ops.finish(x + ref.update), idx
+        empty = x[:, :0]
+        return ops.finish(x + ref.update), idx, LayerStates(empty, empty, empty)
     h_sel = _gather_rows(h, idx)  # [N, k, D]
-    values = _put_rows(ref.values.expand_as(x).clone(), idx, ops.values(h_sel))  # [N, P, D]
-    x_sel = _gather_rows(x, idx) + ops.attend(ops.queries(h_sel, idx), keys, values, idx)  # [N, k, D]
-    x_sel = ops.mlp_residual(x_sel)  # [N, k, D]
-    return ops.finish(_put_rows(x + ref.update, idx, x_sel)), idx  # the reference's update where not recomputed
+    v_sel = ops.values(h_sel)  # [N, k, D]
+    values = _put_rows(ref.values.expand_as(x).clone(), idx, v_sel)  # [N, P, D]
+    x_in = _gather_rows(x, idx)  # [N, k, D]
+    x_sel = ops.mlp_residual(x_in + ops.attend(ops.queries(h_sel, idx), keys, values, idx))  # [N, k, D]
+    rows = LayerStates(_gather_rows(keys, idx), v_sel, x_sel - x_in)  # [N, k, D] each
+    return ops.finish(_put_rows(x + ref.update, idx, x_sel)), idx, rows  # the reference's update elsewhere
 
 
 @torch.inference_mode()
@@ -220,8 +238,14 @@ def encode_selective(
     ref: ReferenceStates,
     ratio: float,
     threshold: float | None = None,
+    rolling: bool = False,
 ) -> tuple[torch.Tensor, list[int]]:
     """Run ``layers`` on ``hidden [N, P, D]`` against one reference frame.
+
+    ``rolling``: frames run one after another and each writes the tokens it recomputed (keys, values, residual
+    update, per layer) into ``ref`` in place, so the next frame compares against the freshest state of every
+    position and reuses the newest features there (drift cannot build up against a stale key frame; a token is
+    served from the last frame that recomputed it). Without it the frames are batched and ``ref`` is untouched.
 
     Returns the output ``[N, P, D]`` and, per layer, the number of tokens recomputed over the ``N`` frames.
     """
@@ -231,11 +255,20 @@ def encode_selective(
             f"({len(layers)} layers, frames {list(hidden.shape[1:])}); references cannot move between models. "
             "Fix: reset the cacher when the model or image size changes."
         )
-    counts = []
-    for i, layer in enumerate(layers):
-        hidden, idx = selective_layer(layer, hidden, ref.layer(i, hidden.dtype), ratio, threshold)
-        counts.append(int(idx.numel()))
-    return hidden, counts
+    if not rolling:
+        counts = []
+        for i, layer in enumerate(layers):
+            hidden, idx = selective_layer(layer, hidden, ref.layer(i, hidden.dtype), ratio, threshold)
+            counts.append(int(idx.numel()))
+        return hidden, counts
+    outs, counts = [], [0] * len(layers)
+    for frame in hidden.split(1):  # [1, P, D] each, in stream order
+        for i, layer in enumerate(layers):
+            frame, idx, rows = selective_layer_rows(layer, frame, ref.layer(i, hidden.dtype), ratio, threshold)
+            ref.write_rows(i, idx[0], LayerStates(rows.keys[0], rows.values[0], rows.update[0]))
+            counts[i] += int(idx.numel())
+        outs.append(frame)
+    return torch.cat(outs), counts
 
 
 def frame_signature(hidden: torch.Tensor, grid: int = 4) -> torch.Tensor:

@@ -62,10 +62,26 @@ class PrunerConfig(StrictModel):
         0.5, gt=0.0, le=1.0, description="Fraction of channels (the lowest-variance ones per frame) used to score."
     )
     novel_share: float = Field(
-        0.4, ge=0.0, le=1.0,
+        0.3, ge=0.0, le=1.0,
         description="stc_context only: share of each frame's budget kept for the most novel tokens (most changed since "
         "the previous frame, EVS-style); the rest are context tokens chosen so the kept set's mean stays "
         "at the frame's mean. 0.0 = context only.",
+    )
+    motion_radius: int = Field(
+        1, ge=0, le=64,
+        description="stc_context only: a token's novelty is its distance to the most similar token of the previous "
+        "frame within this many grid cells (motion-compensated, so a panning camera's background is not novel "
+        "while an object that appeared is); 0 = the same position only (EVS-style).",
+    )
+    novelty_smooth: int = Field(
+        2, ge=0, le=64,
+        description="stc_context only: average each token's novelty over its grid neighbourhood of this radius, so "
+        "a changed region (an object) wins over scattered single-token changes (camera motion, noise); 0 = off.",
+    )
+    novelty_horizon: int = Field(
+        1, ge=1, le=4096,
+        description="stc_context only: novelty is measured against a per-position running mean of the last this "
+        "many frames (1 = the previous frame), so an object that stays a few frames stays novel; state [T, d].",
     )
     seed: int = Field(0, ge=0, description="Seed of the random policy (selection depends on seed and frame index).")
 

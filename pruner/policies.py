@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from pruner.budget import topk_mask, uniform_mask
-from pruner.scoring import herding_fill, stc_redundancy, temporal_dissimilarity
+from pruner.scoring import herding_fill, motion_dissimilarity, smooth_on_grid, stc_redundancy, temporal_dissimilarity
 from stream.errors import ConfigError
 
 
@@ -30,6 +30,11 @@ class PolicyContext:
         previous: ``[T, d]`` frame before this chunk, ``None`` at stream start (policies with ``uses_previous``).
         attention: ``[F, T]`` attention each token received (policies with ``needs_attention``).
         novel_share: ``stc_context``: share of each frame's budget spent on the most novel tokens.
+        motion_radius: ``stc_context``: novelty compares a token with the tokens of ``background`` within this
+            many grid cells (0: the same position only).
+        novelty_smooth: ``stc_context``: novelty is averaged over this many grid cells around each token.
+        background: ``[F, T, d]`` what each frame's novelty is measured against (policies with
+            ``uses_background``): the previous frame or a per-position running memory; NaN rows at stream start.
     """
 
     positions: torch.Tensor
@@ -40,7 +45,10 @@ class PolicyContext:
     memory_before: torch.Tensor | None = None
     previous: torch.Tensor | None = None
     attention: torch.Tensor | None = None
-    novel_share: float = 0.4
+    novel_share: float = 0.3
+    motion_radius: int = 1
+    novelty_smooth: int = 2
+    background: torch.Tensor | None = None
 
 
 SelectFn = Callable[[torch.Tensor, torch.Tensor, PolicyContext], torch.Tensor]
@@ -57,6 +65,7 @@ class Policy:
     uses_memory: bool = False
     uses_previous: bool = False
     needs_attention: bool = False
+    uses_background: bool = False
 
 
 def _stc(embeds: torch.Tensor, counts: torch.Tensor, ctx: PolicyContext) -> torch.Tensor:
@@ -73,9 +82,12 @@ def _stc_context(embeds: torch.Tensor, counts: torch.Tensor, ctx: PolicyContext)
     novel = torch.zeros(embeds.shape[:2], dtype=torch.bool, device=embeds.device)  # [F, T]
     k = (counts.float() * ctx.novel_share).round().long().clamp(max=counts)  # [F]
     if ctx.novel_share > 0:
-        if ctx.memory_before is None:
-            raise ValueError("stc_context needs ctx.memory_before [F, d] (StreamPruner supplies it)")
-        score = temporal_dissimilarity(embeds, ctx.previous)  # [F, T], NaN row at the stream's start
+        if ctx.memory_before is None or ctx.background is None:
+            raise ValueError("stc_context needs ctx.memory_before [F, d] and ctx.background [F, T, d] "
+                             "(StreamPruner supplies them)")
+        score = motion_dissimilarity(embeds, ctx.background, ctx.positions, ctx.motion_radius)  # [F, T], NaN row
+        # at the stream's start
+        score = smooth_on_grid(score, ctx.positions, ctx.novelty_smooth)  # regions over isolated tokens
         if torch.isnan(score[:, 0]).any():  # the first frame has nothing before it: STC's novelty instead
             first = -stc_redundancy(embeds[:1], ctx.memory_before[:1], list(ctx.bandwidths), ctx.channel_keep)
             score[0] = first[0]
@@ -136,7 +148,7 @@ _REGISTRY: dict[str, Policy] = {
                _stc, adaptive=True, uses_memory=True, uses_previous=True),
         Policy("stc_context", "default: part of the budget on STC's most novel tokens, the rest on context tokens "
                "that keep the kept set's mean at the frame's mean (herding)", _stc_context, uses_memory=True,
-               uses_previous=True),
+               uses_previous=True, uses_background=True),
         Policy("uniform", "uniform spatial subsampling on an even sub-grid (the keep-mask form of pooling)",
                _uniform),
         Policy("random", "random tokens per frame, seeded by (seed, frame index)", _random),

@@ -121,6 +121,80 @@ def temporal_dissimilarity(embeds: torch.Tensor, previous: torch.Tensor | None) 
     return 1.0 - torch.cat([first, cos], dim=0)  # [F, T]
 
 
+def neighbourhood(positions: torch.Tensor, radius: int) -> torch.Tensor:
+    """``[T, T]`` bool: token ``j`` lies within ``radius`` grid cells of token ``i`` (Chebyshev distance) for
+    ``positions [T, 2]`` (row, col)."""
+    pos = positions.long()
+    return (pos[:, None, :] - pos[None, :, :]).abs().amax(dim=-1) <= radius  # [T, T]
+
+
+def background_memory(
+    embeds: torch.Tensor, background: torch.Tensor | None, count: int, horizon: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Scan a bounded per-position running mean of the tokens: ``m += (x - m) / min(n, horizon)``.
+
+    With ``horizon = 1`` it is the previous frame; larger horizons remember the scene longer, so an object that
+    appeared a few frames ago still differs from it (it is not absorbed after one frame). State: one ``[T, d]``.
+
+    Args:
+        embeds: ``[F, T, d]`` in stream order.
+        background: ``[T, d]`` memory before the first of these frames, or ``None`` after a reset.
+        count: frames already folded into ``background``.
+        horizon: the bound (>= 1).
+
+    Returns:
+        ``(before [F, T, d], background [T, d], count)``: ``before[f]`` is what frame ``f`` is compared with (NaN
+        for a stream's first frame: nothing came before it), then the updated memory and counter.
+    """
+    x = embeds.float()
+    before = torch.empty_like(x)  # [F, T, d]
+    m = None if background is None else background.float().to(x.device)
+    for f in range(x.shape[0]):
+        before[f] = float("nan") if m is None else m
+        count += 1
+        m = x[f].clone() if m is None or min(count, horizon) == 1 else m + (x[f] - m) / min(count, horizon)
+    return before, (background if m is None else m), count
+
+
+def motion_dissimilarity(
+    embeds: torch.Tensor, before: torch.Tensor, positions: torch.Tensor, radius: int
+) -> torch.Tensor:
+    """Motion-compensated novelty: ``1 - max cos`` between each token and the tokens of ``before`` (what its frame
+    is compared with: the previous frame or a background memory) within ``radius`` grid cells of its position.
+
+    A camera that pans shifts the background by a few cells, so a background token still finds its match nearby
+    and scores low; something that was not there before (an object that appeared) finds none. With ``radius = 0``
+    and the previous frame as ``before`` it equals :func:`temporal_dissimilarity`.
+
+    Args:
+        embeds: ``[F, T, d]``.
+        before: ``[F, T, d]``; a frame whose row is NaN has nothing to compare with.
+        positions: ``[T, 2]`` grid (row, col) of each token.
+        radius: search radius in cells (>= 0).
+
+    Returns:
+        ``[F, T]`` in ``[0, 2]``; NaN rows where ``before`` is NaN.
+    """
+    x = F.normalize(embeds.float(), dim=-1)  # [F, T, d]
+    missing = torch.isnan(before[:, 0, 0])  # [F]
+    ref = F.normalize(torch.nan_to_num(before.float().to(x.device)), dim=-1)  # [F, T, d]
+    near = neighbourhood(positions, radius).to(x.device)  # [T, T]
+    cos = torch.bmm(x, ref.transpose(1, 2)).masked_fill(~near, float("-inf"))  # [F, T, T]
+    out = 1.0 - cos.amax(dim=-1)  # [F, T]
+    out[missing] = float("nan")
+    return out
+
+
+def smooth_on_grid(score: torch.Tensor, positions: torch.Tensor, radius: int) -> torch.Tensor:
+    """Mean of ``score [F, T]`` over each token's ``(2 radius + 1)^2`` grid neighbourhood (cells that exist):
+    a change that covers a region (an object) keeps its score, an isolated one (noise, an edge under camera
+    motion) is diluted. ``radius = 0`` returns ``score``. NaN rows stay NaN."""
+    if radius <= 0:
+        return score
+    near = neighbourhood(positions, radius).to(score.device).float()  # [T, T]
+    return (score @ near.T) / near.sum(dim=1)  # [F, T]
+
+
 CHANGE_FLOOR = 1e-5  # float32 cosine noise of identical frames is ~1e-7; below this a frame counts as static
 
 

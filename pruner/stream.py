@@ -20,7 +20,7 @@ import torch
 from pruner.budget import allocate_budget
 from pruner.config import PrunerConfig
 from pruner.policies import PolicyContext, get_policy
-from pruner.scoring import frame_change, running_memory
+from pruner.scoring import background_memory, frame_change, running_memory
 
 
 @dataclass(frozen=True, eq=False)
@@ -82,6 +82,8 @@ class StreamPruner:
         self._previous: torch.Tensor | None = None  # [T, d]
         self._grid: tuple[int, int, int] | None = None  # (T, rows, cols) of the last chunk's token grid
         self._grid_changes = 0
+        self._background: torch.Tensor | None = None  # [T, d] per-position running memory (stc_context)
+        self._background_count = 0
         self._last_pts: float | None = None
         self._credit = 0.0
         self._frames = 0
@@ -129,13 +131,14 @@ class StreamPruner:
         return result
 
     def _follow_grid(self, positions: torch.Tensor, n: int) -> None:
-        """Drop the grid-bound state (previous frame) when this chunk's grid differs from the last one's."""
+        """Drop the grid-bound state (previous frame, per-position background) when this chunk's grid differs."""
         if n == 0:
             return
         t = positions.shape[0]
         grid = (t, int(positions[:, 0].max()) + 1, int(positions[:, 1].max()) + 1) if t else (0, 0, 0)
         if self._grid is not None and grid != self._grid:
             self._previous = None
+            self._background, self._background_count = None, 0
             self._grid_changes += 1
         self._grid = grid
 
@@ -163,7 +166,11 @@ class StreamPruner:
         self, embeds: torch.Tensor, positions: torch.Tensor, attention: torch.Tensor | None
     ) -> PolicyContext:
         n = embeds.shape[0]
-        memory_before = None
+        memory_before, background = None, None
+        if self.policy.uses_background and n:
+            background, self._background, self._background_count = background_memory(
+                embeds.detach(), self._background, self._background_count, self.config.novelty_horizon
+            )
         if self.policy.uses_memory and n:
             frame_means = embeds.detach().float().mean(dim=1)  # [F, d]
             memory_before, self._memory, self._memory_count = running_memory(
@@ -179,6 +186,9 @@ class StreamPruner:
             previous=self._previous,
             attention=attention,
             novel_share=self.config.novel_share,
+            motion_radius=self.config.motion_radius,
+            novelty_smooth=self.config.novelty_smooth,
+            background=background,
         )
 
     def _counts(self, embeds: torch.Tensor, pts: torch.Tensor | None) -> tuple[torch.Tensor, int]:
@@ -239,4 +249,5 @@ class StreamPruner:
 
     def state_bytes(self) -> int:
         """Bytes held by the tensor state (memory mean + previous frame); constant in the stream length."""
-        return sum(x.numel() * x.element_size() for x in (self._memory, self._previous) if x is not None)
+        return sum(x.numel() * x.element_size() for x in (self._memory, self._previous, self._background)
+                   if x is not None)

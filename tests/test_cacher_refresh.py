@@ -43,7 +43,7 @@ def test_local_change_triggers_a_refresh_only_when_enabled(tiny_llava) -> None:
     d = hidden.shape[-1]
     cut = (min_cell_cosine(sig[3], sig[0], d) + min(min_cell_cosine(sig[i], sig[0], d) for i in (1, 2))) / 2
     kinds = {}
-    for name, extra in (("off", {}), ("on", {"refresh_cell_below": cut})):
+    for name, extra in (("off", {"refresh_cell_below": None}), ("on", {"refresh_cell_below": cut})):
         cacher = StreamCacher(CacherConfig(ratio=0.25, max_reuse=None, **extra))
         tiny_llava.encode_vision(pv, layer_runner=cacher.runner)
         kinds[name] = [k for k, _ in cacher.last_chunk_decisions()]

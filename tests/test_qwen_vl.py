@@ -315,7 +315,7 @@ def test_cacher_on_qwen_towers_ratio_one_equals_full_tower_and_reuses(qwen) -> N
     rgb = _frames(8, 300, 420)  # several windows
     pv = qwen.preprocess(rgb)
     plain = qwen.project(qwen.encode_vision(pv))
-    cacher = StreamCacher(CacherConfig(ratio=1.0))
+    cacher = StreamCacher(CacherConfig(ratio=1.0, refresh_cell_below=None))  # reuse is tested, not region refresh
     cached = [qwen.project(qwen.encode_vision(pv[i:i + 2], layer_runner=cacher.runner)) for i in (0, 2)]
     assert cacher.stats()["frames_reused"] > 0
     torch.testing.assert_close(torch.cat([c.embeds for c in cached]), plain.embeds, atol=1e-4, rtol=1e-4)
