@@ -39,7 +39,7 @@ def _chunks() -> list[np.ndarray]:
 
 def test_cacher_starts_new_references_when_the_grid_changes(qwen) -> None:
     """Each new grid begins with a full encode (exact); references never cross grids, even of equal token count."""
-    cacher = StreamCacher(CacherConfig(ratio=0.25, max_reuse=None, match_threshold=-1.0))
+    cacher = StreamCacher(CacherConfig(ratio=0.25, max_reuse=None, match_threshold=-1.0, refresh_cell_below=None))
     for i, rgb in enumerate(_chunks()):
         pv = qwen.preprocess(rgb)
         before = cacher.stats()["grid_changes"]
