@@ -10,7 +10,7 @@ at the Qwen2-7B shape). Per phase, after ``--warmup`` untimed calls, ``--repeats
 ``time.perf_counter``. p50/p90/p99 per phase; peak GPU memory per phase from ``torch.cuda.max_memory_allocated``.
 
 1. ViT, full: a chunk of ``--chunk`` frames through embeddings + every layer -> ms per frame.
-2. ViT, cached: the STC cacher at its defaults (``CacherConfig()``: ratio 0.25, max_reuse 3) over a stream of
+2. ViT, cached: the STC cacher at its defaults (``CacherConfig()``) over a stream of
    similar frames (one frame's patch embedding plus small noise per frame) -> ms per frame, reference encodes
    included, and its FLOP ratio.
 3. LLM prefill: one chunk of ``--chunk`` frames x ``--kept`` kept tokens (the pruner's default 25% of 196) appended

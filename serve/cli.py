@@ -98,6 +98,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
         pieces.append(piece)
         if not args.json:
             print(piece, end="", flush=True)
+    pipe.shutdown()  # the step loop's thread ends before the interpreter does
     out = {"answer": "".join(pieces), **stats.as_dict(), "model": adapter.source, "family": adapter.family,
            "random_weights": random_weights}
     if args.json:
@@ -130,6 +131,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         settings["off"] = compression_off(settings["configured"])
     runner = EvalRunner(adapter, settings, cfg.source, cfg.kv_replica_budget_bytes(), args.max_new_tokens)
     results = runner.run(items, args.videos, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    for pipe in runner.pipelines.values():  # the step loops' threads end before the interpreter does
+        pipe.shutdown()
     summary = summarize(results, list(settings))
     report = {"bench": str(args.bench), "format": args.format, "questions": len(items), "model": adapter.source,
               "family": adapter.family, "random_weights": random_weights, "settings": summary,

@@ -86,6 +86,12 @@ class StreamPipeline:
         self.stats.pop(stream_id, None)
         self._options.pop(stream_id, None)
 
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Close every stream and wait for the LLM's step loop to stop (before the process exits)."""
+        for sid in list(self.flows):
+            self.close(sid)
+        self.llm.engine.scheduler.wait_stopped(timeout_s)
+
     def push_chunk(self, stream_id: str, batch: FrameBatch) -> EncodedChunk:
         """Encode one chunk and prefill it into the stream's context."""
         flow = self.flows.get(stream_id)

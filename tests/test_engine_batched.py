@@ -279,3 +279,15 @@ def test_prefill_policy_questions_first_ageing_and_token_budget():
     special = task("chunk", 2, arrival=0, tokens=30, extra={"deepstack": 1})
     assert [(r[1], r[2]) for r in pick_prefills([special, question], step=99, cfg=cfg)] == [(0, 30)]  # alone, whole
     assert len(pick_prefills([task("chunk", i, 0, 1) for i in range(20)], 0, cfg)) == 8  # row cap
+
+
+
+def test_wait_stopped_joins_the_step_loop_once_it_runs_out_of_work(llm):
+    """Before a process exits, the daemon step-loop thread can be waited for (it must not be inside a torch op when
+    the interpreter finalizes)."""
+    from cache.kv.scheduler import LOOP_THREAD
+
+    engine = _filled(llm, _cfg(), n=1, chunks=2)
+    list(engine.ask("s0", embeds(3, 7), 3))
+    assert engine.scheduler.wait_stopped(10.0)
+    assert not [t for t in threading.enumerate() if t.name == LOOP_THREAD and t.is_alive()]

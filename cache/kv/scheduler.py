@@ -127,6 +127,7 @@ class Scheduler:
         self._cancelled: list[Task] = []
         self._after_step: list[Callable[[], None]] = []
         self._running = False
+        self._thread: threading.Thread | None = None
         self._held = 0
         self._seq = itertools.count()
         self.stats = SchedulerStats()
@@ -185,8 +186,18 @@ class Scheduler:
         """(under the lock) start the loop thread if it is not running, else wake it."""
         if not self._running:
             self._running = True
-            threading.Thread(target=self._loop, name=LOOP_THREAD, daemon=True).start()
+            self._thread = threading.Thread(target=self._loop, name=LOOP_THREAD, daemon=True)
+            self._thread.start()
         self._cond.notify()
+
+    def wait_stopped(self, timeout_s: float = 30.0) -> bool:
+        """Wait until the loop thread ran out of work and exited; ``False`` on timeout. Call it before the process
+        exits: a daemon thread still inside a torch op while the interpreter finalizes can abort the process."""
+        with self._cond:
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout_s)
+        return thread is None or not thread.is_alive()
 
     # ------------------------------------------------------------------ the loop
     def _loop(self) -> None:
