@@ -88,6 +88,7 @@ class Task:
     finished: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
     tokens: "queue.SimpleQueue[Any] | None" = None  # questions: generated ids, then _END
+    finish_step: int | None = None  # the step count when the task finished (tests of cross-stream delay)
 
     @property
     def decoding(self) -> bool:
@@ -288,6 +289,7 @@ class Scheduler:
         except StopIteration:
             with self._cond:
                 self._remove(task)
+            task.finish_step = self.stats.steps
             task.finish()
         except Exception as exc:  # noqa: BLE001 - reported to this task's caller only
             self._fail(task, exc)
