@@ -393,10 +393,7 @@ class Qwen2_5_VLAdapter(VLMAdapter):
         return self.patch_pts(pts)
 
 
-QWEN2_5_VL_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}"
-    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+QWEN_VL_TURN = (
     "{{ '<|im_start|>' + message['role'] + '\\n' }}"
     "{% for content in message['content'] %}"
     "{% if content['type'] == 'video' %}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
@@ -404,5 +401,13 @@ QWEN2_5_VL_CHAT_TEMPLATE = (
     "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
     "{% endfor %}{{ '<|im_end|>\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+"""One chat turn of the Qwen-VL templates (closes the messages loop), video and image parts as Qwen renders them."""
+
+QWEN2_5_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+    + QWEN_VL_TURN
 )
 """The Qwen2.5-VL chat template (video and image parts as the Qwen processors render them)."""

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from stream.models.base import LayerRunner, VisualTokens, grid_positions, run_layers
-from stream.models.qwen2_5_vl import MRopeTextLM, Qwen2_5_VLAdapter, _GridBlock, frames_to_patches
+from stream.models.qwen2_5_vl import QWEN_VL_TURN, MRopeTextLM, Qwen2_5_VLAdapter, _GridBlock, frames_to_patches
 
 
 def smart_resize_video(height: int, width: int, factor: int = 32, min_pixels: int = 128 * 32 * 32,
@@ -150,14 +150,5 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
         return [(p[i] + p[min(i + self.temporal, len(p)) - 1]) / 2 for i in range(0, len(p), self.temporal)]
 
 
-QWEN3_VL_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
-    "{% for content in message['content'] %}"
-    "{% if content['type'] == 'video' %}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
-    "{% elif content['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
-    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
-    "{% endfor %}{{ '<|im_end|>\\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
+QWEN3_VL_CHAT_TEMPLATE = "{% for message in messages %}" + QWEN_VL_TURN
 """The Qwen3-VL chat template (no default system turn); the video marker is expanded per temporal patch."""
