@@ -139,12 +139,18 @@ def _build_qwen2_5_vl(tokenizer: PreTrainedTokenizerFast, text: dict[str, Any], 
                   patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                   fullatt_block_indexes=[1, 3], tokens_per_second=2)
     vision.update(vision_overrides or {})
-    config = Qwen2_5_VLConfig(
+    return _qwen_model(Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, tokenizer, text, vision, ids)
+
+
+def _qwen_model(config_cls: Any, model_cls: Any, tokenizer: PreTrainedTokenizerFast, text: dict[str, Any],
+                vision: dict[str, Any], ids: dict[str, int]) -> torch.nn.Module:
+    """A Qwen-VL model (2.5 or 3) from its text/vision sub-configs, with our tokenizer's vision markers and ids."""
+    config = config_cls(
         text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False,
     )
-    model = Qwen2_5_VLForConditionalGeneration(config)
+    model = model_cls(config)
     for cfg in (model.config, model.config.text_config):
         cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id = tokenizer.pad_token_id, None, tokenizer.eos_token_id
     return model.eval()
@@ -161,15 +167,7 @@ def _build_qwen3_vl(tokenizer: PreTrainedTokenizerFast, text: dict[str, Any], id
                   patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
                   deepstack_visual_indexes=[0, 1])
     vision.update(vision_overrides or {})
-    config = Qwen3VLConfig(
-        text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False,
-    )
-    model = Qwen3VLForConditionalGeneration(config)
-    for cfg in (model.config, model.config.text_config):
-        cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id = tokenizer.pad_token_id, None, tokenizer.eos_token_id
-    return model.eval()
+    return _qwen_model(Qwen3VLConfig, Qwen3VLForConditionalGeneration, tokenizer, text, vision, ids)
 
 
 def _preprocessor_config(family: str, size: int) -> dict[str, Any]:
