@@ -107,16 +107,18 @@ def _first_frame(container: av.container.InputContainer, stream: av.VideoStream,
 class FileSource(FrameSource):
     """Frames of a video file, decoded ``batch_size`` at a time (never the whole file in memory).
 
-    ``pts`` comes from decord's ``get_frame_timestamp`` (seconds); where decord has none (it reports garbage for
-    some Matroska files) the packet times read by PyAV are used. ``index`` is the frame's position in the file.
-    The file is probed with PyAV first so that broken input raises :class:`SourceFormatError` instead of reaching
-    decord; a file whose data ends well before its header says (cut short) is refused the same way.
+    ``pts`` are the packets' presentation times read by PyAV, sorted (decoder ``"decord"``: decord's
+    ``get_frame_timestamp``, falling back to the packet times where decord has none, e.g. some Matroska files).
+    ``index`` is the frame's position in the file. The decoder ends where FFmpeg's does (box.mp4: 455 frames of 456
+    packets). The file is probed with PyAV first so that broken input raises :class:`SourceFormatError`; a file whose
+    data ends well before its header says (cut short) is refused the same way.
     Memory: ``batch_size`` decoded frames plus 8 bytes of timestamps per frame of the file.
 
     Args:
         path: the video file.
-        batch_size: frames decoded per decord call (memory: ``batch_size * H * W * 3`` bytes).
-        num_threads: decord decoder threads (0 = FFmpeg's choice).
+        batch_size: frames decoded per refill of the pending queue (memory: ``batch_size * H * W * 3`` bytes).
+        num_threads: decoder threads (0 = FFmpeg's choice).
+        decoder: ``"pyav"`` (default; flat memory) or ``"decord"``.
 
     Raises:
         SourceNotFoundError: ``path`` does not exist.
