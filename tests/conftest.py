@@ -47,6 +47,16 @@ def tiny_adapter(request: pytest.FixtureRequest):
     return request.getfixturevalue(name)
 
 
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl"])
+def qwen(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """A tiny Qwen2.5-VL / Qwen3-VL adapter (random weights), once per module and family."""
+    from stream.models import load_adapter, make_tiny_model
+
+    torch.manual_seed(0)
+    family = request.param
+    return load_adapter(str(make_tiny_model(tmp_path_factory.mktemp("m") / f"tiny-{family}", family)))
+
+
 @pytest.fixture(scope="session")
 def media_dir() -> Path:
     if not (MEDIA / "vtest.avi").is_file():

@@ -106,3 +106,19 @@ def frames(n: int, height: int = 32, width: int = 48, fps: float = 10.0, start: 
 def fake_stage_factory(kind: str, config: Any) -> Any:
     """``serve.app.build_app`` stage factory building the doubles (runs inside Ray replicas)."""
     return FakeVisionStage() if kind == "vision" else FakeLLMStage()
+
+
+def tiny_stages_with_context(stream_id: str = "s") -> tuple[Any, Any, Any]:
+    """The real built-in tiny model's (adapter, VisionStage, LLMStage) with ``stream_id`` open and 4 random frames
+    in its context (random weights)."""
+    from serve.options import StreamOptions
+    from serve.stages import LLMStage, VisionStage
+    from stream.models import load_adapter
+
+    adapter = load_adapter(None)
+    vision, llm = VisionStage(adapter, StreamOptions()), LLMStage(adapter, StreamOptions(), 1 << 28)
+    vision.open(stream_id)
+    llm.open(stream_id)
+    rgb = np.random.default_rng(0).integers(0, 255, (4, 48, 64, 3), dtype=np.uint8)  # [frames, H, W, 3]
+    llm.append(vision.encode(stream_id, FrameBatch(rgb, np.arange(4) / 1.0, np.arange(4))))
+    return adapter, vision, llm

@@ -14,7 +14,7 @@ from serve.http_app import make_api
 from serve.protocol import CONTENT_TYPE, encode_frames
 from serve.streams import LocalBackend
 from tests.media import make_clip
-from tests.service_doubles import FakeLLMStage, FakeVisionStage, frames
+from tests.service_doubles import FakeLLMStage, FakeVisionStage, frames, tiny_stages_with_context
 
 
 @pytest.fixture()
@@ -120,20 +120,9 @@ def test_temperature_top_p_and_seed_reach_the_llm(app):
 
 def test_real_llm_samples_reproducibly_with_a_seed():
     """The real tiny-model LLM stage: temperature > 0 with a seed repeats itself; temperature 0 is greedy."""
-    import numpy as np
-
     from cache.kv.config import Sampling
-    from serve.options import StreamOptions
-    from serve.stages import LLMStage, VisionStage
-    from stream.frames import FrameBatch
-    from stream.models import load_adapter
 
-    adapter = load_adapter(None)
-    vision, llm = VisionStage(adapter, StreamOptions()), LLMStage(adapter, StreamOptions(), 1 << 28)
-    vision.open("s")
-    llm.open("s")
-    rgb = np.random.default_rng(0).integers(0, 255, (4, 48, 64, 3), dtype=np.uint8)  # [frames, H, W, 3]
-    llm.append(vision.encode("s", FrameBatch(rgb, np.arange(4) / 1.0, np.arange(4))))
+    _, _, llm = tiny_stages_with_context()
     hot = Sampling(temperature=1.5, seed=7)
     a = "".join(llm.ask("s", "what moves?", 12, sampling=hot))
     assert a == "".join(llm.ask("s", "what moves?", 12, sampling=hot))

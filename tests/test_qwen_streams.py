@@ -17,13 +17,6 @@ from stream.models import load_adapter, make_tiny_model
 QUESTION = "What is the man holding?"
 
 
-@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl"])
-def qwen(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
-    torch.manual_seed(0)
-    family = request.param
-    return load_adapter(str(make_tiny_model(tmp_path_factory.mktemp("m") / f"tiny-{family}", family)))
-
-
 def _frames(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     base = np.linspace(0, 255, h * w * 3).reshape(h, w, 3)

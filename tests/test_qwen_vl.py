@@ -8,18 +8,11 @@ import torch
 from transformers import DynamicCache
 
 from cache.kv import KVConfig, LLMEngine
-from stream.models import load_adapter, make_tiny_model
+from stream.models import load_adapter
 from stream.models.inputs import LLMInput
 from stream.models.qwen2_5_vl import frames_to_patches, smart_resize
 
 QUESTION = "What is the man holding?"
-
-
-@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl"])
-def qwen(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
-    torch.manual_seed(0)
-    family = request.param
-    return load_adapter(str(make_tiny_model(tmp_path_factory.mktemp("m") / f"tiny-{family}", family)))
 
 
 def _pts(n_frames: int) -> list[float]:

@@ -22,7 +22,7 @@ from serve.watchset import ENDED_KEPT, EventRing, WatchHub, WatchRequest
 from serve.watches import WatchSettings
 from stream.errors import StreamNotFoundError
 from tests.media import make_clip
-from tests.service_doubles import FakeLLMStage, FakeVisionStage, frames
+from tests.service_doubles import FakeLLMStage, FakeVisionStage, frames, tiny_stages_with_context
 
 
 class ScriptedLLM(FakeLLMStage):
@@ -303,20 +303,9 @@ def test_hub_rate_limit_bounds_watch_questions():
 def test_real_llm_score_choices_matches_greedy_and_restores_context():
     """The real tiny-model LLM stage (random weights): the scoring logits' argmax is the greedy answer's first token,
     scoring leaves the context untouched (the answer after it is the same), and the yes/no score is a probability."""
-    import numpy as np
     import torch
 
-    from serve.stages import LLMStage, VisionStage
-    from serve.options import StreamOptions
-    from stream.frames import FrameBatch
-    from stream.models import load_adapter
-
-    adapter = load_adapter(None)
-    vision, llm = VisionStage(adapter, StreamOptions()), LLMStage(adapter, StreamOptions(), 1 << 28)
-    vision.open("s")
-    llm.open("s")
-    rgb = np.random.default_rng(0).integers(0, 255, (4, 48, 64, 3), dtype=np.uint8)  # [frames, H, W, 3]
-    llm.append(vision.encode("s", FrameBatch(rgb, np.arange(4) / 1.0, np.arange(4))))
+    adapter, _, llm = tiny_stages_with_context()
     q = adapter.question_embeds("is there a person?")  # [Lq, d]
     before = "".join(llm.ask("s", "is there a person?", 4))
     logits = llm.engine.next_logits("s", q)  # [vocab]
