@@ -1,6 +1,6 @@
 """Soak: pushed and file streams, questions and stream churn for M minutes; memory of every Ray process over time.
 
-    python benchmarks/bench_soak.py --streams 4 --minutes 30 [--plot out.png]
+    python benchmarks/bench_soak.py --streams 4 --minutes 30 [--plot out.png] [--series samples.json]
 
 1. Starts the service in this process (local Ray, tiny model with random weights unless ``--model``; CPU).
 2. Ingest cost: RSS of the ingest host processes before and after opening ``--probe-streams`` idle pushed streams
@@ -46,6 +46,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--kill-host-after", type=float, default=None,
                    help="fault injection: SIGKILL one ingest host this many seconds into the load (Ray restarts it)")
     p.add_argument("--plot", type=Path)
+    p.add_argument("--series", type=Path, help="write every sample (RSS per process, KV MB) to this JSON file")
     return p.parse_args()
 
 
@@ -228,6 +229,12 @@ def main() -> None:
     for key in samples[-1][1] if samples else {}:
         pts = [(t, s[key]) for t, s, _ in samples if t >= warm_from and key in s]
         slopes[key] = round(slope_per_min([p[0] for p in pts], [p[1] for p in pts]), 3)
+    if args.series and samples:
+        keys = sorted({k for _, snap, _ in samples for k in snap})
+        args.series.write_text(json.dumps({
+            "t_s": [round(t, 1) for t, _, _ in samples], "kv_mb": [round(kv, 3) for _, _, kv in samples],
+            "rss_mb": {k: [round(s[k], 1) if k in s else None for _, s, _ in samples] for k in keys},
+        }))
     if args.plot and samples:
         import matplotlib
 

@@ -18,6 +18,7 @@ router) and carries the stream incarnation's token; see :mod:`serve.replicas`. A
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Any, AsyncIterator
 
@@ -89,6 +90,7 @@ class RayBackend:
             self._hosts[name] = self._remote.options(
                 name=name, namespace=STREAM_NAMESPACE, get_if_exists=True, lifetime="detached", max_restarts=-1,
                 num_cpus=ing.num_cpus, max_concurrency=ing.host_concurrency,
+                runtime_env=self.settings.process.runtime_env() or None,
             ).remote(self.settings.app_name, self.source_config, ing, self.settings.stream_ttl_s,
                      self.settings.watches)
         return self._hosts[name]
@@ -261,9 +263,10 @@ def build_app(config: Any, stage_factory: StageFactory | None = None) -> serve.A
     """
     s: ServeSettings = config.serve
     router = RequestRouterConfig(request_router_class=StreamAffinityRouter)
-    vision = VisionDeployment.options(**s.vision.deployment_options(), request_router_config=router).bind(
+    env = s.process.runtime_env()
+    vision = VisionDeployment.options(**s.vision.deployment_options(env), request_router_config=router).bind(
         config, stage_factory)
-    llm = LLMDeployment.options(**s.llm.deployment_options(), request_router_config=router).bind(
+    llm = LLMDeployment.options(**s.llm.deployment_options(env), request_router_config=router).bind(
         config, stage_factory)
     return Ingress.options(**s.ingress.deployment_options()).bind(config, vision, llm)
 
@@ -285,6 +288,8 @@ def start_service(config: Any, stage_factory: StageFactory | None = None, **ray_
     """
     s: ServeSettings = config.serve
     if not ray.is_initialized():
+        if s.ray_address is None:  # the GCS this call starts keeps a bounded task history (an operator's env wins)
+            os.environ.setdefault("RAY_task_events_max_num_task_in_gcs", str(s.process.ray_task_events))
         ray.init(address=s.ray_address or "local", include_dashboard=False, **ray_init)
         if s.ray_address is None:  # a local instance cannot grow: refuse a config that would wait forever
             try:

@@ -27,6 +27,7 @@ from serve.messages import AnswerStats
 from serve.routing import StreamSlots
 from serve.streams import iterate_in_thread
 from stream.frames import FrameBatch
+from stream.memory import trim_heap
 
 VISION, LLM = "vision", "llm"
 StageFactory = Callable[[str, Any], Any]
@@ -123,6 +124,8 @@ class _StreamStage:
             self.stage.close(stream_id)
         except LookupError:
             pass
+        if self.config.serve.process.trim_on_close:
+            trim_heap()  # the stream's tensors are freed; give their pages back instead of keeping the high-water mark
 
     async def open(self, stream_id: str, token: str, options: Any) -> str:
         """Create the state of this stream incarnation here (idempotent); frees an earlier incarnation's state."""

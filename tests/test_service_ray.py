@@ -15,6 +15,7 @@ import os
 import threading
 import time
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 from serve.app import LLM, VISION, StreamMisroutedError, start_service, stop_service, unwrap  # noqa: E402
 from serve.client import ServiceError, StcClient  # noqa: E402
 from serve.config import ServiceConfig  # noqa: E402
+from serve.hosts import STREAM_NAMESPACE  # noqa: E402
 from tests.media import make_clip, moving_square, real_video  # noqa: E402
 from tests.rtsp_server import free_port, rtsp_server  # noqa: E402
 
@@ -85,6 +87,27 @@ def test_encoder_and_llm_replicas_land_on_the_gpu_node(service):
     sizes = _retry(lambda: service[0].health()["parameter_bytes"])
     assert 0 < sizes[VISION] < whole and 0 < sizes[LLM] < whole  # half the weights per replica, in /health
     assert sizes[VISION] + sizes[LLM] <= whole + 4096
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode(errors="replace").split("=", 1) for item in raw if b"=" in item)
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc")
+def test_stateful_processes_run_with_the_configured_malloc_env(service):
+    client = service[0]
+    sid = client.create_stream(stream_id="env-probe")["stream_id"]  # starts the ingest hosts
+    try:
+        pids = [w["pid"] for kind in (VISION, LLM) for w in _where(kind)]
+        for k in range(2):
+            host = ray.get_actor(f"stc/ingest/{k}", namespace=STREAM_NAMESPACE)
+            pids.append(ray.get(host.memory.remote())["pid"])
+        assert len(pids) == 6
+        for pid in pids:
+            assert _environ(pid).get("MALLOC_ARENA_MAX") == "2", f"process {pid} lacks serve.process.env"
+    finally:
+        client.close_stream(sid)
 
 
 def _frames(n: int, start: int = 0) -> tuple[np.ndarray, list[float]]:
