@@ -16,9 +16,10 @@ Per chunk (``encode(hidden0 [N, P, D], layers)``, frames in stream order):
 2. **Full encode** of new and refreshing frames in one batch, keeping their per-layer states.
 3. **Commit** those states to the store (insert or replace; least recently used evicted).
 4. **Selective encode** of reusing frames per reference (:func:`cache.stc.encode_selective`): batched, or with
-   ``rolling`` (default) one after another, each writing the tokens it recomputed back into the reference.
+   ``rolling`` (default) one after another, each writing the tokens it recomputed back into the reference. Changed
+   tokens are found by key sketch (``key_sketch``, default 128 wide; :mod:`cache.sketch`) or by exact keys.
 
-Memory bound: ``max_refs * (3 * L * P * D * store element size + 2 * signature_dim * 4 + 8)`` bytes in the store,
+Memory bound: ``max_refs * ((3 * D + key_sketch) * L * P * store element size + 2 * signature_dim * 4 + 8)`` bytes,
 see :meth:`StreamCacher.memory_bound`; a chunk adds at most its own new references transiently.
 """
 from __future__ import annotations
@@ -265,7 +266,8 @@ class StreamCacher:
         needed |= {src for kind, src in plan.reuse if kind == "frame"}
         keep = [plan.full.index(f) for f in sorted(needed)]
         dtype = self.config.torch_store_dtype(hidden.dtype)
-        out[plan.full], refs = encode_full(hidden[plan.full], layers, keep=keep, store_dtype=dtype)
+        out[plan.full], refs = encode_full(hidden[plan.full], layers, keep=keep, store_dtype=dtype,
+                                           sketch_dim=self.config.sketch_width(hidden.shape[2]))
         return dict(zip(sorted(needed), refs))
 
     @staticmethod
@@ -343,7 +345,8 @@ class StreamCacher:
 
     def memory_bound(self, num_layers: int, tokens: int, dim: int, dtype: torch.dtype = torch.float32) -> int:
         """Most bytes the store can hold for this config and encoder shape (``dtype``: the encoder's dtype)."""
-        per_ref = reference_nbytes(num_layers, tokens, dim, self.config.torch_store_dtype(dtype))
+        per_ref = reference_nbytes(num_layers, tokens, dim, self.config.torch_store_dtype(dtype),
+                                   self.config.sketch_width(dim))
         overhead = ReferenceStore.entry_overhead(signature_dim(tokens, dim, self.config.signature_grid))
         return self.config.max_refs * (per_ref + overhead)
 

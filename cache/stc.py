@@ -16,6 +16,10 @@ is stored, a quarter less memory and one less pass). A later frame encoded again
 
 With ``ratio == 1`` every token is picked and the result equals the plain encoder up to float rounding.
 
+With key sketches (the reference has ``sketch``; ``CacherConfig.key_sketch``, :mod:`cache.sketch`), step 1 computes
+``r``-wide sketches of the keys instead of the keys and step 2 compares those; step 3 computes keys of the picked
+tokens only, and every other token attends with its reference key, as it does with its reference value.
+
 Layers are reached only through the family-neutral per-layer API of :mod:`stream.models.vision_ops`
 (``norm1 / keys / queries / values / attend / mlp_residual / finish``): SigLIP-style layers (LLaVA-OneVision,
 SmolVLM) and the Qwen adapters' grid-bound blocks (rotary q/k, window-local attention where the block is windowed,
@@ -31,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cache.sketch import key_sketch
 from stream.models.vision_ops import layer_ops
 
 _STATES = 3  # tensors kept per layer: keys, values, residual update
@@ -40,43 +45,55 @@ _STATES = 3  # tensors kept per layer: keys, values, residual update
 class LayerStates:
     """One encoder layer's tensors for a batch of frames, each ``[N, P, D]`` (``N`` may be 1 to broadcast).
 
-    ``update`` is the layer's residual update ``attn_out + mlp_out`` (``layer(x) - x``).
+    ``update`` is the layer's residual update ``attn_out + mlp_out`` (``layer(x) - x``); ``sketch`` ``[N, P, r]``
+    the keys' sketches (:mod:`cache.sketch`) when tokens are picked by sketch.
     """
 
     keys: torch.Tensor
     values: torch.Tensor
     update: torch.Tensor
+    sketch: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
 class ReferenceStates:
-    """Everything a reference frame keeps, stacked over layers: three ``[L, P, D]`` tensors."""
+    """Everything a reference frame keeps, stacked over layers: three ``[L, P, D]`` tensors, and ``sketch``
+    ``[L, P, r]`` when its tokens are compared by key sketch (:mod:`cache.sketch`)."""
 
     keys: torch.Tensor
     values: torch.Tensor
     update: torch.Tensor
+    sketch: torch.Tensor | None = None
 
     @classmethod
     def allocate(
-        cls, num_layers: int, tokens: int, dim: int, dtype: torch.dtype, device: torch.device | str
+        cls, num_layers: int, tokens: int, dim: int, dtype: torch.dtype, device: torch.device | str,
+        sketch_dim: int | None = None,
     ) -> "ReferenceStates":
-        """Uninitialised storage for one frame: three ``[L, P, D]`` tensors."""
+        """Uninitialised storage for one frame: three ``[L, P, D]`` tensors (+ ``[L, P, r]`` sketches)."""
 
-        def new() -> torch.Tensor:
-            return torch.empty(num_layers, tokens, dim, dtype=dtype, device=device)
+        def new(width: int) -> torch.Tensor:
+            return torch.empty(num_layers, tokens, width, dtype=dtype, device=device)
 
-        return cls(new(), new(), new())
+        return cls(new(dim), new(dim), new(dim), new(sketch_dim) if sketch_dim else None)
+
+    def _pairs(self, other: LayerStates) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        pairs = [(self.keys, other.keys), (self.values, other.values), (self.update, other.update)]
+        if self.sketch is not None:
+            if other.sketch is None:
+                raise ValueError("this reference keeps key sketches but the layer states have none")
+            pairs.append((self.sketch, other.sketch))
+        return pairs
 
     def write_layer(self, index: int, states: LayerStates, frame: int) -> None:
         """Copy frame ``frame`` of one layer's batch ``states`` (each ``[N, P, D]``) into layer ``index``."""
-        self.keys[index].copy_(states.keys[frame])
-        self.values[index].copy_(states.values[frame])
-        self.update[index].copy_(states.update[frame])
+        for dst, src in self._pairs(states):
+            dst[index].copy_(src[frame])
 
     def write_rows(self, index: int, idx: torch.Tensor, rows: LayerStates) -> None:
         """Rolling reference: overwrite tokens ``idx [k]`` of layer ``index`` with ``rows`` (each ``[k, D]``), the
-        keys, values and residual update a reused frame just recomputed there."""
-        for dst, src in ((self.keys, rows.keys), (self.values, rows.values), (self.update, rows.update)):
+        keys, values and residual update (and sketches) a reused frame just recomputed there."""
+        for dst, src in self._pairs(rows):
             dst[index].index_copy_(0, idx, src.to(dst.dtype))
 
     def layer(self, index: int, dtype: torch.dtype) -> LayerStates:
@@ -85,6 +102,7 @@ class ReferenceStates:
             keys=self.keys[index].unsqueeze(0).to(dtype),
             values=self.values[index].unsqueeze(0).to(dtype),
             update=self.update[index].unsqueeze(0).to(dtype),
+            sketch=None if self.sketch is None else self.sketch[index].unsqueeze(0).to(dtype),
         )
 
     @property
@@ -93,13 +111,15 @@ class ReferenceStates:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: ``3 * L * P * D * element size``."""
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.update))
+        """Bytes held: ``(3 * D + r) * L * P * element size``."""
+        held = [self.keys, self.values, self.update] + ([self.sketch] if self.sketch is not None else [])
+        return sum(t.numel() * t.element_size() for t in held)
 
 
-def reference_nbytes(num_layers: int, tokens: int, dim: int, dtype: torch.dtype) -> int:
-    """Bytes of one :class:`ReferenceStates`: keys, values and residual update for every layer."""
-    return _STATES * num_layers * tokens * dim * torch.empty((), dtype=dtype).element_size()
+def reference_nbytes(num_layers: int, tokens: int, dim: int, dtype: torch.dtype, sketch_dim: int | None = None) -> int:
+    """Bytes of one :class:`ReferenceStates`: keys, values and residual update (and key sketches) for every layer."""
+    width = _STATES * dim + (sketch_dim or 0)
+    return width * num_layers * tokens * torch.empty((), dtype=dtype).element_size()
 
 
 def check_layers(layers: Sequence[nn.Module]) -> None:
@@ -110,8 +130,9 @@ def check_layers(layers: Sequence[nn.Module]) -> None:
         layer_ops(layer, i)
 
 
-def full_layer(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, LayerStates]:
-    """The plain layer forward on ``x [N, P, D]`` through its ops, also returning what a reference keeps."""
+def full_layer(layer: nn.Module, x: torch.Tensor, sketch_dim: int | None = None) -> tuple[torch.Tensor, LayerStates]:
+    """The plain layer forward on ``x [N, P, D]`` through its ops, also returning what a reference keeps (with
+    ``sketch_dim``: the keys' sketches too)."""
     ops = layer_ops(layer)
     n, p, _ = x.shape
     idx = torch.arange(p, device=x.device).expand(n, -1)  # [N, P]: every token is a query
@@ -119,7 +140,8 @@ def full_layer(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, LayerSt
     k = ops.keys(h)
     v = ops.values(h)
     out = ops.mlp_residual(x + ops.attend(ops.queries(h, idx), k, v, idx))  # [N, P, D]
-    return ops.finish(out), LayerStates(k, v, out - x)
+    sketch = key_sketch(ops, h, sketch_dim) if sketch_dim else None  # [N, P, r]
+    return ops.finish(out), LayerStates(k, v, out - x, sketch)
 
 
 def token_similarity(keys: torch.Tensor, ref_keys: torch.Tensor) -> torch.Tensor:
@@ -194,17 +216,28 @@ def selective_layer_rows(
     ``[N, k, D]``) that a rolling reference writes back."""
     ops = layer_ops(layer)
     h = ops.norm1(x)  # [N, P, D]
-    keys = ops.keys(h)  # [N, P, D]
-    idx = select_tokens(token_similarity(keys, ref.keys), ratio, threshold, ops.token_groups(x.shape[1]))  # [N, k]
+    groups = ops.token_groups(x.shape[1])
+    if ref.sketch is not None:  # pick by key sketch; unpicked tokens attend with their reference key
+        sketch = key_sketch(ops, h, ref.sketch.shape[-1])  # [N, P, r]
+        idx = select_tokens(token_similarity(sketch, ref.sketch), ratio, threshold, groups)  # [N, k]
+    else:  # STC: every token's fresh key, to pick and to attend
+        keys = ops.keys(h)  # [N, P, D]
+        idx = select_tokens(token_similarity(keys, ref.keys), ratio, threshold, groups)  # [N, k]
     if idx.shape[1] == 0:
         empty = x[:, :0]
-        return ops.finish(x + ref.update), idx, LayerStates(empty, empty, empty)
+        return ops.finish(x + ref.update), idx, LayerStates(empty, empty, empty, x[:, :0, :0])
     h_sel = _gather_rows(h, idx)  # [N, k, D]
+    if ref.sketch is not None:
+        k_sel = ops.keys_at(h_sel, idx)  # [N, k, D]
+        keys = _put_rows(ref.keys.expand_as(x).clone(), idx, k_sel)  # [N, P, D]
+        s_sel = _gather_rows(sketch, idx)  # [N, k, r]
+    else:
+        k_sel, s_sel = _gather_rows(keys, idx), None
     v_sel = ops.values(h_sel)  # [N, k, D]
     values = _put_rows(ref.values.expand_as(x).clone(), idx, v_sel)  # [N, P, D]
     x_in = _gather_rows(x, idx)  # [N, k, D]
     x_sel = ops.mlp_residual(x_in + ops.attend(ops.queries(h_sel, idx), keys, values, idx))  # [N, k, D]
-    rows = LayerStates(_gather_rows(keys, idx), v_sel, x_sel - x_in)  # [N, k, D] each
+    rows = LayerStates(k_sel, v_sel, x_sel - x_in, s_sel)  # [N, k, D] each (sketch [N, k, r])
     return ops.finish(_put_rows(x + ref.update, idx, x_sel)), idx, rows  # the reference's update elsewhere
 
 
@@ -214,18 +247,19 @@ def encode_full(
     layers: Sequence[nn.Module],
     keep: Sequence[int] = (),
     store_dtype: torch.dtype | None = None,
+    sketch_dim: int | None = None,
 ) -> tuple[torch.Tensor, list[ReferenceStates]]:
     """Run all ``layers`` on ``hidden [N, P, D]``; keep the reference states of frames ``keep``.
 
     Only the kept frames' states outlive a layer, so peak extra memory is one layer's batch plus the kept
     references. Returns the output ``[N, P, D]`` and one :class:`ReferenceStates` per kept frame (``store_dtype``,
-    default the compute dtype).
+    default the compute dtype; with ``sketch_dim`` they keep key sketches, and reused frames pick by sketch).
     """
     _, p, d = hidden.shape
     dtype = store_dtype or hidden.dtype
-    refs = [ReferenceStates.allocate(len(layers), p, d, dtype, hidden.device) for _ in keep]
+    refs = [ReferenceStates.allocate(len(layers), p, d, dtype, hidden.device, sketch_dim) for _ in keep]
     for i, layer in enumerate(layers):
-        hidden, states = full_layer(layer, hidden)
+        hidden, states = full_layer(layer, hidden, sketch_dim if keep else None)
         for ref, frame in zip(refs, keep):
             ref.write_layer(i, states, frame)
     return hidden, refs
@@ -265,7 +299,8 @@ def encode_selective(
     for frame in hidden.split(1):  # [1, P, D] each, in stream order
         for i, layer in enumerate(layers):
             frame, idx, rows = selective_layer_rows(layer, frame, ref.layer(i, hidden.dtype), ratio, threshold)
-            ref.write_rows(i, idx[0], LayerStates(rows.keys[0], rows.values[0], rows.update[0]))
+            ref.write_rows(i, idx[0], LayerStates(rows.keys[0], rows.values[0], rows.update[0],
+                                                  None if rows.sketch is None else rows.sketch[0]))
             counts[i] += int(idx.numel())
         outs.append(frame)
     return torch.cat(outs), counts

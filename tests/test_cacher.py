@@ -186,10 +186,11 @@ def test_memory_stays_under_the_stated_bound_over_many_frames(one_thread) -> Non
     with torch.inference_mode():
         hidden = tower.embeddings(torch.randn(8, 3, 56, 56, generator=g))  # [8, 16, 16]: 8 unrelated scenes
     layers, (_, p, d) = tower.encoder.layers, hidden.shape
-    for dtype_name, elem, frames in (("auto", 4, 10_000), ("float16", 2, 400)):
-        cacher = StreamCacher(CacherConfig(ratio=0.25, max_refs=3, store_dtype=dtype_name))
+    for dtype_name, elem, frames, sketch in (("auto", 4, 10_000, None), ("float16", 2, 400, None),
+                                             ("auto", 4, 10_000, 4)):  # 4: key sketches stored too
+        cacher = StreamCacher(CacherConfig(ratio=0.25, max_refs=3, store_dtype=dtype_name, key_sketch=sketch))
         bound = cacher.memory_bound(len(layers), p, d, torch.float32)
-        assert bound == 3 * (3 * len(layers) * p * d * elem + 2 * 4 * 16 * d + 8)
+        assert bound == 3 * ((3 * d + (sketch or 0)) * len(layers) * p * elem + 2 * 4 * 16 * d + 8)
         for step in range(frames // 20):  # new scenes and returns of earlier ones, 20 frames per chunk
             chunk = hidden[[(step * 3 + k // 3) % 8 for k in range(20)]]
             cacher.encode(chunk + 0.01 * torch.randn(chunk.shape, generator=g), layers)

@@ -131,8 +131,11 @@ class QwenBlockOps(LayerOps):
         return self.layer.norm1(x)
 
     def _qkv(self, h: torch.Tensor, part: int) -> torch.Tensor:
-        n, t, d = h.shape
-        return self.layer.attn.qkv(h).view(n, t, 3, d)[:, :, part]  # [N, T, D]
+        """One of q (0), k (1), v (2) of ``h [N, T, D]``: only that third of the fused projection is computed."""
+        qkv = self.layer.attn.qkv
+        d = qkv.weight.shape[0] // 3
+        rows = slice(part * d, (part + 1) * d)
+        return F.linear(h, qkv.weight[rows], None if qkv.bias is None else qkv.bias[rows])  # [N, T, D]
 
     def _rotate(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """2-D rotary of ``x [N, T, D]`` at token indices ``idx [N, T]``, in float32 as HF does."""
@@ -145,7 +148,15 @@ class QwenBlockOps(LayerOps):
 
     def keys(self, h: torch.Tensor) -> torch.Tensor:
         idx = torch.arange(h.shape[1], device=h.device).expand(h.shape[0], -1)
-        return self._rotate(self._qkv(h, 1), idx)
+        return self.keys_at(h, idx)
+
+    def key_projection(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        qkv = self.layer.attn.qkv  # rows [q; k; v], D each
+        d = qkv.weight.shape[0] // 3
+        return qkv.weight[d:2 * d], None if qkv.bias is None else qkv.bias[d:2 * d]
+
+    def keys_at(self, h_sel: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return self._rotate(self._qkv(h_sel, 1), idx)
 
     def queries(self, h_sel: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         return self._rotate(self._qkv(h_sel, 0), idx)

@@ -3,7 +3,8 @@
 A vision layer is ``x -> x + attn(norm1(x)) -> + mlp(norm2(.))``. :class:`LayerOps` exposes its pieces for a
 subset of query tokens ``idx`` ``[N, k]`` against all ``P`` keys:
 
-* ``norm1(x)``, ``keys(h)`` (every token, rotary applied where the family has it), ``queries(h_sel, idx)``,
+* ``norm1(x)``, ``keys(h)`` (every token, rotary applied where the family has it), ``keys_at(h_sel, idx)`` (only
+  those tokens), ``key_projection()`` (the pre-rotary key weights, for :mod:`cache.sketch`), ``queries(h_sel, idx)``,
   ``values(h_sel)``, ``attend(q, k, v, idx)`` (the block's own attention, window-local where the block is
   windowed, then its output projection), ``mlp_residual(x)`` (``x + mlp(norm2(x))``), and ``finish(out)``
   (called with the layer's output; Qwen3-VL records DeepStack levels there).
@@ -47,6 +48,15 @@ class LayerOps:
     def keys(self, h: torch.Tensor) -> torch.Tensor:
         """``[N, P, D]`` keys of every token."""
         return self.layer.self_attn.k_proj(h)
+
+    def keys_at(self, h_sel: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """``[N, k, D]`` keys of the tokens at ``idx`` ``[N, k]`` only (rotary at those positions)."""
+        return self.layer.self_attn.k_proj(h_sel)
+
+    def key_projection(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(weight [D_k, D_in], bias [D_k] | None)`` of the keys before any rotary (the sketch's source)."""
+        proj = self.layer.self_attn.k_proj
+        return proj.weight, proj.bias
 
     def queries(self, h_sel: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """``[N, k, D]`` queries of the tokens at ``idx`` ``[N, k]``."""
