@@ -188,20 +188,24 @@ def timed(
     return hidden, _clock() - t0
 
 
-def layer_flops(tokens: int, dim: int, inter: int, recomputed: float | None = None) -> float:
-    """Matmul FLOPs of one layer for one frame; ``recomputed`` tokens (None: all, the plain layer)."""
+def layer_flops(tokens: int, dim: int, inter: int, recomputed: float | None = None,
+                sketch: int | None = None) -> float:
+    """Matmul FLOPs of one layer for one frame; ``recomputed`` tokens (None: all, the plain layer). Finding them
+    costs every token's key (``sketch`` None) or its ``sketch``-wide key sketch, whose picked tokens then need keys."""
     if recomputed is None:
         return 2 * tokens * dim * (4 * dim + 2 * inter) + 4 * tokens * tokens * dim
     k = recomputed
-    return 2 * tokens * dim * dim + 2 * k * dim * (3 * dim + 2 * inter) + 4 * k * tokens * dim
+    find = 2 * tokens * dim * dim if sketch is None else 2 * tokens * dim * sketch + 2 * k * dim * dim
+    return find + 2 * k * dim * (3 * dim + 2 * inter) + 4 * k * tokens * dim
 
 
-def flop_ratio(stats: dict[str, Any], tokens: int, dim: int, inter: int, layers: int) -> float:
+def flop_ratio(stats: dict[str, Any], tokens: int, dim: int, inter: int, layers: int,
+               sketch: int | None = None) -> float:
     full = layers * layer_flops(tokens, dim, inter)
     cached = stats["frames_full"] * full
     reused = stats["frames_reused"]
     if reused:
-        cached += sum(reused * layer_flops(tokens, dim, inter, r / reused) for r in stats["tokens_recomputed"])
+        cached += sum(reused * layer_flops(tokens, dim, inter, r / reused, sketch) for r in stats["tokens_recomputed"])
     return cached / (stats["frames"] * full)
 
 
@@ -350,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for k, name in enumerate(names):
         row = {"setting": name, "time_ratio": float(t_cached[k].sum() / t_full.sum()),
-               "flop_ratio": flop_ratio(stats[k], *dims, args.layers), **quality(cached[k], full, decisions[k]),
+               "flop_ratio": flop_ratio(stats[k], *dims, args.layers, configs[k].sketch_width(dims[1])), **quality(cached[k], full, decisions[k]),
                "reuse_rate": stats[k]["reuse_rate"], "frames_full": stats[k]["frames_full"],
                "recompute_fraction": stats[k]["recompute_fraction"], "refs_held": stats[k]["refs_held"],
                "store_mb": round(stats[k]["store_bytes"] / 2**20, 1)}
