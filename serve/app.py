@@ -92,7 +92,7 @@ class RayBackend:
                 num_cpus=ing.num_cpus, max_concurrency=ing.host_concurrency,
                 runtime_env=self.settings.process.runtime_env() or None,
             ).remote(self.settings.app_name, self.source_config, ing, self.settings.stream_ttl_s,
-                     self.settings.watches)
+                     self.settings.watches, self.settings.process.trim_on_close)
         return self._hosts[name]
 
     def _host(self, stream_id: str) -> Any:
@@ -288,8 +288,10 @@ def start_service(config: Any, stage_factory: StageFactory | None = None, **ray_
     """
     s: ServeSettings = config.serve
     if not ray.is_initialized():
-        if s.ray_address is None:  # the GCS this call starts keeps a bounded task history (an operator's env wins)
+        if s.ray_address is None:  # the local instance this starts: a bounded GCS task history, and Ray's own
             os.environ.setdefault("RAY_task_events_max_num_task_in_gcs", str(s.process.ray_task_events))
+            for key, value in s.process.env.items():  # processes (GCS, raylet) get serve.process.env too
+                os.environ.setdefault(key, value)  # an operator's own environment wins
         ray.init(address=s.ray_address or "local", include_dashboard=False, **ray_init)
         if s.ray_address is None:  # a local instance cannot grow: refuse a config that would wait forever
             try:

@@ -38,6 +38,7 @@ from serve.watchset import EventsPage, FlowAsker, Watch, WatchHub, WatchRequest
 from serve.webhooks import WebhookSender
 from stream.config import SourceConfig
 from stream.frames import FrameBatch
+from stream.memory import trim_heap
 
 STREAM_NAMESPACE = "stc-serve"
 
@@ -98,8 +99,9 @@ class IngestHost:
 
     def __init__(self, transport: Any, source_config: SourceConfig, ingest: IngestSettings, ttl_s: float,
                  restarted: bool = False, watches: WatchSettings | None = None, directory: Any | None = None,
-                 name: str = "ingest") -> None:
+                 name: str = "ingest", trim_on_close: bool = False) -> None:
         self.transport = transport
+        self.trim_on_close = trim_on_close  # give the closed stream's freed decoder buffers back (malloc_trim)
         self.source_config = source_config
         self.ingest = ingest
         self.ttl_s = ttl_s
@@ -190,6 +192,8 @@ class IngestHost:
         entry.runner.close()
         self._forget(stream_id)
         self._watches.end_stream(stream_id, "closed")
+        if self.trim_on_close:
+            trim_heap()
         return final.model_copy(update={"state": "closed"})
 
     def ids(self) -> list[str]:
@@ -320,7 +324,7 @@ class IngestHostActor(IngestHost):
     """The Ray actor form of :class:`IngestHost` (deployment handles looked up from inside the actor)."""
 
     def __init__(self, app_name: str, source_config: SourceConfig, ingest: IngestSettings, ttl_s: float,
-                 watches: WatchSettings | None = None) -> None:
+                 watches: WatchSettings | None = None, trim_on_close: bool = False) -> None:
         import ray
         from ray import serve
 
@@ -328,7 +332,8 @@ class IngestHostActor(IngestHost):
         context = ray.get_runtime_context()
         directory = RemoteDirectory(ray.get_actor(directory_name(app_name), namespace=STREAM_NAMESPACE))
         super().__init__(ServeTransport(*handles, ingest), source_config, ingest, ttl_s,
-                         context.was_current_actor_reconstructed, watches, directory, context.get_actor_name())
+                         context.was_current_actor_reconstructed, watches, directory, context.get_actor_name(),
+                         trim_on_close)
 
 
 def directory_name(app_name: str) -> str:

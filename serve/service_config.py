@@ -172,12 +172,15 @@ class ProcessSettings(StrictModel):
 
     env: dict[str, str] = Field(
         default_factory=lambda: {"MALLOC_ARENA_MAX": "2"},
-        description="Environment variables of the vision/LLM replicas and ingest hosts (Ray `runtime_env`). "
+        description="Environment variables of the vision/LLM replicas and ingest hosts (Ray `runtime_env`), and of "
+        "every process of a local Ray instance the service starts itself (GCS, raylet). "
         "The default caps glibc's malloc arenas at 2: a many-threaded replica otherwise gets up to 8 per core, and "
         "memory freed in one thread's arena is never reused by another, so RSS creeps up for tens of minutes.",
     )
     trim_on_close: bool = Field(
-        True, description="Return freed heap pages to the OS (glibc malloc_trim) after a stream's state is freed."
+        True,
+        description="Return freed heap pages to the OS (glibc malloc_trim) after a stream's state is freed "
+        "(vision/LLM replicas) or the stream closed (ingest hosts).",
     )
     ray_task_events: int = Field(
         10_000, ge=100, le=10_000_000,

@@ -26,3 +26,21 @@ def test_trim_returns_freed_pages_pinned_by_a_live_chunk():
     after = proc.memory_info().rss
     lib.free(chunks[-1])
     assert held - after > 100 * 2**20, f"trim gave back {(held - after) / 2**20:.0f} MB of ~180 MB freed"
+
+
+@pytest.mark.parametrize("trim", [True, False])
+def test_an_ingest_host_trims_after_a_stream_closes_when_configured(monkeypatch, trim):
+    import serve.hosts
+    from serve.config import ServiceConfig
+    from serve.flow import DirectTransport
+    from tests.service_doubles import FakeLLMStage, FakeVisionStage
+
+    calls = []
+    monkeypatch.setattr(serve.hosts, "trim_heap", lambda: calls.append(1) or True)
+    cfg = ServiceConfig.parse({})
+    host = serve.hosts.IngestHost(DirectTransport(FakeVisionStage(), FakeLLMStage()), cfg.source, cfg.serve.ingest,
+                                  60.0, trim_on_close=trim)
+    host.create("s", None, "memory://", cfg.stream_options())
+    assert calls == []
+    host.close("s")
+    assert calls == ([1] if trim else [])
