@@ -70,12 +70,12 @@ def plan_cacher(ctx: Context, family: str | None = None) -> Plan:
         if family not in text:
             raise Skip(f"not present: bench_cacher.py has no --family {family}")
     args = ["--video", str(ctx.video), "--device", ctx.device, "--dtype", ctx.dtype, "--setting",
-            "ratio=0.25,max_reuse=3"]
+            "ratio=0.15"]  # the defaults (rolling, key sketch 128, region refresh)
     args += ["--family", family] if family else []
     if ctx.smoke:
         args += ["--frames", "4", "--chunk", "2", "--sweep", "", "--layers", "1", "--threads", "1", "--clock", "cpu"]
     else:
-        args += ["--frames", "32", "--chunk", "8", "--sweep", "ratio=0.1,max_reuse=3", "--clock", "wall",
+        args += ["--frames", "32", "--chunk", "8", "--sweep", "ratio=0.15,key_sketch=none", "--clock", "wall",
                  "--passes", "2"]
     keys = ("time_ratio", "flop_ratio", "fidelity", "full_s_per_frame", "exact_max_diff", "recompute_fraction",
             "store_mb", "dtype", "layers")
