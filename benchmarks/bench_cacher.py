@@ -343,6 +343,7 @@ def main(argv: list[str] | None = None) -> None:
         vc = tower.model.config.vision_config
         dims = pv.shape[1] * pv.shape[2] * pv.shape[3], vc.hidden_size, vc.intermediate_size
         args.layers = vc.depth
+        configs = [c.resolved(tower.cell_refresh) for c in configs]  # refresh_cell_below='auto': the family's
         print(f"{args.family}: {len(pv)} temporal patches of {dims[0]} patches (grid {tuple(pv.shape[1:3])})")
     tol = 1e-3 if dtype == torch.float32 else 5e-2
     exact_err = check_exact(tower, pv, args.device, tol)

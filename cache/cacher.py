@@ -136,7 +136,7 @@ class StreamCacher:
     """
 
     def __init__(self, config: CacherConfig | None = None) -> None:
-        self.config = config or CacherConfig()
+        self.config = (config or CacherConfig()).resolved()  # 'auto' region refresh: the generic value
         self._store: ReferenceStore[ReferenceStates] | None = None
         self._shape: tuple[int, int, int] | None = None  # (layers, tokens, dim) the store was built for
         self._grid: object = None  # the grid of grid-bound layers (Qwen: (rows, cols)) the store was built for

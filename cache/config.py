@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 
 from stream.config_base import StrictModel
 
+AUTO_CELL_REFRESH = 0.8  # refresh_cell_below='auto' without an adapter's own value
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -43,13 +44,14 @@ class CacherConfig(StrictModel):
         description="Re-encode a matched reference fully (refresh) when the frame's signature cosine to it is "
         "below this (>= match_threshold), so drift cannot accumulate; null: no similarity-based refresh.",
     )
-    refresh_cell_below: float | None = Field(
-        0.8,
-        ge=-1.0,
-        le=1.0,
+    refresh_cell_below: float | Literal["auto"] | None = Field(
+        "auto",
         description="Per-region drift: re-encode a matched reference fully when any cell of the frame's signature "
         "grid (signature_grid x signature_grid regions) has cosine to the reference's cell below this, so a local "
-        "change (something appeared) that barely moves the whole-frame signature is not served stale; null: off.",
+        "change (something appeared) that barely moves the whole-frame signature is not served stale; null: off. "
+        "'auto' (default): the model adapter's value, 0.8 for towers whose patch embeddings carry an absolute "
+        "position embedding (SigLIP, Idefics3, Qwen3-VL), off for Qwen2.5-VL, whose content-only region signatures "
+        "swing with any local motion and would refresh every frame.",
     )
     rolling: bool = Field(
         True,
@@ -86,6 +88,9 @@ class CacherConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> "CacherConfig":
+        cell = self.refresh_cell_below
+        if isinstance(cell, float) and not -1.0 <= cell <= 1.0:
+            raise ValueError(f"refresh_cell_below={cell} is not a cosine; use a value in [-1, 1], 'auto' or null")
         if self.ratio == 0.0 and self.threshold is None:
             raise ValueError(
                 "ratio=0 with no threshold would recompute no token at all; set ratio > 0 (e.g. 0.25) or a "
@@ -97,6 +102,12 @@ class CacherConfig(StrictModel):
                 "never trigger; use a value >= match_threshold or null"
             )
         return self
+
+    def resolved(self, cell_refresh: float | None = AUTO_CELL_REFRESH) -> "CacherConfig":
+        """A copy with ``refresh_cell_below='auto'`` replaced by ``cell_refresh`` (the model adapter's value)."""
+        if self.refresh_cell_below != "auto":
+            return self
+        return self.model_copy(update={"refresh_cell_below": cell_refresh})
 
     def sketch_width(self, dim: int) -> int | None:
         """The key sketch width for an encoder of width ``dim``, or ``None`` (exact keys)."""

@@ -45,13 +45,14 @@ class StreamOptions(StrictModel):
                 data[section] = values
         return StreamOptions.parse(data, "stream")
 
-    def make_cacher(self) -> Any | None:
-        """A fresh per-stream STC cacher, or ``None`` when caching is off."""
+    def make_cacher(self, cell_refresh: float | None = 0.8) -> Any | None:
+        """A fresh per-stream STC cacher, or ``None`` when caching is off (``cell_refresh``: the model adapter's
+        ``refresh_cell_below`` for 'auto')."""
         if not self.cacher.enabled:
             return None
         from cache.cacher import StreamCacher
 
-        return StreamCacher(self.cacher)
+        return StreamCacher(self.cacher.resolved(cell_refresh))
 
     def make_pruner(self) -> Any | None:
         """A fresh per-stream pruner, or ``None`` when pruning is off."""

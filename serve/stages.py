@@ -106,7 +106,7 @@ class VisionStage:
 
     def open(self, stream_id: str, options: StreamOptions | None = None) -> None:
         opts = options or self.defaults
-        cacher = opts.make_cacher()
+        cacher = opts.make_cacher(self.adapter.cell_refresh)
         if cacher is not None:
             try:
                 self.adapter.check_cacher()

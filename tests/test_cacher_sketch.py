@@ -111,3 +111,27 @@ def test_config_uses_a_sketch_only_when_it_saves_work(tiny_llava) -> None:
     d, p, layers = 64, 729, len(tiny_llava.vision_layers)
     assert held and held[0]["bytes"] == (3 * d + R) * layers * p * 4
     assert cacher.stats()["frames_reused"] > 0
+
+
+@pytest.mark.parametrize("qwen", ["qwen2_5_vl"], indirect=True)
+def test_region_refresh_auto_takes_the_adapters_value(tiny_llava, qwen) -> None:
+    """'auto' region refresh: 0.8 for towers with absolute position embeddings, off for Qwen2.5-VL (rotary only);
+    an explicit value always wins; a stream opened on the vision stage gets its family's value."""
+    from serve.options import StreamOptions
+    from serve.stages import VisionStage
+    from stream.models.qwen3_vl import Qwen3VLAdapter
+
+    auto = CacherConfig()
+    assert auto.refresh_cell_below == "auto" and StreamCacher(auto).config.refresh_cell_below == 0.8
+    assert auto.resolved(Qwen3VLAdapter.cell_refresh).refresh_cell_below == 0.8
+    assert CacherConfig(refresh_cell_below=0.5).resolved(None).refresh_cell_below == 0.5
+    with pytest.raises(ValueError, match="refresh_cell_below"):
+        CacherConfig.parse({"refresh_cell_below": 1.5}, "cacher")
+    for adapter, want in ((tiny_llava, 0.8), (qwen, None)):
+        stage = VisionStage(adapter)
+        stage.open("s")
+        assert stage._streams.get("s").cacher.config.refresh_cell_below == want, adapter.family
+        stage.close("s")
+        stage.open("t", StreamOptions().merged({"cacher": {"refresh_cell_below": 0.6}}))
+        assert stage._streams.get("t").cacher.config.refresh_cell_below == 0.6
+        stage.close("t")

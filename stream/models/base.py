@@ -87,6 +87,9 @@ class VLMAdapter:
     """
 
     family: str = "base"
+    #: ``cacher.refresh_cell_below='auto'`` for this family: 0.8 where the patch embeddings the cacher sees carry an
+    #: absolute position embedding (it keeps each region's signature stable); ``None`` (off) where they do not.
+    cell_refresh: float | None = 0.8
     tokens_per_frame: int = 0
     video_marker: str = "<video>"
     end_of_turn_tokens: tuple[str, ...] = ()

@@ -232,6 +232,7 @@ class Qwen2_5_VLAdapter(VLMAdapter):
     """
 
     family = "qwen2_5_vl"
+    cell_refresh = None  # rotary only: region signatures are pure content and swing with any motion (README)
     video_marker = VIDEO_MARKER
     end_of_turn_tokens = ("<|im_end|>",)
     min_pixels = 128 * 28 * 28

@@ -70,6 +70,7 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
     """Adapter for ``Qwen3VLForConditionalGeneration`` checkpoints (Qwen3-VL-2B/4B/8B/32B-Instruct, dense)."""
 
     family = "qwen3_vl"
+    cell_refresh = 0.8  # learned absolute position embeddings are added to the patches: stable region signatures
     min_pixels = 128 * 32 * 32
     max_pixels = 768 * 32 * 32
     text_lm_class = DeepStackTextLM
