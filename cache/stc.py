@@ -225,7 +225,8 @@ def selective_layer_rows(
         idx = select_tokens(token_similarity(keys, ref.keys), ratio, threshold, groups)  # [N, k]
     if idx.shape[1] == 0:
         empty = x[:, :0]
-        return ops.finish(x + ref.update), idx, LayerStates(empty, empty, empty, x[:, :0, :0])
+        none = None if ref.sketch is None else x.new_empty(x.shape[0], 0, ref.sketch.shape[-1])  # [N, 0, r]
+        return ops.finish(x + ref.update), idx, LayerStates(empty, empty, empty, none)
     h_sel = _gather_rows(h, idx)  # [N, k, D]
     if ref.sketch is not None:
         k_sel = ops.keys_at(h_sel, idx)  # [N, k, D]

@@ -45,6 +45,9 @@ def test_ratio_one_with_sketches_is_the_full_encoder_and_rolls_exactly(tiny_llav
     for name in ("keys", "values", "update", "sketch"):  # the reference is now frame 1, sketches included
         torch.testing.assert_close(getattr(ref, name), getattr(oracle, name), atol=1e-5, rtol=1e-5)
     assert ref.nbytes == reference_nbytes(len(layers), hidden.shape[1], hidden.shape[2], torch.float32, R)
+    before = ref.sketch.clone()
+    out, counts = encode_selective(hidden[1:], layers, ref, ratio=0.0, threshold=-1.0, rolling=True)  # none picked
+    assert counts == [0] * len(layers) and torch.equal(ref.sketch, before)
 
 
 @pytest.mark.parametrize("qwen", ["qwen2_5_vl", "qwen3_vl"], indirect=True)
