@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from cache.config import CacherConfig
+from cache.config import AUTO_CELL_REFRESH, CacherConfig
 from cache.kv.config import KVConfig
 from pruner.config import PrunerConfig
 from stream.config import SamplerConfig
@@ -45,7 +45,7 @@ class StreamOptions(StrictModel):
                 data[section] = values
         return StreamOptions.parse(data, "stream")
 
-    def make_cacher(self, cell_refresh: float | None = 0.8) -> Any | None:
+    def make_cacher(self, cell_refresh: float | None = AUTO_CELL_REFRESH) -> Any | None:
         """A fresh per-stream STC cacher, or ``None`` when caching is off (``cell_refresh``: the model adapter's
         ``refresh_cell_below`` for 'auto')."""
         if not self.cacher.enabled:

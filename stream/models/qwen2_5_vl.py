@@ -130,12 +130,16 @@ class QwenBlockOps(LayerOps):
     def norm1(self, x: torch.Tensor) -> torch.Tensor:
         return self.layer.norm1(x)
 
-    def _qkv(self, h: torch.Tensor, part: int) -> torch.Tensor:
-        """One of q (0), k (1), v (2) of ``h [N, T, D]``: only that third of the fused projection is computed."""
+    def _third(self, part: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Weight ``[D, D_in]`` and bias of q (0), k (1) or v (2) in the fused ``qkv`` (rows ``[q; k; v]``)."""
         qkv = self.layer.attn.qkv
         d = qkv.weight.shape[0] // 3
         rows = slice(part * d, (part + 1) * d)
-        return F.linear(h, qkv.weight[rows], None if qkv.bias is None else qkv.bias[rows])  # [N, T, D]
+        return qkv.weight[rows], None if qkv.bias is None else qkv.bias[rows]
+
+    def _qkv(self, h: torch.Tensor, part: int) -> torch.Tensor:
+        """One of q (0), k (1), v (2) of ``h [N, T, D]``: only that third of the fused projection is computed."""
+        return F.linear(h, *self._third(part))  # [N, T, D]
 
     def _rotate(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """2-D rotary of ``x [N, T, D]`` at token indices ``idx [N, T]``, in float32 as HF does."""
@@ -151,9 +155,7 @@ class QwenBlockOps(LayerOps):
         return self.keys_at(h, idx)
 
     def key_projection(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        qkv = self.layer.attn.qkv  # rows [q; k; v], D each
-        d = qkv.weight.shape[0] // 3
-        return qkv.weight[d:2 * d], None if qkv.bias is None else qkv.bias[d:2 * d]
+        return self._third(1)
 
     def keys_at(self, h_sel: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         return self._rotate(self._qkv(h_sel, 1), idx)
