@@ -68,7 +68,8 @@ class CacherConfig(StrictModel):
         description="Find changed tokens by a random r-wide sketch of their keys (cache/sketch.py) instead of every "
         "token's full key: a reused frame then computes keys of the picked tokens only (the others attend with the "
         "reference's key, as with its value): ~20 % less work per reused SigLIP-so400m layer at ratio 0.15. "
-        "Used when r is at most half the encoder width (a wider sketch saves nothing); null: exact keys of every token (STC).",
+        "Used when r is at most half the encoder width (a wider sketch saves nothing); null: exact keys of every "
+        "token (STC).",
     )
     max_reuse: int | None = Field(
         None,
