@@ -354,8 +354,9 @@ def main(argv: list[str] | None = None) -> None:
                                                                   args.passes)
     results = []
     for k, name in enumerate(names):
+        flops = flop_ratio(stats[k], *dims, args.layers, configs[k].sketch_width(dims[1]))
         row = {"setting": name, "time_ratio": float(t_cached[k].sum() / t_full.sum()),
-               "flop_ratio": flop_ratio(stats[k], *dims, args.layers, configs[k].sketch_width(dims[1])), **quality(cached[k], full, decisions[k]),
+               "flop_ratio": flops, **quality(cached[k], full, decisions[k]),
                "reuse_rate": stats[k]["reuse_rate"], "frames_full": stats[k]["frames_full"],
                "recompute_fraction": stats[k]["recompute_fraction"], "refs_held": stats[k]["refs_held"],
                "store_mb": round(stats[k]["store_bytes"] / 2**20, 1)}
