@@ -8,7 +8,8 @@
 3. Load for ``--minutes``: half the streams pushed (JPEG frames from ../shared/media/vtest.avi when present), half
    reading that file (recreated when they end: churn); one stream is deleted and recreated every ``--churn-s``;
    every stream is asked a question every ``--ask-every`` s. Any 4xx/5xx answer or SSE error counts in ``errors``.
-4. Every ``--sample-s``: RSS of every Ray process (by process title) and the streams' KV bytes.
+4. Every ``--sample-s``: RSS of every Ray process (by process title), the streams' KV bytes and each ingest host's
+   glibc heap (size, in use, free inside it, mmapped: fragmentation shows as heap growing while in-use does not).
 5. Last stdout line: one JSON object: ``rss_mb_start``/``rss_mb_end`` (all Ray processes), ``slope_mb_per_min`` (the
    largest per-process least-squares slope after the first third, the warm-up), ``ingest_mb_per_stream``,
    ``errors``, ``frames``, ``dropped``, per-process slopes and machine info. Clock: wall time (a soak is about time).
@@ -166,6 +167,23 @@ def kill_one_host() -> str:
     return key
 
 
+def host_heaps(cfg: Any) -> dict[str, dict[str, float]]:
+    """Each ingest host's glibc heap (``IngestHost.memory``: heap, in use, free inside it, mmapped; MB)."""
+    import ray
+
+    from serve.hosts import STREAM_NAMESPACE
+
+    out = {}
+    for k in range(cfg.serve.ingest.hosts):
+        name = f"{cfg.serve.app_name}/ingest/{k}"
+        try:
+            mem = ray.get(ray.get_actor(name, namespace=STREAM_NAMESPACE).memory.remote(), timeout=30)
+        except Exception:  # noqa: BLE001 - a host being restarted has no numbers this sample
+            continue
+        out[name] = {key: round(v, 1) for key, v in mem.items() if key.endswith("_mb") and key != "rss_mb"}
+    return out
+
+
 def host_rss(snapshot: dict[str, float]) -> float:
     return sum(v for k, v in snapshot.items() if "IngestHostActor" in k)
 
@@ -208,7 +226,7 @@ def main() -> None:
         threads = [threading.Thread(target=f, daemon=True) for f in (soak.pusher, soak.questioner, soak.churner)]
         for t in threads:
             t.start()
-        t0, samples = time.monotonic(), []
+        t0, samples, heaps = time.monotonic(), [], []
         end = t0 + args.minutes * 60
         killed: list[str] = []
         while time.monotonic() < end:
@@ -217,6 +235,7 @@ def main() -> None:
             snap = ray_rss_mb()
             kv = sum((s.get("kv_bytes") or 0) for s in soak._guard("list", client.list_streams) or [])
             samples.append((time.monotonic() - t0, snap, kv / 2**20))
+            heaps.append(host_heaps(cfg))
             time.sleep(min(args.sample_s, max(0.0, end - time.monotonic())))
         soak.stop.set()
         for t in threads:
@@ -234,6 +253,7 @@ def main() -> None:
         args.series.write_text(json.dumps({
             "t_s": [round(t, 1) for t, _, _ in samples], "kv_mb": [round(kv, 3) for _, _, kv in samples],
             "rss_mb": {k: [round(s[k], 1) if k in s else None for _, s, _ in samples] for k in keys},
+            "host_heap": heaps,
         }))
     if args.plot and samples:
         import matplotlib
@@ -256,7 +276,8 @@ def main() -> None:
         "ingest_mb_per_stream": round(ingest_mb, 2), "errors": len(soak.errors), "error_examples": soak.errors[:3],
         "races": len(soak.races), "race_examples": soak.races[:2],
         "frames": frames, "dropped": dropped, "kv_mb_end": round(samples[-1][2], 3) if samples else None,
-        "slopes_mb_per_min": slopes, "random_weights": args.model is None,
+        "slopes_mb_per_min": slopes, "host_heap_end": heaps[-1] if heaps else None,
+        "random_weights": args.model is None,
         "killed": killed if args.kill_host_after is not None else None,
         "machine": machine_info("cpu"),
     }))

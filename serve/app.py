@@ -90,7 +90,7 @@ class RayBackend:
             self._hosts[name] = self._remote.options(
                 name=name, namespace=STREAM_NAMESPACE, get_if_exists=True, lifetime="detached", max_restarts=-1,
                 num_cpus=ing.num_cpus, max_concurrency=ing.host_concurrency,
-                runtime_env=self.settings.process.runtime_env() or None,
+                runtime_env=self.settings.process.runtime_env(host=True) or None,
             ).remote(self.settings.app_name, self.source_config, ing, self.settings.stream_ttl_s,
                      self.settings.watches, self.settings.process.trim_on_close)
         return self._hosts[name]

@@ -38,7 +38,7 @@ from serve.watchset import EventsPage, FlowAsker, Watch, WatchHub, WatchRequest
 from serve.webhooks import WebhookSender
 from stream.config import SourceConfig
 from stream.frames import FrameBatch
-from stream.memory import trim_heap
+from stream.memory import heap_stats, trim_heap
 
 STREAM_NAMESPACE = "stc-serve"
 
@@ -284,13 +284,14 @@ class IngestHost:
         return entry.runner.stats(), {k: entry.flow.token(k) for k in (VISION, LLM)}
 
     def memory(self) -> dict[str, Any]:
-        """This host's resident memory and stream count (soak benchmark, health)."""
+        """This host's resident memory, glibc heap (:func:`stream.memory.heap_stats`) and stream count (soak
+        benchmark, health)."""
         import os
 
         import psutil
 
         return {"streams": len(self.ids()), "pid": os.getpid(),
-                "rss_mb": psutil.Process().memory_info().rss / 2**20}
+                "rss_mb": psutil.Process().memory_info().rss / 2**20, **(heap_stats() or {})}
 
 
     # -- watches (standing questions): owned here, with their streams, so every ingress replica sees them ---------

@@ -177,6 +177,14 @@ class ProcessSettings(StrictModel):
         "The default caps glibc's malloc arenas at 2: a many-threaded replica otherwise gets up to 8 per core, and "
         "memory freed in one thread's arena is never reused by another, so RSS creeps up for tens of minutes.",
     )
+    host_env: dict[str, str] = Field(
+        default_factory=lambda: {"MALLOC_MMAP_THRESHOLD_": "131072"},
+        description="Extra environment variables of the ingest hosts only (over `env`). The default fixes glibc's "
+        "mmap threshold at 128 KiB: decoded frames (a 768x576 RGB frame is 1.3 MB) are then mapped and unmapped "
+        "one by one instead of carved from the heap, where frames of different lifetimes (sampled and kept, or "
+        "dropped) fragment it and the heap only grows. Not for model replicas: their CPU tensors would pay a "
+        "page fault per page on every allocation.",
+    )
     trim_on_close: bool = Field(
         True,
         description="Return freed heap pages to the OS (glibc malloc_trim) after a stream's state is freed "
@@ -189,9 +197,11 @@ class ProcessSettings(StrictModel):
         "the GCS's memory bound; it only limits the dashboard's task history. Ignored when joining a cluster.",
     )
 
-    def runtime_env(self) -> dict[str, Any]:
-        """The Ray ``runtime_env`` of the service's stateful processes ({} when no variables are set)."""
-        return {"env_vars": dict(self.env)} if self.env else {}
+    def runtime_env(self, host: bool = False) -> dict[str, Any]:
+        """The Ray ``runtime_env`` of the vision/LLM replicas, or with ``host`` of the ingest hosts ({} when no
+        variables are set)."""
+        env = {**self.env, **self.host_env} if host else dict(self.env)
+        return {"env_vars": env} if env else {}
 
 
 class ServeSettings(StrictModel):

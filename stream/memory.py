@@ -12,7 +12,13 @@ import ctypes.util
 from functools import lru_cache
 from typing import Any
 
-__all__ = ["trim_heap"]
+__all__ = ["heap_stats", "trim_heap"]
+
+_MALLINFO2 = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in _MALLINFO2]
 
 
 @lru_cache(maxsize=1)
@@ -29,3 +35,18 @@ def trim_heap() -> bool:
     """Return free heap pages to the OS; True when the C library released some, False when none or unsupported."""
     lib = _libc()
     return bool(lib.malloc_trim(0)) if lib is not None else False
+
+
+def heap_stats() -> dict[str, float] | None:
+    """glibc's heap now, in MB: ``heap_mb`` (obtained from the OS by sbrk / arena mmaps), ``heap_used_mb`` and
+    ``heap_free_mb`` (free inside it: fragmentation when it stays high), ``mmapped_mb`` (blocks above the mmap
+    threshold, each returned to the OS on free). ``None`` without ``mallinfo2`` (glibc < 2.33, musl, macOS)."""
+    lib = _libc()
+    fn = getattr(lib, "mallinfo2", None) if lib is not None else None
+    if fn is None:
+        return None
+    fn.restype = _MallInfo2
+    info = fn()
+    mb = 2.0**20
+    return {"heap_mb": info.arena / mb, "heap_used_mb": info.uordblks / mb, "heap_free_mb": info.fordblks / mb,
+            "mmapped_mb": info.hblkhd / mb}

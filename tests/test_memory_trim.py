@@ -44,3 +44,43 @@ def test_an_ingest_host_trims_after_a_stream_closes_when_configured(monkeypatch,
     assert calls == []
     host.close("s")
     assert calls == ([1] if trim else [])
+
+
+_FRAMES = """
+import collections, json, numpy as np
+from stream.memory import heap_stats
+kept = collections.deque(maxlen=16)  # sampled frames waiting in chunks; the others are dropped at once
+for i in range(400):
+    frame = np.ones((576, 768, 3), np.uint8)  # a decoded 768x576 frame, 1.3 MB
+    if i % 4 == 0:
+        kept.append(frame)
+    small = [np.ones(2000, np.uint8) for _ in range(20)]  # small allocations in between (Python objects)
+    if i % 7 == 0:
+        kept_small = small
+print(json.dumps(heap_stats()))
+"""
+
+
+@pytest.mark.skipif(_libc() is None or getattr(_libc(), "mallinfo2", None) is None, reason="glibc >= 2.33 only")
+@pytest.mark.parametrize("fixed", [True, False])
+def test_the_hosts_mmap_threshold_keeps_decoded_frames_off_the_heap(fixed):
+    """serve.process.host_env's default: with glibc's mmap threshold fixed, frame-sized buffers are mapped one by
+    one and returned on free; with its default dynamic threshold they land in the heap after the first free."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from serve.service_config import ProcessSettings
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    if fixed:
+        env.update(ProcessSettings().host_env)
+    out = subprocess.run([sys.executable, "-c", _FRAMES], env=env, capture_output=True, text=True, timeout=120,
+                         check=True).stdout
+    heap = json.loads(out.strip().splitlines()[-1])
+    live = 16 * 576 * 768 * 3 / 2**20  # the frames held at the end, ~21 MB
+    if fixed:
+        assert heap["heap_mb"] < 8 and heap["mmapped_mb"] >= live, heap
+    else:
+        assert heap["heap_mb"] >= live, heap  # why the hosts set it: frames fragment the heap otherwise

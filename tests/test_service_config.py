@@ -102,3 +102,7 @@ def test_process_settings_validate():
     with pytest.raises(ConfigError, match="process.ray_task_events: got 5"):
         ServeSettings.parse({"process": {"ray_task_events": 5}}, "serve")
     assert ServeSettings().process.runtime_env() == {"env_vars": {"MALLOC_ARENA_MAX": "2"}}
+    host = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "131072"}  # hosts: over env, theirs only
+    assert ServeSettings().process.runtime_env(host=True) == {"env_vars": host}
+    mine = ServeSettings.parse({"process": {"env": {}, "host_env": {"MALLOC_ARENA_MAX": "4"}}}, "serve").process
+    assert mine.runtime_env() == {} and mine.runtime_env(host=True) == {"env_vars": {"MALLOC_ARENA_MAX": "4"}}

@@ -100,12 +100,15 @@ def test_stateful_processes_run_with_the_configured_malloc_env(service):
     sid = client.create_stream(stream_id="env-probe")["stream_id"]  # starts the ingest hosts
     try:
         pids = [w["pid"] for kind in (VISION, LLM) for w in _where(kind)]
-        for k in range(2):
-            host = ray.get_actor(f"stc/ingest/{k}", namespace=STREAM_NAMESPACE)
-            pids.append(ray.get(host.memory.remote())["pid"])
-        assert len(pids) == 6
-        for pid in pids:
+        hosts = [ray.get(ray.get_actor(f"stc/ingest/{k}", namespace=STREAM_NAMESPACE).memory.remote())["pid"]
+                 for k in range(2)]
+        assert len(pids) == 4 and len(hosts) == 2
+        for pid in pids + hosts:
             assert _environ(pid).get("MALLOC_ARENA_MAX") == "2", f"process {pid} lacks serve.process.env"
+        for pid in pids:  # serve.process.host_env: the ingest hosts' only
+            assert "MALLOC_MMAP_THRESHOLD_" not in _environ(pid), f"model replica {pid} got the hosts' env"
+        for pid in hosts:
+            assert _environ(pid).get("MALLOC_MMAP_THRESHOLD_") == "131072", f"host {pid} lacks process.host_env"
     finally:
         client.close_stream(sid)
 
