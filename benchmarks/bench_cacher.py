@@ -65,7 +65,11 @@ def parse_setting(text: str) -> CacherConfig:
     data: dict[str, Any] = {}
     for item in filter(None, text.split(",")):
         key, _, value = item.partition("=")
-        data[key.strip()] = None if value.strip().lower() == "none" else json.loads(value)
+        value = value.strip()
+        try:
+            data[key.strip()] = None if value.lower() == "none" else json.loads(value)
+        except json.JSONDecodeError:  # a bare word: a string setting (budget=chunk)
+            data[key.strip()] = value
     return CacherConfig.parse(data, f"setting {text!r}")
 
 
