@@ -68,7 +68,7 @@ def parse_setting(text: str) -> CacherConfig:
         value = value.strip()
         try:
             data[key.strip()] = None if value.lower() == "none" else json.loads(value)
-        except json.JSONDecodeError:  # a bare word: a string setting (budget=chunk)
+        except json.JSONDecodeError:  # a bare word: a string setting (store_dtype=float16)
             data[key.strip()] = value
     return CacherConfig.parse(data, f"setting {text!r}")
 
