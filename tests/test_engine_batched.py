@@ -123,6 +123,33 @@ class SlowLM(TextLM):
         return super().forward(*args, **kw)
 
 
+class GatedLM(TextLM):
+    """Forwards run only while permitted: after ``hold(n)`` the next ``n`` run and the rest wait for ``release()``
+    (pins the engine between two steps, whatever the machine's load)."""
+
+    def __init__(self, llm: TextLM) -> None:
+        super().__init__(llm.decoder, llm.lm_head)
+        self._cond = threading.Condition()
+        self._left: int | None = None  # None: unlimited
+
+    def hold(self, n: int) -> None:
+        with self._cond:
+            self._left = n
+
+    def release(self) -> None:
+        with self._cond:
+            self._left = None
+            self._cond.notify_all()
+
+    def forward(self, *args, **kw):
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._left is None or self._left > 0, timeout=30):
+                raise TimeoutError("GatedLM was never released")
+            if self._left is not None:
+                self._left -= 1
+        return super().forward(*args, **kw)
+
+
 def test_a_long_answer_does_not_delay_another_streams_appends(llm):
     engine = _filled(SlowLM(llm, 0.01), _cfg(reserve_tokens=40), n=2)
     answer = engine.ask("s0", embeds(3, 9), 36)
@@ -147,24 +174,34 @@ def test_question_during_a_chunk_prefill_sees_that_chunk(llm):
     expected = list(ref.ask("s0", q, 8))
     ref.append("s0", late)
     expected_after = list(ref.ask("s0", q, 8))
-    engine = _filled(SlowLM(llm, 0.02), _cfg(reserve_tokens=40, budget=4), n=1)  # 24 tokens = 6 prefill steps
+    gated = GatedLM(llm)
+    engine = _filled(gated, _cfg(reserve_tokens=40, budget=4), n=1)  # 24 tokens = 6 prefill steps
+    gated.hold(1)  # the chunk's first prefill step runs, the second waits: the chunk stays mid-prefill
     appender = threading.Thread(target=engine.append, args=("s0", chunk))
     filled = engine.scheduler.stats.prefill_tokens  # the context fill's tokens
     appender.start()
-    deadline = time.monotonic() + 10
-    while engine.scheduler.stats.prefill_tokens == filled and time.monotonic() < deadline:  # chunk has begun
-        time.sleep(0.001)
-    mid = engine.stats("s0").blocks
     got = {}
     asker = threading.Thread(target=lambda: got.setdefault("a", list(engine.ask("s0", q, 8))))
-    asker.start()
-    while engine.scheduler.queued("s0") < 2 and time.monotonic() < deadline:  # the question is queued behind it
-        time.sleep(0.001)
     late_appender = threading.Thread(target=engine.append, args=("s0", late))  # asked after: not seen
-    late_appender.start()
+    try:
+        deadline = time.monotonic() + 30
+        while engine.scheduler.stats.prefill_tokens == filled and time.monotonic() < deadline:  # chunk has begun
+            time.sleep(0.001)
+        mid = engine.stats("s0").blocks
+        asker.start()
+        while engine.scheduler.queued("s0") < 2 and time.monotonic() < deadline:  # the question is queued behind it
+            time.sleep(0.001)
+        late_appender.start()
+        while engine.scheduler.queued("s0") < 3 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        queued = engine.scheduler.queued("s0")
+    finally:
+        gated.release()
     for t in (appender, asker, late_appender):
         t.join(30)
+    assert engine.scheduler.stats.prefill_tokens > filled
     assert mid == 5 + 0  # the question arrived while the chunk was mid-prefill
+    assert queued == 3  # chunk (running), question, late chunk: in that order
     assert got["a"] == expected
     assert list(engine.ask("s0", q, 8)) == expected_after
 
