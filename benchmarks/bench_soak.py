@@ -5,8 +5,9 @@
 1. Starts the service in this process (local Ray, tiny model with random weights unless ``--model``; CPU).
 2. Ingest cost: RSS of the ingest host processes before and after opening ``--probe-streams`` idle pushed streams
    (``ingest_mb_per_stream``: memory added per open stream outside the model replicas).
-3. Load for ``--minutes``: half the streams pushed (JPEG frames from ../shared/media/vtest.avi when present), half
-   reading that file (recreated when they end: churn); one stream is deleted and recreated every ``--churn-s``;
+3. Load for ``--minutes``: half the streams pushed (160x120 frames from ../shared/media/vtest.avi when present), half
+   reading ``--video`` (default ../shared/media/vtest.avi, 768x576; ``synthetic``: a 120-frame 160x120 clip, which
+   never exercises frame-sized allocations; the JSON's ``file_clip`` says which ran), recreated when they end; one stream is deleted and recreated every ``--churn-s``;
    every stream is asked a question every ``--ask-every`` s. Any 4xx/5xx answer or SSE error counts in ``errors``.
 4. Every ``--sample-s``: RSS of every Ray process (by process title), the streams' KV bytes and each ingest host's
    glibc heap (size, in use, free inside it, mmapped: fragmentation shows as heap growing while in-use does not).
@@ -39,6 +40,8 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--streams", type=int, default=4)
     p.add_argument("--minutes", type=float, default=30.0)
+    p.add_argument("--video", default=str(REPO.parent / "shared" / "media" / "vtest.avi"),
+                   help="the file streams' video; 'synthetic' for a generated 120-frame 160x120 clip")
     p.add_argument("--model", help="model folder / hub id (default: built-in tiny model, random weights)")
     p.add_argument("--ask-every", type=float, default=5.0)
     p.add_argument("--churn-s", type=float, default=20.0, help="delete + recreate one stream this often")
@@ -84,6 +87,7 @@ class Soak:
         self.lock = threading.Lock()
         self.streams: dict[str, str] = {}  # id -> "push" | "file"
         self.closed_frames = self.closed_dropped = 0
+        self.failed: list[str] = []  # streams the churn found failed (replaced like ended ones, but reported)
         self.serial = 0
 
     def _guard(self, what: str, call: Any, sid: str | None = None) -> Any:
@@ -140,6 +144,9 @@ class Soak:
         while not self.stop.wait(self.args.churn_s):
             for sid, kind in list(self.streams.items()):  # ended file streams are replaced
                 st = self._guard("stats", lambda: self.client.stats(sid), sid)
+                if st and st["state"] == "failed":
+                    with self.lock:
+                        self.failed.append(f"{sid}: {st.get('error')}"[:300])
                 if st and st["state"] in ("ended", "failed"):
                     self.close(sid)
                     self.open(kind)
@@ -195,13 +202,19 @@ def main() -> None:
     from serve.config import ServiceConfig
 
     media = Path(tempfile.mkdtemp(prefix="soak-media-"))
-    video = REPO.parent / "shared" / "media" / "vtest.avi"
-    if video.is_file():
-        shutil.copy(video, media / "soak.avi")
-    else:
+    if args.video == "synthetic":
         from tests.media import make_clip
 
         make_clip(media / "soak.avi", num_frames=120, fps=10, size=(160, 120))
+    elif Path(args.video).is_file():
+        shutil.copy(args.video, media / "soak.avi")
+    else:
+        raise SystemExit(f"--video {args.video}: no such file; pass a video path, or --video synthetic for a "
+                         "generated 120-frame 160x120 clip")
+    from stream.sources.file import probe_file
+
+    info = probe_file(media / "soak.avi").info
+    file_clip = {"video": args.video, "size": [info.width, info.height], "frames": info.num_frames}
     n_total = args.streams + args.probe_streams + 2
     cfg = ServiceConfig.parse({
         "model": {"name": args.model},
@@ -275,7 +288,8 @@ def main() -> None:
         "slope_mb_per_min": max(slopes.values()) if slopes else None,
         "ingest_mb_per_stream": round(ingest_mb, 2), "errors": len(soak.errors), "error_examples": soak.errors[:3],
         "races": len(soak.races), "race_examples": soak.races[:2],
-        "frames": frames, "dropped": dropped, "kv_mb_end": round(samples[-1][2], 3) if samples else None,
+        "frames": frames, "dropped": dropped, "file_clip": file_clip,
+        "failed_streams": len(soak.failed), "failed_examples": soak.failed[:2], "kv_mb_end": round(samples[-1][2], 3) if samples else None,
         "slopes_mb_per_min": slopes, "host_heap_end": heaps[-1] if heaps else None,
         "random_weights": args.model is None,
         "killed": killed if args.kill_host_after is not None else None,
