@@ -10,7 +10,9 @@
    never exercises frame-sized allocations; the JSON's ``file_clip`` says which ran), recreated when they end; one stream is deleted and recreated every ``--churn-s``;
    every stream is asked a question every ``--ask-every`` s. Any 4xx/5xx answer or SSE error counts in ``errors``.
 4. Every ``--sample-s``: RSS of every Ray process (by process title), the streams' KV bytes and each ingest host's
-   glibc heap (size, in use, free inside it, mmapped: fragmentation shows as heap growing while in-use does not).
+   glibc heap (size, in use, free inside it, mmapped: fragmentation shows as heap growing while in-use does not) and
+   ``frames_mb``, the pixels its streams hold in their bounded chunk queues; ``host_net_slopes_mb_per_min`` is the
+   slope of RSS minus that (a lagging encoder fills queues up to their bound; a leak grows beyond it).
 5. Last stdout line: one JSON object: ``rss_mb_start``/``rss_mb_end`` (all Ray processes), ``slope_mb_per_min`` (the
    largest per-process least-squares slope after the first third, the warm-up), ``ingest_mb_per_stream``,
    ``errors``, ``frames``, ``dropped``, per-process slopes and machine info. Clock: wall time (a soak is about time).
@@ -187,7 +189,7 @@ def host_heaps(cfg: Any) -> dict[str, dict[str, float]]:
             mem = ray.get(ray.get_actor(name, namespace=STREAM_NAMESPACE).memory.remote(), timeout=30)
         except Exception:  # noqa: BLE001 - a host being restarted has no numbers this sample
             continue
-        out[name] = {key: round(v, 1) for key, v in mem.items() if key.endswith("_mb") and key != "rss_mb"}
+        out[name] = {key: round(v, 1) for key, v in mem.items() if key.endswith("_mb")}
     return out
 
 
@@ -261,6 +263,12 @@ def main() -> None:
     for key in samples[-1][1] if samples else {}:
         pts = [(t, s[key]) for t, s, _ in samples if t >= warm_from and key in s]
         slopes[key] = round(slope_per_min([p[0] for p in pts], [p[1] for p in pts]), 3)
+    net_slopes = {}  # per host: RSS minus the pixels held in its bounded chunk queues (what a leak shows in)
+    for name in sorted({n for h in heaps for n in h}):
+        pts = [(t, h[name]["rss_mb"] - h[name].get("frames_mb", 0.0)) for (t, _, _), h in zip(samples, heaps)
+               if t >= warm_from and name in h]
+        if len(pts) > 2:
+            net_slopes[name] = round(slope_per_min([p[0] for p in pts], [p[1] for p in pts]), 3)
     if args.series and samples:
         keys = sorted({k for _, snap, _ in samples for k in snap})
         args.series.write_text(json.dumps({
@@ -290,7 +298,8 @@ def main() -> None:
         "races": len(soak.races), "race_examples": soak.races[:2],
         "frames": frames, "dropped": dropped, "file_clip": file_clip,
         "failed_streams": len(soak.failed), "failed_examples": soak.failed[:2], "kv_mb_end": round(samples[-1][2], 3) if samples else None,
-        "slopes_mb_per_min": slopes, "host_heap_end": heaps[-1] if heaps else None,
+        "slopes_mb_per_min": slopes, "host_net_slopes_mb_per_min": net_slopes,
+        "host_heap_end": heaps[-1] if heaps else None,
         "random_weights": args.model is None,
         "killed": killed if args.kill_host_after is not None else None,
         "machine": machine_info("cpu"),

@@ -284,13 +284,17 @@ class IngestHost:
         return entry.runner.stats(), {k: entry.flow.token(k) for k in (VISION, LLM)}
 
     def memory(self) -> dict[str, Any]:
-        """This host's resident memory, glibc heap (:func:`stream.memory.heap_stats`) and stream count (soak
-        benchmark, health)."""
+        """This host's resident memory, glibc heap (:func:`stream.memory.heap_stats`), stream count and ``frames_mb``,
+        the pixels its streams hold in their bounded chunk queues (soak benchmark, health): RSS minus that is
+        what a leak would show in."""
         import os
 
         import psutil
 
-        return {"streams": len(self.ids()), "pid": os.getpid(),
+        with self._lock:
+            runners = [entry.runner for entry in self._streams.values()]
+        frames = sum(runner.frame_bytes() for runner in runners)
+        return {"streams": len(self.ids()), "pid": os.getpid(), "frames_mb": frames / 2**20,
                 "rss_mb": psutil.Process().memory_info().rss / 2**20, **(heap_stats() or {})}
 
 

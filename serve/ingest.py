@@ -103,6 +103,11 @@ class ChunkQueue:
         with self._cond:
             return len(self._items)
 
+    def nbytes(self) -> int:
+        """Pixel bytes of the chunks waiting here (bounded by ``max_chunks`` chunks)."""
+        with self._cond:
+            return sum(chunk.rgb.nbytes for chunk in self._items)
+
     def _count_drop(self, chunk: FrameBatch) -> None:
         self.dropped_chunks += 1
         self.dropped_frames += len(chunk)
@@ -143,6 +148,7 @@ class IngestWorker:
         self.last_activity = time.monotonic()  # newest push or encoded chunk (idle-stream reaping)
         self._handled = 0  # frames the reader finished with (sampled or skipped)
         self._chunk_ms: collections.deque[float] = collections.deque(maxlen=256)  # bounded: recent chunks only
+        self._sending: FrameBatch | None = None  # the chunk in the sink right now
         self._lock = threading.Lock()  # sampler/chunker are touched by the reader and by flush()
         self._stop = threading.Event()
         self._reader = threading.Thread(target=self._read_loop, name=f"ingest-read {stream_id}", daemon=True)
@@ -206,6 +212,12 @@ class IngestWorker:
         if self.state != "failed":
             self.state = "closed"
 
+    def frame_bytes(self) -> int:
+        """Pixel bytes this stream holds right now: queued chunks and the one being sent (bounded by
+        ``queue_chunks + 1`` chunks; the memory a lagging encoder costs, not a leak)."""
+        sending = self._sending
+        return self.queue.nbytes() + (sending.rgb.nbytes if sending is not None else 0)
+
     def stats(self) -> dict[str, Any]:
         """Ingest counters (see :class:`serve.api.IngestStats`) plus the source's own counters."""
         src = self.source.stats() if hasattr(self.source, "stats") else {}
@@ -267,7 +279,11 @@ class IngestWorker:
 
     def _send(self, chunk: FrameBatch) -> None:
         t0 = time.perf_counter()
-        stage_stats = self.sink(chunk)
+        self._sending = chunk
+        try:
+            stage_stats = self.sink(chunk)
+        finally:
+            self._sending = None
         self._chunk_ms.append((time.perf_counter() - t0) * 1000.0)
         self.frames_encoded += len(chunk)
         self.chunks_encoded += 1

@@ -147,8 +147,14 @@ class StreamRunner:
                 exc.status = 422
             raise
 
+    def frame_bytes(self) -> int:
+        """Pixel bytes this stream holds: queued and in-flight chunks and the newest frame (bounded per stream)."""
+        last = getattr(self, "last_frame", None)
+        held = self.worker.frame_bytes() if self.worker is not None else 0
+        return held + (last.nbytes if last is not None else 0)
+
     def _sink(self, batch: FrameBatch) -> dict[str, Any]:
-        self.last_frame = batch.rgb[-1]  # [H, W, 3] the newest sampled frame (for GET /streams/{id}/frame.jpg)
+        self.last_frame = batch.rgb[-1].copy()  # [H, W, 3] the newest frame (frame.jpg); a copy, not pinning the chunk
         return self.client.encode_append(self.stream_id, batch)
 
     def push(self, batch: FrameBatch, flush: bool = False) -> PushResponse:

@@ -46,6 +46,29 @@ def test_an_ingest_host_trims_after_a_stream_closes_when_configured(monkeypatch,
     assert calls == ([1] if trim else [])
 
 
+def test_a_hosts_memory_reports_the_pixels_its_streams_hold_and_the_newest_frame_pins_no_chunk():
+    import numpy as np
+
+    import serve.hosts
+    from serve.config import ServiceConfig
+    from serve.flow import DirectTransport
+    from stream.frames import FrameBatch
+    from tests.service_doubles import FakeLLMStage, FakeVisionStage, frames
+
+    cfg = ServiceConfig.parse({"sampler": {"fps": 100.0, "frames_per_chunk": 4}})
+    host = serve.hosts.IngestHost(DirectTransport(FakeVisionStage(), FakeLLMStage()), cfg.source, cfg.serve.ingest, 60.0)
+    host.create("s", None, "memory://", cfg.stream_options())
+    assert host.memory()["frames_mb"] == 0.0
+    rgb, pts = frames(8, 96, 128)  # two chunks of 4 frames, 36 KiB each
+    host.push("s", FrameBatch(rgb=rgb, pts=np.array(pts), indices=np.arange(8)), flush=True)
+    assert host.wait_idle("s", 10.0)
+    last = host._runner("s").last_frame  # noqa: SLF001 - our own class
+    assert last.shape == (96, 128, 3) and last.base is None  # a copy: the encoded chunk can be freed
+    assert host.memory()["frames_mb"] * 2**20 == last.nbytes  # nothing queued any more: only the newest frame
+    host.close("s")
+    assert host.memory()["frames_mb"] == 0.0
+
+
 _FRAMES = """
 import collections, json, numpy as np
 from stream.memory import heap_stats
