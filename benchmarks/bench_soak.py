@@ -7,7 +7,9 @@
    (``ingest_mb_per_stream``: memory added per open stream outside the model replicas).
 3. Load for ``--minutes``: half the streams pushed (160x120 frames from ../shared/media/vtest.avi when present), half
    reading ``--video`` (default ../shared/media/vtest.avi, 768x576; ``synthetic``: a 120-frame 160x120 clip, which
-   never exercises frame-sized allocations; the JSON's ``file_clip`` says which ran), recreated when they end; one stream is deleted and recreated every ``--churn-s``;
+   never exercises frame-sized allocations; the JSON's ``file_clip`` says which ran), recreated when they end
+   (churn; a stream found ``failed`` is replaced too and counted in ``failed_streams``); one stream is deleted and
+   recreated every ``--churn-s``;
    every stream is asked a question every ``--ask-every`` s. Any 4xx/5xx answer or SSE error counts in ``errors``.
 4. Every ``--sample-s``: RSS of every Ray process (by process title), the streams' KV bytes and each ingest host's
    glibc heap (size, in use, free inside it, mmapped: fragmentation shows as heap growing while in-use does not) and
@@ -297,7 +299,8 @@ def main() -> None:
         "ingest_mb_per_stream": round(ingest_mb, 2), "errors": len(soak.errors), "error_examples": soak.errors[:3],
         "races": len(soak.races), "race_examples": soak.races[:2],
         "frames": frames, "dropped": dropped, "file_clip": file_clip,
-        "failed_streams": len(soak.failed), "failed_examples": soak.failed[:2], "kv_mb_end": round(samples[-1][2], 3) if samples else None,
+        "failed_streams": len(soak.failed), "failed_examples": soak.failed[:2],
+        "kv_mb_end": round(samples[-1][2], 3) if samples else None,
         "slopes_mb_per_min": slopes, "host_net_slopes_mb_per_min": net_slopes,
         "host_heap_end": heaps[-1] if heaps else None,
         "random_weights": args.model is None,
