@@ -15,6 +15,8 @@ import urllib.parse
 import uuid
 from typing import Any, AsyncIterator, Callable, Iterator, Protocol
 
+import numpy as np
+
 from serve.api import (
     AnswerUsage,
     CapacityError,
@@ -117,6 +119,7 @@ class StreamRunner:
         self.created_at = time.time()
         self.questions = 0
         self.worker: IngestWorker | None = None
+        self.last_frame: np.ndarray | None = None  # [H, W, 3] the newest sampled frame (GET /streams/{id}/frame.jpg)
         self.kind = "push" if resolved == "memory://" else "file"
         self._last_pts: float | None = None  # newest pushed pts: pushes must keep one clock
         self._push_lock = threading.Lock()
@@ -149,12 +152,11 @@ class StreamRunner:
 
     def frame_bytes(self) -> int:
         """Pixel bytes this stream holds: queued and in-flight chunks and the newest frame (bounded per stream)."""
-        last = getattr(self, "last_frame", None)
         held = self.worker.frame_bytes() if self.worker is not None else 0
-        return held + (last.nbytes if last is not None else 0)
+        return held + (self.last_frame.nbytes if self.last_frame is not None else 0)
 
     def _sink(self, batch: FrameBatch) -> dict[str, Any]:
-        self.last_frame = batch.rgb[-1].copy()  # [H, W, 3] the newest frame (frame.jpg); a copy, not pinning the chunk
+        self.last_frame = batch.rgb[-1].copy()  # a copy: a view would keep the whole chunk alive
         return self.client.encode_append(self.stream_id, batch)
 
     def push(self, batch: FrameBatch, flush: bool = False) -> PushResponse:
