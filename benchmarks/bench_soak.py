@@ -179,7 +179,8 @@ def kill_one_host() -> str:
 
 
 def host_heaps(cfg: Any) -> dict[str, dict[str, float]]:
-    """Each ingest host's glibc heap (``IngestHost.memory``: heap, in use, free inside it, mmapped; MB)."""
+    """Each ingest host's glibc heap (``IngestHost.memory``: heap, in use, free inside it, mmapped; MB) and its
+    cyclic garbage collector's counters (full collections since start, objects frozen)."""
     import ray
 
     from serve.hosts import STREAM_NAMESPACE
@@ -191,7 +192,7 @@ def host_heaps(cfg: Any) -> dict[str, dict[str, float]]:
             mem = ray.get(ray.get_actor(name, namespace=STREAM_NAMESPACE).memory.remote(), timeout=30)
         except Exception:  # noqa: BLE001 - a host being restarted has no numbers this sample
             continue
-        out[name] = {key: round(v, 1) for key, v in mem.items() if key.endswith("_mb")}
+        out[name] = {key: round(v, 1) for key, v in mem.items() if key.endswith("_mb") or key.startswith("gc_")}
     return out
 
 

@@ -92,7 +92,7 @@ class RayBackend:
                 num_cpus=ing.num_cpus, max_concurrency=ing.host_concurrency,
                 runtime_env=self.settings.process.runtime_env(host=True) or None,
             ).remote(self.settings.app_name, self.source_config, ing, self.settings.stream_ttl_s,
-                     self.settings.watches, self.settings.process.trim_on_close)
+                     self.settings.watches, self.settings.process.trim_on_close, self.settings.process.gc_freeze)
         return self._hosts[name]
 
     def _host(self, stream_id: str) -> Any:

@@ -38,7 +38,7 @@ from serve.watchset import EventsPage, FlowAsker, Watch, WatchHub, WatchRequest
 from serve.webhooks import WebhookSender
 from stream.config import SourceConfig
 from stream.frames import FrameBatch
-from stream.memory import heap_stats, trim_heap
+from stream.memory import freeze_startup_objects, gc_stats, heap_stats, trim_heap
 
 STREAM_NAMESPACE = "stc-serve"
 
@@ -263,7 +263,7 @@ class IngestHost:
 
     def frame_jpeg(self, stream_id: str) -> bytes | None:
         """The stream's newest sampled frame as JPEG (None before the first chunk)."""
-        frame = getattr(self._get(stream_id).runner, "last_frame", None)
+        frame = self._get(stream_id).runner.last_frame
         return None if frame is None else jpeg_bytes(frame)
 
     def reopen(self, stream_id: str, kind: str) -> str:
@@ -286,7 +286,7 @@ class IngestHost:
     def memory(self) -> dict[str, Any]:
         """This host's resident memory, glibc heap (:func:`stream.memory.heap_stats`), stream count and ``frames_mb``,
         the pixels its streams hold in their bounded chunk queues (soak benchmark, health): RSS minus that is
-        what a leak would show in."""
+        what a leak would show in; and the cyclic garbage collector's counters (:func:`stream.memory.gc_stats`)."""
         import os
 
         import psutil
@@ -295,7 +295,7 @@ class IngestHost:
             runners = [entry.runner for entry in self._streams.values()]
         frames = sum(runner.frame_bytes() for runner in runners)
         return {"streams": len(self.ids()), "pid": os.getpid(), "frames_mb": frames / 2**20,
-                "rss_mb": psutil.Process().memory_info().rss / 2**20, **(heap_stats() or {})}
+                "rss_mb": psutil.Process().memory_info().rss / 2**20, **(heap_stats() or {}), **gc_stats()}
 
 
     # -- watches (standing questions): owned here, with their streams, so every ingress replica sees them ---------
@@ -329,7 +329,7 @@ class IngestHostActor(IngestHost):
     """The Ray actor form of :class:`IngestHost` (deployment handles looked up from inside the actor)."""
 
     def __init__(self, app_name: str, source_config: SourceConfig, ingest: IngestSettings, ttl_s: float,
-                 watches: WatchSettings | None = None, trim_on_close: bool = False) -> None:
+                 watches: WatchSettings | None = None, trim_on_close: bool = False, gc_freeze: bool = False) -> None:
         import ray
         from ray import serve
 
@@ -339,6 +339,8 @@ class IngestHostActor(IngestHost):
         super().__init__(ServeTransport(*handles, ingest), source_config, ingest, ttl_s,
                          context.was_current_actor_reconstructed, watches, directory, context.get_actor_name(),
                          trim_on_close)
+        if gc_freeze:  # after start-up: torch, Ray and the handles are loaded (serve.process.gc_freeze)
+            freeze_startup_objects()
 
 
 def directory_name(app_name: str) -> str:

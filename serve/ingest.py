@@ -10,6 +10,12 @@ The reader thread decodes (or takes pushed frames), samples and chunks; complete
 
 A live source never blocks the service: reading, sending and pushing happen off the caller's thread, and
 :meth:`IngestWorker.push` only appends to a bounded queue.
+
+No reference cycles: a closed stream's frames are freed by reference counting the moment the last reference goes,
+not at a later full garbage collection (which a long-running process with torch and Ray loaded reaches rarely: a
+closed stream's pixels stayed in memory for minutes that way). The sink must not reference the object that holds
+the worker (pass the stage client's method, not a method of the worker's owner); :meth:`IngestWorker.close` drops
+every frame the worker still holds.
 """
 from __future__ import annotations
 
@@ -103,6 +109,14 @@ class ChunkQueue:
         with self._cond:
             return len(self._items)
 
+    def clear(self) -> int:
+        """Forget the chunks waiting here (a closed stream's; not counted as drops); returns how many."""
+        with self._cond:
+            n = len(self._items)
+            self._items.clear()
+            self._cond.notify_all()
+            return n
+
     def nbytes(self) -> int:
         """Pixel bytes of the chunks waiting here (bounded by ``max_chunks`` chunks)."""
         with self._cond:
@@ -124,7 +138,8 @@ class IngestWorker:
         source: the frame source (a :class:`stream.sources.MemorySource` for pushed streams); the reader thread owns
             it and closes it when it stops.
         sink: called with each chunk, in order, from the sender thread; returns stage numbers (``vision``/``llm``
-            dicts) that :meth:`stats` reports. An exception in the sink ends the stream as ``failed``.
+            dicts) that :meth:`stats` reports. An exception in the sink ends the stream as ``failed``. It must not
+            reference the worker's owner (a cycle would keep the stream's frames until a full garbage collection).
         sampler: object with ``accept(frame) -> bool`` (the fps sampler).
         chunker: a :class:`stream.sampler.Chunker` (``push(frame) -> list[FrameBatch]``, ``flush() -> FrameBatch|None``).
         queue: the bounded chunk queue (its policy decides what a lagging encoder costs).
@@ -145,6 +160,7 @@ class IngestWorker:
         self.chunks_encoded = 0
         self.last_pts: float | None = None
         self.last_stage_stats: dict[str, Any] = {}
+        self.last_frame: Any = None  # [H, W, 3] uint8 copy of the newest frame sent (frame.jpg); None before one
         self.last_activity = time.monotonic()  # newest push or encoded chunk (idle-stream reaping)
         self._handled = 0  # frames the reader finished with (sampled or skipped)
         self._chunk_ms: collections.deque[float] = collections.deque(maxlen=256)  # bounded: recent chunks only
@@ -211,12 +227,22 @@ class IngestWorker:
                 thread.join(timeout_s)
         if self.state != "failed":
             self.state = "closed"
+        self._release()
+
+    def _release(self) -> None:
+        """Drop the frames a closed stream still holds (a partial chunk, chunks its sender had not taken yet, the
+        newest frame), so they go now even while a thread that outlived ``close``'s timeout still holds the worker."""
+        with self._lock:
+            self.chunker.clear()
+        self.queue.clear()
+        self.last_frame = None
 
     def frame_bytes(self) -> int:
-        """Pixel bytes this stream holds right now: queued chunks and the one being sent (bounded by
-        ``queue_chunks + 1`` chunks; the memory a lagging encoder costs, not a leak)."""
-        sending = self._sending
-        return self.queue.nbytes() + (sending.rgb.nbytes if sending is not None else 0)
+        """Pixel bytes this stream holds right now: queued chunks, the one being sent and the newest frame (bounded
+        by ``queue_chunks + 1`` chunks and a frame; the memory a lagging encoder costs, not a leak; 0 once closed)."""
+        sending, last = self._sending, self.last_frame
+        return (self.queue.nbytes() + (sending.rgb.nbytes if sending is not None else 0)
+                + (last.nbytes if last is not None else 0))
 
     def stats(self) -> dict[str, Any]:
         """Ingest counters (see :class:`serve.api.IngestStats`) plus the source's own counters."""
@@ -279,6 +305,7 @@ class IngestWorker:
 
     def _send(self, chunk: FrameBatch) -> None:
         t0 = time.perf_counter()
+        self.last_frame = chunk.rgb[-1].copy()  # [H, W, 3]; a copy: a view would keep the whole chunk alive
         self._sending = chunk
         try:
             stage_stats = self.sink(chunk)

@@ -8,6 +8,7 @@ service runs the same runner inside one actor per stream.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import threading
 import time
@@ -119,7 +120,6 @@ class StreamRunner:
         self.created_at = time.time()
         self.questions = 0
         self.worker: IngestWorker | None = None
-        self.last_frame: np.ndarray | None = None  # [H, W, 3] the newest sampled frame (GET /streams/{id}/frame.jpg)
         self.kind = "push" if resolved == "memory://" else "file"
         self._last_pts: float | None = None  # newest pushed pts: pushes must keep one clock
         self._push_lock = threading.Lock()
@@ -135,8 +135,10 @@ class StreamRunner:
             raise
         sampler = self.options.sampler
         queue = ChunkQueue(self.ingest.queue_chunks, queue_policy(self.kind, self.ingest.drop_policy))
-        self.worker = IngestWorker(self.stream_id, source, self._sink, FpsSampler(sampler.fps),
-                                   Chunker(sampler.frames_per_chunk), queue)
+        # the sink is the stage client's method, not one of this runner's: runner -> worker -> sink -> runner would
+        # be a reference cycle, and a closed stream's frames would wait for a full garbage collection
+        self.worker = IngestWorker(self.stream_id, source, functools.partial(self.client.encode_append, self.stream_id),
+                                   FpsSampler(sampler.fps), Chunker(sampler.frames_per_chunk), queue)
         self.worker.start()
 
     def _open_source(self) -> Any:
@@ -150,14 +152,14 @@ class StreamRunner:
                 exc.status = 422
             raise
 
+    @property
+    def last_frame(self) -> np.ndarray | None:
+        """``[H, W, 3]`` the newest frame sent to the encoder (GET /streams/{id}/frame.jpg); None before one."""
+        return self.worker.last_frame if self.worker is not None else None
+
     def frame_bytes(self) -> int:
         """Pixel bytes this stream holds: queued and in-flight chunks and the newest frame (bounded per stream)."""
-        held = self.worker.frame_bytes() if self.worker is not None else 0
-        return held + (self.last_frame.nbytes if self.last_frame is not None else 0)
-
-    def _sink(self, batch: FrameBatch) -> dict[str, Any]:
-        self.last_frame = batch.rgb[-1].copy()  # a copy: a view would keep the whole chunk alive
-        return self.client.encode_append(self.stream_id, batch)
+        return self.worker.frame_bytes() if self.worker is not None else 0
 
     def push(self, batch: FrameBatch, flush: bool = False) -> PushResponse:
         """Queue pushed frames (never waits for the encoder); ``flush`` also queues the partial chunk."""
@@ -361,7 +363,7 @@ class LocalBackend:
 
     async def frame_jpeg(self, stream_id: str) -> bytes | None:
         """The newest sampled frame as JPEG (None before the first chunk)."""
-        frame = getattr(self._get(stream_id), "last_frame", None)
+        frame = self._get(stream_id).last_frame
         return None if frame is None else await asyncio.to_thread(jpeg_bytes, frame)
 
     async def stats(self, stream_id: str) -> StreamStats:

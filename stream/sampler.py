@@ -129,6 +129,12 @@ class Chunker:
         """The partial chunk (``None`` if empty)."""
         return self._take() if self._frames else None
 
+    def clear(self) -> int:
+        """Drop the waiting frames (the stream ended without its last chunk); returns how many."""
+        n = len(self._frames)
+        self._frames = []
+        return n
+
     def chunks(self, frames: Iterable[Frame]) -> Iterator[FrameBatch]:
         """Every chunk of ``frames``, lazily, including the final partial one."""
         for frame in frames:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ctypes
+from pathlib import Path
 
 import pytest
 
@@ -107,3 +108,45 @@ def test_the_hosts_mmap_threshold_keeps_decoded_frames_off_the_heap(fixed):
         assert heap["heap_mb"] < 8 and heap["mmapped_mb"] >= live, heap
     else:
         assert heap["heap_mb"] >= live, heap  # why the hosts set it: frames fragment the heap otherwise
+
+
+_CYCLES = """
+import gc, json, sys, weakref
+import numpy as np
+from stream.memory import freeze_startup_objects, gc_stats
+startup = [[i] for i in range(400_000)]  # long-lived start-up objects (torch + Ray: ~470,000 in a host)
+gc.collect()
+if sys.argv[1] == "freeze":
+    freeze_startup_objects()
+class Node:
+    pass
+full0, held, gone = gc_stats()["gc_full_collections"], [], []
+for i in range(300):  # a closed stream's state in a reference cycle, holding a frame; lives a while, then dropped
+    a, b = Node(), Node()
+    a.b, b.a, a.frame = b, a, np.ones(1 << 20, np.uint8)
+    held.append(a)
+    junk = [Node() for _ in range(1000)]  # the work meanwhile: young collections promote the cycle
+    if len(held) > 8:
+        gone.append(weakref.ref(held.pop(0)))
+print(json.dumps({"full": gc_stats()["gc_full_collections"] - full0, "frozen": gc_stats()["gc_frozen"],
+                  "garbage_frames_alive": sum(r() is not None for r in gone)}))
+"""
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_frozen_startup_objects_let_full_collections_free_cyclic_garbage(freeze):
+    """serve.process.gc_freeze: with many long-lived objects, cyclic garbage holding frames waits for a full
+    collection that does not come; with the start-up objects frozen, full collections run and free it."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _CYCLES, "freeze" if freeze else "plain"], capture_output=True,
+                         text=True, timeout=120, cwd=str(Path(__file__).resolve().parent.parent), check=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    if freeze:
+        assert got["frozen"] >= 400_000 and got["full"] >= 1
+        assert got["garbage_frames_alive"] <= 100  # only what became garbage since the last full collection (29)
+    else:
+        assert got["frozen"] == 0 and got["full"] == 0
+        assert got["garbage_frames_alive"] >= 200  # of 292 dropped cycles of ~1 MB each, 217 still in memory

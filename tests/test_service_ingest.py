@@ -163,8 +163,9 @@ def test_ten_thousand_frames_keep_queues_bounded():
 
 
 def test_frame_bytes_count_queued_and_in_flight_chunks_and_stay_bounded():
-    """``frame_bytes`` (what the soak subtracts from a host's RSS) is exactly the pixels queued + being sent, never
-    more than ``queue_chunks + 1`` chunks, and zero once drained."""
+    """``frame_bytes`` (what the soak subtracts from a host's RSS) is exactly the pixels queued + being sent + the
+    newest frame, never more than ``queue_chunks + 1`` chunks and a frame, the newest frame once drained, zero once
+    closed."""
     gate = threading.Event()
     sink = SlowSink()
     sink_calls = []
@@ -179,15 +180,18 @@ def test_frame_bytes_count_queued_and_in_flight_chunks_and_stay_bounded():
     rgb, pts = frames(40, 4, 4)  # 10 chunks of 4 frames, 4x4x3 bytes each
     w.push(FrameBatch(rgb=rgb, pts=np.array(pts), indices=np.arange(40)))
     assert w.wait_source_drained(10.0)
-    chunk_bytes = 4 * 4 * 4 * 3
+    frame_bytes = 4 * 4 * 3
+    chunk_bytes = 4 * frame_bytes
     assert sink_calls == [4]  # one chunk in the sink, blocked
-    assert w.frame_bytes() == (len(w.queue) + 1) * chunk_bytes  # queued + in flight
+    assert w.frame_bytes() == (len(w.queue) + 1) * chunk_bytes + frame_bytes  # queued + in flight + newest frame
     rgb2, pts2 = frames(8, 4, 4, start=40)  # with the sink surely busy now, two more chunks fill the queue
     w.push(FrameBatch(rgb=rgb2, pts=np.array(pts2), indices=np.arange(40, 48)))
     assert w.wait_source_drained(10.0)
     assert w.queue.nbytes() == len(w.queue) * chunk_bytes == 2 * chunk_bytes  # the queue's bound
-    assert w.frame_bytes() == 3 * chunk_bytes
+    assert w.frame_bytes() == 3 * chunk_bytes + frame_bytes
     gate.set()
     source.end()
     assert w.wait_finished(10.0)
-    assert w.frame_bytes() == 0 and w.queue.nbytes() == 0
+    assert w.frame_bytes() == frame_bytes and w.queue.nbytes() == 0  # the newest frame (frame.jpg) stays
+    w.close()
+    assert w.frame_bytes() == 0

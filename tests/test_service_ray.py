@@ -100,9 +100,11 @@ def test_stateful_processes_run_with_the_configured_malloc_env(service):
     sid = client.create_stream(stream_id="env-probe")["stream_id"]  # starts the ingest hosts
     try:
         pids = [w["pid"] for kind in (VISION, LLM) for w in _where(kind)]
-        hosts = [ray.get(ray.get_actor(f"stc/ingest/{k}", namespace=STREAM_NAMESPACE).memory.remote())["pid"]
-                 for k in range(2)]
+        memory = [ray.get(ray.get_actor(f"stc/ingest/{k}", namespace=STREAM_NAMESPACE).memory.remote())
+                  for k in range(2)]
+        hosts = [m["pid"] for m in memory]
         assert len(pids) == 4 and len(hosts) == 2
+        assert all(m["gc_frozen"] > 100_000 for m in memory), memory  # serve.process.gc_freeze: torch, Ray frozen
         for pid in pids + hosts:
             assert _environ(pid).get("MALLOC_ARENA_MAX") == "2", f"process {pid} lacks serve.process.env"
         for pid in pids:  # serve.process.host_env: the ingest hosts' only
