@@ -3,7 +3,7 @@
 :class:`StreamRunner` owns a stream's source and :class:`serve.ingest.IngestWorker`; it reaches the model stages
 through a :class:`StageClient` (direct calls in-process, Ray handles in the service). :class:`LocalBackend` serves
 the HTTP API (:mod:`serve.http_app`) without Ray -- tests and a single-process deployment use it; the Ray
-service runs the same runner inside one actor per stream.
+service runs the same runner in its ingest hosts (:mod:`serve.hosts`, many streams per host).
 """
 from __future__ import annotations
 

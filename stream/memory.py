@@ -8,8 +8,8 @@ library without it (musl, macOS) this is a no-op.
 Python's cyclic garbage collector has the opposite problem in such a process: a full collection runs only once a
 quarter as many objects as are already long-lived have become long-lived since the last one, and a process with
 torch and Ray imported starts with ~470,000 tracked objects, so cyclic garbage (and whatever large buffers it holds)
-can wait for tens of minutes. :func:`freeze_startup_objects` moves the start-up objects out of the collector's
-view (``gc.freeze``), so full collections run at their normal cadence and only scan what came later.
+can wait for minutes or longer. :func:`freeze_startup_objects` moves the start-up objects out of the collector's
+view (``gc.freeze``): full collections are then no longer gated on them, and scan only what came later.
 """
 from __future__ import annotations
 
