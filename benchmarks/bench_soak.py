@@ -1,6 +1,6 @@
 """Soak: pushed and file streams, questions and stream churn for M minutes; memory of every Ray process over time.
 
-    python benchmarks/bench_soak.py --streams 4 --minutes 30 [--plot out.png] [--series samples.json]
+    python benchmarks/bench_soak.py --streams 4 --minutes 30 [--plot out.png] [--series samples.json] [--config YAML]
 
 1. Starts the service in this process (local Ray, tiny model with random weights unless ``--model``; CPU).
 2. Ingest cost: RSS of the ingest host processes before and after opening ``--probe-streams`` idle pushed streams
@@ -47,6 +47,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--video", default=str(REPO.parent / "shared" / "media" / "vtest.avi"),
                    help="the file streams' video; 'synthetic' for a generated 120-frame 160x120 clip")
     p.add_argument("--model", help="model folder / hub id (default: built-in tiny model, random weights)")
+    p.add_argument("--config", type=Path, help="a service config YAML (e.g. to switch serve.process settings off for "
+                   "an ablation); the soak's own settings (port, media root, stream limits, CPUs) override it")
     p.add_argument("--ask-every", type=float, default=5.0)
     p.add_argument("--churn-s", type=float, default=20.0, help="delete + recreate one stream this often")
     p.add_argument("--sample-s", type=float, default=10.0)
@@ -221,7 +223,7 @@ def main() -> None:
     info = probe_file(media / "soak.avi").info
     file_clip = {"video": args.video, "size": [info.width, info.height], "frames": info.num_frames}
     n_total = args.streams + args.probe_streams + 2
-    cfg = ServiceConfig.parse({
+    cfg = ServiceConfig.load(args.config, {
         "model": {"name": args.model},
         "serve": {"http": {"port": free_port()}, "media_root": str(media), "max_streams": n_total,
                   "max_streams_per_replica": n_total, "ingress": {"num_cpus": 0}, "ingest": {"num_cpus": 0},
@@ -304,7 +306,8 @@ def main() -> None:
         "kv_mb_end": round(samples[-1][2], 3) if samples else None,
         "slopes_mb_per_min": slopes, "host_net_slopes_mb_per_min": net_slopes,
         "host_heap_end": heaps[-1] if heaps else None,
-        "random_weights": args.model is None,
+        "random_weights": args.model is None, "config": str(args.config) if args.config else None,
+        "process": cfg.serve.process.model_dump(),
         "killed": killed if args.kill_host_after is not None else None,
         "machine": machine_info("cpu"),
     }))
