@@ -194,7 +194,7 @@ class ProcessSettings(StrictModel):
         True,
         description="Ingest hosts freeze the objects alive after start-up out of Python's cyclic garbage collector "
         "(gc.freeze). With torch and Ray loaded a host starts with ~470,000 tracked objects, and a full collection "
-        "then waits until a quarter as many again have become long-lived: in a soak none ran for minutes, so any "
+        "then waits until a quarter as many again have become long-lived: in a 30-minute soak none ran, so any "
         "cyclic garbage (and the frames it held) stayed. Frozen, full collections are no longer gated on the "
         "start-up objects and cost ~0 ms instead of ~185 ms holding the GIL.",
     )
