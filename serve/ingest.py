@@ -24,6 +24,8 @@ import threading
 import time
 from typing import Any, Callable, Literal
 
+import numpy as np
+
 from stream.frames import FrameBatch
 
 QueuePolicy = Literal["drop_oldest", "drop_newest", "block"]
@@ -109,13 +111,11 @@ class ChunkQueue:
         with self._cond:
             return len(self._items)
 
-    def clear(self) -> int:
-        """Forget the chunks waiting here (a closed stream's; not counted as drops); returns how many."""
+    def clear(self) -> None:
+        """Forget the chunks waiting here (a closed stream's; not counted as drops)."""
         with self._cond:
-            n = len(self._items)
             self._items.clear()
             self._cond.notify_all()
-            return n
 
     def nbytes(self) -> int:
         """Pixel bytes of the chunks waiting here (bounded by ``max_chunks`` chunks)."""
@@ -160,7 +160,7 @@ class IngestWorker:
         self.chunks_encoded = 0
         self.last_pts: float | None = None
         self.last_stage_stats: dict[str, Any] = {}
-        self.last_frame: Any = None  # [H, W, 3] uint8 copy of the newest frame sent (frame.jpg); None before one
+        self.last_frame: np.ndarray | None = None  # [H, W, 3] uint8 copy of the newest frame sent (frame.jpg); None before one
         self.last_activity = time.monotonic()  # newest push or encoded chunk (idle-stream reaping)
         self._handled = 0  # frames the reader finished with (sampled or skipped)
         self._chunk_ms: collections.deque[float] = collections.deque(maxlen=256)  # bounded: recent chunks only

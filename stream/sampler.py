@@ -129,11 +129,9 @@ class Chunker:
         """The partial chunk (``None`` if empty)."""
         return self._take() if self._frames else None
 
-    def clear(self) -> int:
-        """Drop the waiting frames (the stream ended without its last chunk); returns how many."""
-        n = len(self._frames)
+    def clear(self) -> None:
+        """Drop the waiting frames (the stream ended without its last chunk)."""
         self._frames = []
-        return n
 
     def chunks(self, frames: Iterable[Frame]) -> Iterator[FrameBatch]:
         """Every chunk of ``frames``, lazily, including the final partial one."""
