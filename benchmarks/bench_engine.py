@@ -30,17 +30,21 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import threading
 import time
+from pathlib import Path
 
 import torch
 from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 
-from benchmarks.common import machine_info
-from cache.kv import KVConfig, LLMEngine
-from cache.kv.config import SchedulerConfig
-from cache.kv.stub import FastForwardLM
-from stream.models.llm import TextLM
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python benchmarks/<script>.py`
+
+from benchmarks.common import machine_info  # noqa: E402
+from cache.kv import KVConfig, LLMEngine  # noqa: E402
+from cache.kv.config import SchedulerConfig  # noqa: E402
+from stream.models.llm import TextLM  # noqa: E402
+from tests.kv_doubles import FastForwardLM  # noqa: E402
 
 QWEN2_05B = dict(hidden_size=896, num_attention_heads=14, num_key_value_heads=2, intermediate_size=4864,
                  tie_word_embeddings=True, rope_theta=1_000_000.0)

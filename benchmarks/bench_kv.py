@@ -52,8 +52,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import machine_info, progress  # noqa: E402
 
 from cache.kv import KVConfig, LLMEngine, SessionStats  # noqa: E402
-from cache.kv.stub import FastForwardLM  # noqa: E402
 from stream.models.llm import TextLM  # noqa: E402
+from tests.kv_doubles import FastForwardLM  # noqa: E402
 
 QWEN2_05B = dict(hidden_size=896, num_attention_heads=14, num_key_value_heads=2, intermediate_size=4864)
 POLICIES = {

@@ -162,14 +162,14 @@ def encode(adapter: VLMAdapter, rgb: np.ndarray) -> tuple[VisualTokens, torch.Te
 
 def prune(cfg: PrunerConfig, tokens: VisualTokens, attn: torch.Tensor, pts: list[float], chunk: int) -> Kept:
     """Run one stream's pruner chunk by chunk -> the kept tokens (positions, DeepStack rows), selection seconds."""
-    pruner, out, t0 = StreamPruner(cfg), Kept([], [], None if tokens.deepstack is None else []), clock()
+    pruner, out, t0 = StreamPruner(cfg), Kept([], [], {name: [] for name in tokens.extras}), clock()
     for s in range(0, tokens.embeds.shape[0], chunk):
         e = tokens.embeds[s:s + chunk]
         result = pruner.select(e, tokens.positions, pts=pts[s:s + chunk], attention=attn[s:s + chunk])
         out.embeds += result.kept(e)
         out.positions += result.kept_positions(tokens.positions)
-        if out.deepstack is not None:  # a dropped token leaves every DeepStack level
-            out.deepstack += [tokens.deepstack[:, s + f][:, result.mask[f]] for f in range(e.shape[0])]
+        for name, x in tokens.extras.items():  # a dropped token leaves every family extra (DeepStack levels)
+            out.extras[name] += [x[s + f][result.mask[f]] for f in range(e.shape[0])]
     out.tokens, out.select_s = pruner.stats()["tokens_kept"], clock() - t0
     return out
 
@@ -255,8 +255,8 @@ class Bench:
         """Every token of the first ``frames`` frames, at their grid positions."""
         t = self.tokens
         n = t.embeds.shape[0] if frames is None else frames
-        deep = None if t.deepstack is None else [t.deepstack[:, f] for f in range(n)]
-        return Kept(list(t.embeds[:n]), [t.positions] * n, deep, n * self.per_frame)
+        extras = {name: list(x[:n]) for name, x in t.extras.items()}
+        return Kept(list(t.embeds[:n]), [t.positions] * n, extras, n * self.per_frame)
 
     def reference(self) -> None:
         """Unpruned next-token logits after every question; its timed prefill is the first unpruned sample."""
@@ -274,14 +274,10 @@ class Bench:
                 seq = torch.cat([self.prefix, a.chunk_embeds(kept.embeds, self.pts[:n])])
                 return Seq(seq, None, seq.shape[0])
             piece = a.chunk_embeds(kept.embeds, self.pts[:n], positions=kept.positions, grid=self.tokens.grid,
-                                   deepstack=kept.deepstack)
+                                   extras=kept.extras)
         start = torch.arange(p).expand(3, -1)
-        extras = {}
-        if piece.deepstack is not None:
-            extras = {"deepstack": piece.deepstack,
-                      "visual_mask": torch.cat([torch.zeros(p, dtype=torch.bool), piece.visual_mask.cpu()])}
         return Seq(torch.cat([self.prefix, piece.embeds]), torch.cat([start, piece.position_rows(3).cpu() + p], 1),
-                   p + piece.extent, extras)
+                   p + piece.extent, piece.extras, p)
 
     def run(self, policy: str, budget: int) -> dict:
         """Prune with ``policy`` at ``budget`` -> tokens kept, selection time, KL vs unpruned, the pruned video and

@@ -108,7 +108,7 @@ def free_port() -> int:
 
 # ---- phases -------------------------------------------------------------------------------------------------------
 def make_config(args: argparse.Namespace) -> Any:
-    from serve.config import ServiceConfig
+    from serve.core.config import ServiceConfig
 
     return ServiceConfig.parse({
         "model": {"name": args.model, "device": args.device,
@@ -128,7 +128,7 @@ def make_config(args: argparse.Namespace) -> Any:
 
 def correctness_check(client: Any, cfg: Any, frames: np.ndarray, max_new_tokens: int) -> str:
     """The service's answer must equal the in-process pipeline's for the same frames (raw pixels, exact)."""
-    from serve.pipeline import StreamPipeline
+    from serve.core.pipeline import StreamPipeline
     from stream.frames import Frame
     from stream.models import load_adapter
 
@@ -261,8 +261,8 @@ def main() -> int:
     import ray
     import torch
 
-    from serve.app import start_service, stop_service
-    from serve.client import StcClient
+    from serve.deploy.app import start_service, stop_service
+    from serve.http.client import StcClient
 
     cfg = make_config(args)
     frames = load_frames(tuple(args.size))

@@ -185,7 +185,7 @@ def host_heaps(cfg: Any) -> dict[str, dict[str, float]]:
     cyclic garbage collector's counters (full collections since start, objects frozen)."""
     import ray
 
-    from serve.hosts import STREAM_NAMESPACE
+    from serve.deploy.hosts import STREAM_NAMESPACE
 
     out = {}
     for k in range(cfg.serve.ingest.hosts):
@@ -194,7 +194,8 @@ def host_heaps(cfg: Any) -> dict[str, dict[str, float]]:
             mem = ray.get(ray.get_actor(name, namespace=STREAM_NAMESPACE).memory.remote(), timeout=30)
         except Exception:  # noqa: BLE001 - a host being restarted has no numbers this sample
             continue
-        out[name] = {key: round(v, 1) for key, v in mem.items() if key.endswith("_mb") or key.startswith("gc_")}
+        out[name] = {key: round(v, 1) for key, v in mem.model_dump().items()
+                     if v is not None and (key.endswith("_mb") or key.startswith("gc_"))}
     return out
 
 
@@ -204,9 +205,9 @@ def host_rss(snapshot: dict[str, float]) -> float:
 
 def main() -> None:
     args = parse_args()
-    from serve.app import start_service, stop_service
-    from serve.client import StcClient
-    from serve.config import ServiceConfig
+    from serve.deploy.app import start_service, stop_service
+    from serve.http.client import StcClient
+    from serve.core.config import ServiceConfig
 
     media = Path(tempfile.mkdtemp(prefix="soak-media-"))
     if args.video == "synthetic":

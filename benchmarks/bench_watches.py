@@ -1,7 +1,7 @@
 """Ingest frames/s of one stream with 0 vs 4 standing questions (text watches), same process, same run.
 
 Real tiny-model stages (random weights: the answers are meaningless, the costs are real) in the in-process
-LocalBackend, whose WatchHub (serve/watchset.py: the class every ingest host runs) drives the watches on its scheduler
+LocalBackend, whose WatchHub (serve/core/watchset.py: the class every ingest host runs) drives the watches on its scheduler
 thread; frames are pushed one chunk at a time (the next once the previous is encoded), so frames/s is the ingest
 path's throughput while the watches compete for the LLM. Clock: wall time
 (``time.perf_counter``), since watches run concurrently with ingest; process CPU time is reported alongside.
@@ -14,19 +14,22 @@ import asyncio
 import json
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from benchmarks.common import machine_info
-from serve.api import CreateStreamRequest
-from serve.config import ServiceConfig
-from serve.stages import LLMStage, VisionStage
-from serve.streams import LocalBackend
-from serve.watchset import WatchRequest
-from stream.frames import FrameBatch
-from stream.models import load_adapter
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python benchmarks/<script>.py`
+
+from benchmarks.common import machine_info  # noqa: E402
+from serve.core.api import CreateStreamRequest  # noqa: E402
+from serve.core.config import ServiceConfig  # noqa: E402
+from serve.core.stages import LLMStage, VisionStage  # noqa: E402
+from serve.core.local import LocalBackend  # noqa: E402
+from serve.core.watchset import WatchRequest  # noqa: E402
+from stream.frames import FrameBatch  # noqa: E402
+from stream.models import load_adapter  # noqa: E402
 
 
 async def _run(backend: LocalBackend, watches: int, frames: int, chunk: int, every_s: float, bar: tqdm) -> dict:

@@ -283,6 +283,11 @@ def service_model(path: Path) -> Path:
 
 
 if __name__ == "__main__":
+    USAGE = ("usage: python benchmarks/gpu_support.py --peak SCRIPT [ARGS...]\n\nRun SCRIPT as __main__ with ARGS "
+             f"and write its peak CUDA memory to the file named by ${PEAK_ENV} (gpu_check.py runs it).")
+    if sys.argv[1:2] in (["-h"], ["--help"]):
+        print(USAGE)
+        sys.exit(0)
     if len(sys.argv) < 3 or sys.argv[1] != "--peak":
-        raise SystemExit("usage: python benchmarks/gpu_support.py --peak SCRIPT [ARGS...]")
+        raise SystemExit(USAGE)
     peak_wrapper(sys.argv[2], sys.argv[3:])

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from transformers import DynamicCache
 
 from stream.models.base import VLMAdapter
 
@@ -25,12 +26,12 @@ def mrope_overrides(family: str, shape: dict) -> dict:
 
 @dataclass
 class Kept:
-    """One stream's pruned frames: per frame the kept tokens ``[k, d]``, their (row, col) ``[k, 2]`` and, with
-    DeepStack, their rows of every level ``[levels, k, d]``."""
+    """One stream's pruned frames: per frame the kept tokens ``[k, d]``, their (row, col) ``[k, 2]`` and their rows
+    of every family extra ``[k, ...]`` (e.g. Qwen3-VL's DeepStack levels; opaque here)."""
 
     embeds: list[torch.Tensor]
     positions: list[torch.Tensor]
-    deepstack: list[torch.Tensor] | None = None
+    extras: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     tokens: int = 0
     select_s: np.ndarray = field(default_factory=lambda: np.zeros(2))
 
@@ -38,12 +39,14 @@ class Kept:
 @dataclass
 class Seq:
     """A prefill sequence: embeddings ``[L, d]``, absolute M-RoPE positions ``[3, L]`` (``None``: 1-D RoPE,
-    ``0..L-1``), the next position after it, DeepStack extras (``deepstack`` / ``visual_mask``)."""
+    ``0..L-1``), the next position after it, and the video piece's family decoder inputs (``extras``, opaque: they
+    belong to the tokens after the first ``prefix`` ones, so a sequence with extras is prefilled in two forwards)."""
 
     embeds: torch.Tensor
     positions: torch.Tensor | None
     extent: int
     extras: dict = field(default_factory=dict)
+    prefix: int = 0
 
     def equal(self, other: "Seq") -> bool:
         same = torch.equal(self.embeds, other.embeds) and self.extent == other.extent
@@ -58,5 +61,13 @@ def forward(adapter: VLMAdapter, seq: Seq, q: torch.Tensor, cache, after_video: 
     if seq.positions is not None:
         tail = torch.arange(seq.extent, seq.extent + q.shape[0], device=seq.positions.device).expand(3, -1)
         pos = (tail if after_video else torch.cat([seq.positions, tail], dim=1))[:, None]  # [3, 1, L]
-    emb, extras = (q, {}) if after_video else (torch.cat([seq.embeds, q]), seq.extras)
-    return adapter.llm.forward(emb[None], cache=cache, position_ids=pos, **extras)[0, -1]
+    if after_video:
+        return adapter.llm.forward(q[None], cache=cache, position_ids=pos)[0, -1]
+    emb = torch.cat([seq.embeds, q])
+    if not seq.extras:
+        return adapter.llm.forward(emb[None], cache=cache, position_ids=pos)[0, -1]
+    cache = cache if cache is not None else DynamicCache()  # the prefix first: the extras are the piece's
+    p = seq.prefix
+    adapter.llm.forward(emb[None, :p], cache=cache, position_ids=None if pos is None else pos[..., :p])
+    return adapter.llm.forward(emb[None, p:], cache=cache, position_ids=None if pos is None else pos[..., p:],
+                               **seq.extras)[0, -1]

@@ -2,9 +2,8 @@
 
 One call per chunk: ``StreamPruner(config).select(embeds [F,T,d], positions [T,2], pts, attention) -> PruneResult``
 (keep mask ``[F, T]`` + per-frame counts). Pure scoring/budget functions live in ``pruner.scoring``,
-``pruner.budget`` and ``pruner.attention``; policies are looked up by name in ``pruner.policies``.
+``pruner.budget``; policies are looked up by name in ``pruner.policies``.
 """
-from pruner.attention import attention_received, scores_to_tokens
 from pruner.config import PrunerConfig
 from pruner.policies import Policy, PolicyContext, available_policies, get_policy
 from pruner.stream import PruneResult, StreamPruner
@@ -15,8 +14,6 @@ __all__ = [
     "PruneResult",
     "PrunerConfig",
     "StreamPruner",
-    "attention_received",
     "available_policies",
     "get_policy",
-    "scores_to_tokens",
 ]

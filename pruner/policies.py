@@ -125,12 +125,12 @@ def _attention(embeds: torch.Tensor, counts: torch.Tensor, ctx: PolicyContext) -
     if ctx.attention is None:
         raise ConfigError(
             "policy 'attention' needs per-token attention scores [F, T]: compute them in the encoder with "
-            "pruner.attention.attention_received + scores_to_tokens and pass attention=...; or choose another policy"
+            "the model adapter's encode_vision_attention + attention_tokens and pass attention=...; or choose another policy"
         )
     if ctx.attention.shape != embeds.shape[:2]:
         raise ValueError(
             f"attention scores must have shape {list(embeds.shape[:2])} ([frames, tokens]), got "
-            f"{list(ctx.attention.shape)}; map patch scores with pruner.attention.scores_to_tokens"
+            f"{list(ctx.attention.shape)}; map patch scores with the adapter's attention_tokens"
         )
     return topk_mask(ctx.attention, counts)
 

@@ -15,21 +15,6 @@ import torch
 import torch.nn.functional as F
 
 
-def gaussian_kernel_similarity(x: torch.Tensor, target: torch.Tensor, bandwidths: list[float]) -> torch.Tensor:
-    """Sum over ``alpha`` of ``exp(-|x - target|^2 / (2 alpha))``.
-
-    Args:
-        x: ``[..., N, c]`` features.
-        target: broadcastable to ``x`` (e.g. ``[..., 1, c]``).
-        bandwidths: kernel bandwidths ``alpha > 0``.
-
-    Returns:
-        ``[..., N]`` similarity in ``(0, len(bandwidths)]``; equal vectors score ``len(bandwidths)``.
-    """
-    dist_sq = (x - target).pow(2).sum(dim=-1)  # [..., N]
-    return sum(torch.exp(-dist_sq / (2.0 * a)) for a in bandwidths)
-
-
 def low_variance_channels(embeds: torch.Tensor, keep: float) -> torch.Tensor:
     """Indices of the ``round(d * keep)`` (at least 1) channels with the lowest variance over each frame's tokens.
 

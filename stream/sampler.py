@@ -3,6 +3,7 @@
 * :func:`select_by_timestamp` -- the rule, as a pure function on an array of timestamps (the reference).
 * :class:`FpsSampler` -- the same rule applied frame by frame, state kept between calls (live streams).
 * :class:`Chunker` -- kept frames -> :class:`FrameBatch` es of ``frames_per_chunk`` frames.
+* :class:`FrameChunker` -- both, one frame at a time: the sample -> chunk step every stream runs.
 
 The rule: the first frame is kept; a later frame is kept when its pts is at least ``1 / fps`` after the last
 kept frame's. So two kept frames are never closer than ``1 / fps`` (up to ``PTS_TOLERANCE_S`` of float
@@ -151,7 +152,55 @@ class Chunker:
         return batch
 
 
+class FrameChunker:
+    """The one sample -> chunk step of every stream: frames in, full chunks out (fps sampler, then chunker).
+
+    ``push`` decides one frame (sampled or skipped) and returns the chunks it completed; ``flush`` gives the partial
+    chunk. The sampler's state carries over a ``flush``, so a stream fed in segments (up to each question) samples
+    exactly as if fed at once. The ingest worker, the in-process pipeline and :func:`sample_and_chunk` all use it.
+
+    Args:
+        fps: target frames per second (:class:`FpsSampler`).
+        frames_per_chunk: frames per chunk (:class:`Chunker`).
+    """
+
+    def __init__(self, fps: float, frames_per_chunk: int) -> None:
+        self.sampler = FpsSampler(fps)
+        self.chunker = Chunker(frames_per_chunk)
+        self.sampled = 0
+
+    @classmethod
+    def of(cls, config: SamplerConfig) -> "FrameChunker":
+        return cls(config.fps, config.frames_per_chunk)
+
+    def __len__(self) -> int:
+        """Frames waiting for their chunk to fill."""
+        return len(self.chunker)
+
+    def push(self, frame: Frame) -> list[FrameBatch]:
+        """Decide ``frame``; returns the chunks it completed (usually none)."""
+        if not self.sampler.accept(frame):
+            return []
+        self.sampled += 1
+        return self.chunker.push(frame)
+
+    def flush(self) -> FrameBatch | None:
+        """The partial chunk (``None`` if empty)."""
+        return self.chunker.flush()
+
+    def clear(self) -> None:
+        """Drop the frames waiting for their chunk (a closed stream)."""
+        self.chunker.clear()
+
+    def chunks(self, frames: Iterable[Frame], flush: bool = True) -> Iterator[FrameBatch]:
+        """Every chunk of ``frames``, lazily; with ``flush`` the partial one at the end too."""
+        for frame in frames:
+            yield from self.push(frame)
+        last = self.flush() if flush else None
+        if last is not None:
+            yield last
+
+
 def sample_and_chunk(frames: Iterable[Frame], config: SamplerConfig) -> Iterator[FrameBatch]:
     """``frames`` sampled at ``config.fps`` and chunked by ``config.frames_per_chunk`` (last chunk may be short)."""
-    sampler = FpsSampler(config.fps)
-    yield from Chunker(config.frames_per_chunk).chunks(sampler.sample(frames))
+    return FrameChunker.of(config).chunks(frames)

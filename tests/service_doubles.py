@@ -1,4 +1,4 @@
-"""Test doubles of the vision/LLM stages (same methods as serve.stages), and frame helpers for the service tests.
+"""Test doubles of the vision/LLM stages (same methods as serve.core.stages), and frame helpers for the service tests.
 
 The doubles are deterministic and observable: the fake LLM answers with what it has seen ("frames=N last=T"), so a
 test can check that a question sees exactly the frames that reached the LLM, per stream.
@@ -12,7 +12,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from serve.messages import EncodedChunk
+from serve.core.messages import AnswerItem, AnswerStats, EncodedChunk
+from serve.core.stats import AppendStats, CacheCounters, ChunkStats, KVStats, VisionStats
 from stream.errors import RequestError
 from stream.frames import FrameBatch
 
@@ -43,16 +44,16 @@ class FakeVisionStage:
         st["tokens_in"] += 4 * len(batch)
         st["tokens_kept"] += len(batch)
         return EncodedChunk(stream_id, embeds, [1] * len(batch), batch.pts.tolist(),
-                            {"tokens_in": 4 * len(batch), "tokens_kept": len(batch)})
+                            ChunkStats(tokens_in=4 * len(batch), tokens_kept=len(batch)))
 
     def close(self, stream_id: str) -> None:
         if self.streams.pop(stream_id, None) is None:
             raise UnknownStream(f"stream {stream_id!r} not open")
 
-    def stats(self, stream_id: str) -> dict[str, Any]:
+    def stats(self, stream_id: str) -> VisionStats:
         if stream_id not in self.streams:
             raise UnknownStream(f"stream {stream_id!r} not open")
-        return {**self.streams[stream_id], "cache": {"reuse_rate": 0.5}}
+        return VisionStats(**self.streams[stream_id], cache=CacheCounters(reuse_rate=0.5))
 
 
 class FakeLLMStage:
@@ -64,36 +65,45 @@ class FakeLLMStage:
     def open(self, stream_id: str, options: Any = None) -> None:
         self.seen[stream_id] = []
 
-    def append(self, chunk: EncodedChunk) -> dict[str, Any]:
-        if chunk.stream_id not in self.seen:
-            raise UnknownStream(f"stream {chunk.stream_id!r} not open")
-        self.seen[chunk.stream_id].extend(chunk.pts)
-        return {"llm_tokens": int(chunk.embeds.shape[0])}
+    def append(self, stream_id: str, chunk: EncodedChunk) -> AppendStats:
+        if stream_id not in self.seen:
+            raise UnknownStream(f"stream {stream_id!r} not open")
+        self.seen[stream_id].extend(chunk.pts)
+        return AppendStats(llm_tokens=int(chunk.embeds.shape[0]))
 
-    def ask(self, stream_id: str, question: str, max_new_tokens: int = 64, sampling: Any = None,
-            stats: Any = None) -> Iterator[str]:
+    def ask(self, stream_id: str, question: str, max_new_tokens: int = 64, sampling: Any = None
+            ) -> Iterator[AnswerItem]:
         if stream_id not in self.seen:
             raise UnknownStream(f"stream {stream_id!r} not open")
         self.last_sampling = sampling  # what the transport passed on (tests read it)
         pts = list(self.seen[stream_id])
         last = f"{pts[-1]:.2f}" if pts else "none"
-        if stats is not None:  # the double's "prompt": one token per frame seen + one per question word
-            stats.attended_tokens, stats.question_tokens, stats.prompted = len(pts), len(question.split()), True
+        # the double's "prompt": one token per frame seen + one per question word
+        stats = AnswerStats(attended_tokens=len(pts), question_tokens=len(question.split()), prompted=True)
+        yield AnswerStats(**{**stats.__dict__})
         pieces = (f"frames={len(pts)}", " ", f"last={last}")
-        for n, piece in enumerate(pieces, 1):
-            if stats is not None:
-                stats.new_tokens = n
+        for piece in pieces:
             yield piece
+        yield AnswerStats(**{**stats.__dict__, "new_tokens": len(pieces), "done": True})
 
     def close(self, stream_id: str) -> None:
         if self.seen.pop(stream_id, None) is None:
             raise UnknownStream(f"stream {stream_id!r} not open")
 
-    def stats(self, stream_id: str) -> dict[str, Any]:
+    def stats(self, stream_id: str) -> KVStats:
         if stream_id not in self.seen:
             raise UnknownStream(f"stream {stream_id!r} not open")
         n = len(self.seen[stream_id])
-        return {"kv_tokens": n, "kv_bytes": 64 * n}
+        return fake_kv_stats(stream_id, n)
+
+
+def fake_kv_stats(stream_id: str, tokens: int) -> KVStats:
+    """A KV session's stats with ``tokens`` resident (64 bytes each) and nothing else happened."""
+    counts = {name: 0 for name, f in KVStats.model_fields.items() if f.annotation in (int, "int")}
+    counts.update(stream_tokens=tokens, resident_tokens=tokens, peak_resident_tokens=tokens, budget_tokens=1 << 20,
+                  resident_used_bytes=64 * tokens, next_position=tokens, held_bytes=64 * tokens,
+                  used_bytes=64 * tokens, kv_tokens=tokens, kv_bytes=64 * tokens)
+    return KVStats(**counts, stream_id=stream_id, policy="fake")
 
 
 def frames(n: int, height: int = 32, width: int = 48, fps: float = 10.0, start: int = 0) -> tuple[np.ndarray, list[float]]:
@@ -104,15 +114,15 @@ def frames(n: int, height: int = 32, width: int = 48, fps: float = 10.0, start: 
 
 
 def fake_stage_factory(kind: str, config: Any) -> Any:
-    """``serve.app.build_app`` stage factory building the doubles (runs inside Ray replicas)."""
+    """``serve.deploy.app.build_app`` stage factory building the doubles (runs inside Ray replicas)."""
     return FakeVisionStage() if kind == "vision" else FakeLLMStage()
 
 
 def tiny_stages_with_context(stream_id: str = "s") -> tuple[Any, Any, Any]:
     """The real built-in tiny model's (adapter, VisionStage, LLMStage) with ``stream_id`` open and 4 random frames
     in its context (random weights)."""
-    from serve.options import StreamOptions
-    from serve.stages import LLMStage, VisionStage
+    from serve.core.options import StreamOptions
+    from serve.core.stages import LLMStage, VisionStage
     from stream.models import load_adapter
 
     adapter = load_adapter(None)
@@ -120,5 +130,5 @@ def tiny_stages_with_context(stream_id: str = "s") -> tuple[Any, Any, Any]:
     vision.open(stream_id)
     llm.open(stream_id)
     rgb = np.random.default_rng(0).integers(0, 255, (4, 48, 64, 3), dtype=np.uint8)  # [frames, H, W, 3]
-    llm.append(vision.encode(stream_id, FrameBatch(rgb, np.arange(4) / 1.0, np.arange(4))))
+    llm.append(stream_id, vision.encode(stream_id, FrameBatch(rgb, np.arange(4) / 1.0, np.arange(4))))
     return adapter, vision, llm

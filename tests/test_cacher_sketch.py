@@ -21,7 +21,6 @@ R = 16  # sketch width for the tiny towers (width 64)
 def _clip(n: int, step: int = 5) -> np.ndarray:
     """``[n, 240, 320, 3]``: vtest.avi frames ``0, step, ...`` (a fixed camera)."""
     import av
-    from PIL import Image
 
     out = []
     with av.open(str(real_video("vtest.avi"))) as box:
@@ -120,8 +119,8 @@ def test_config_uses_a_sketch_only_when_it_saves_work(tiny_llava) -> None:
 def test_region_refresh_auto_takes_the_adapters_value(tiny_llava, qwen) -> None:
     """'auto' region refresh: 0.8 for towers with absolute position embeddings, off for Qwen2.5-VL (rotary only);
     an explicit value always wins; a stream opened on the vision stage gets its family's value."""
-    from serve.options import StreamOptions
-    from serve.stages import VisionStage
+    from serve.core.options import StreamOptions
+    from serve.core.stages import VisionStage
     from stream.models.qwen3_vl import Qwen3VLAdapter
 
     auto = CacherConfig()

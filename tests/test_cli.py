@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from serve.cli import main
+from serve.cli.main import main
 from tests.media import make_clip
 
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serve.config import ServiceConfig
-from serve.http_app import make_api
-from serve.protocol import CONTENT_TYPE, encode_frames
-from serve.streams import LocalBackend
+from serve.core.config import ServiceConfig
+from serve.http.app import make_api
+from serve.core.protocol import CONTENT_TYPE, encode_frames
+from serve.core.local import LocalBackend
 from tests.service_doubles import FakeLLMStage, FakeVisionStage, frames
 
 CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"

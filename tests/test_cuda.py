@@ -25,6 +25,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from serve.core.messages import text_of
 from cache.cacher import StreamCacher
 from cache.config import CacherConfig
 from cache.kv import KVConfig, LLMEngine
@@ -188,27 +189,28 @@ def test_reference_store_lives_on_gpu_with_its_bytes(gpu_pair) -> None:
 _RECEIVER = """
 import pickle, sys, torch
 assert not torch.cuda.is_available()
-from serve.stages import LLMStage
+from serve.core.messages import text_of
+from serve.core.stages import LLMStage
 from stream.models import load_adapter
 chunk = pickle.load(open(sys.argv[2], "rb"))
 stage = LLMStage(load_adapter(sys.argv[1], "cpu", "float32"))
 stage.open(chunk.stream_id)
-stage.append(chunk)
-print(repr("".join(stage.ask(chunk.stream_id, "What is happening?", 8))))
+stage.append(chunk.stream_id, chunk)
+print(repr(text_of(stage.ask(chunk.stream_id, "What is happening?", 8))))
 """
 
 
 def _answer(adapter, chunk) -> str:
-    from serve.stages import LLMStage
+    from serve.core.stages import LLMStage
 
     stage = LLMStage(adapter)
     stage.open(chunk.stream_id)
-    stage.append(chunk)
-    return "".join(stage.ask(chunk.stream_id, "What is happening?", 8))
+    stage.append(chunk.stream_id, chunk)
+    return text_of(stage.ask(chunk.stream_id, "What is happening?", 8))
 
 
 def test_chunk_encoded_on_gpu_is_appended_on_another_device(tiny_llava_dir: Path, tmp_path: Path) -> None:
-    from serve.stages import VisionStage
+    from serve.core.stages import VisionStage
     from stream.frames import FrameBatch
 
     vision = VisionStage(load_adapter(tiny_llava_dir, DEVICE, "float32"))

@@ -11,9 +11,9 @@ from transformers import DynamicCache
 
 from cache.kv import LLMEngine
 from cache.kv.config import SchedulerConfig
-from cache.kv.scheduler import run_batch
-from cache.kv.session import KVSession, drive
-from cache.kv.stub import FastForwardLM
+from cache.kv.forward import Forward, drive, run_batch
+from cache.kv.session import KVSession
+from tests.kv_doubles import FastForwardLM
 from stream.models.inputs import LLMInput
 from stream.models.llm import TextLM
 from tests.kv_support import embeds, kv_config, stream, tiny_lm
@@ -301,7 +301,6 @@ def test_forward_uses_the_supported_cache_argument(llm, recwarn):
 
 def test_prefill_policy_questions_first_ageing_and_token_budget():
     from cache.kv.scheduler import Task, pick_prefills
-    from cache.kv.session import Forward
 
     def task(kind, seq, arrival, tokens, extra=None):
         t = Task("s%d" % seq, kind, iter(()), seq, arrival)
@@ -316,7 +315,7 @@ def test_prefill_policy_questions_first_ageing_and_token_budget():
     assert [(r[0].kind, r[1], r[2]) for r in rows] == [("chunk", 0, 8), ("question", 0, 2)]
     fifo = SchedulerConfig(max_batch_rows=8, token_budget=10, questions_first=False, max_ingest_wait_steps=99)
     assert [r[0].kind for r in pick_prefills([question, chunk], step=6, cfg=fifo)] == ["chunk", "question"]
-    special = task("chunk", 2, arrival=0, tokens=30, extra={"deepstack": 1})
+    special = task("chunk", 2, arrival=0, tokens=30, extra={"family_input": 1})
     assert [(r[1], r[2]) for r in pick_prefills([special, question], step=99, cfg=cfg)] == [(0, 30)]  # alone, whole
     assert len(pick_prefills([task("chunk", i, 0, 1) for i in range(20)], 0, cfg)) == 8  # row cap
 

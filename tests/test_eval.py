@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from serve.cli import main
+from serve.cli.main import main
 from serve.eval import (BenchFormatError, EvalRunner, compression_off, load_bench, parse_choice, score,
                         summarize)
-from serve.options import StreamOptions
+from serve.core.options import StreamOptions
 from stream.config import SourceConfig
 from stream.sampler import FpsSampler
 from stream.sources import open_source

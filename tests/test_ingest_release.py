@@ -13,9 +13,10 @@ import weakref
 
 import numpy as np
 
-from serve.config import ServiceConfig
-from serve.flow import DirectTransport
-from serve.hosts import IngestHost
+from serve.core.runner import StreamPlan
+from serve.core.config import ServiceConfig
+from serve.core.flow import DirectTransport
+from serve.core.hosts import IngestHost
 from stream.frames import FrameBatch
 from tests.media import make_clip
 from tests.service_doubles import FakeLLMStage, FakeVisionStage, frames
@@ -43,7 +44,7 @@ def test_a_closed_file_stream_mid_read_frees_its_frames_without_a_garbage_collec
     make_clip(tmp_path / "clip.avi", num_frames=90, fps=30, size=(64, 48))
     host, cfg = _host(delay_s=0.05)  # a slow encoder: chunks wait in the queue, frames in the chunker
     with no_cyclic_gc():
-        host.create("f", "clip.avi", str(tmp_path / "clip.avi"), cfg.stream_options())
+        host.create(StreamPlan("f", "clip.avi", str(tmp_path / "clip.avi"), cfg.stream_options()))
         runner = host._runner("f")  # noqa: SLF001 - our own class
         worker = runner.worker
         while worker.chunks_encoded < 2:  # mid-stream: the newest frame is held, the queue is full
@@ -60,24 +61,24 @@ def test_a_closed_file_stream_mid_read_frees_its_frames_without_a_garbage_collec
 def test_a_closed_pushed_stream_frees_its_pushed_chunks_without_a_garbage_collection():
     host, cfg = _host()
     with no_cyclic_gc():
-        host.create("p", None, "memory://", cfg.stream_options())
+        host.create(StreamPlan("p", None, "memory://", cfg.stream_options()))
         rgb, pts = frames(10, 48, 64)  # two full chunks and two frames waiting for the third
         batch = FrameBatch(rgb=rgb, pts=np.array(pts), indices=np.arange(10))
         host.push("p", batch, flush=False)
-        assert host.wait_idle("p", 10.0)
+        assert host._runner("p").wait_idle(10.0)  # noqa: SLF001 - our own class
         runner = host._runner("p")  # noqa: SLF001
         assert len(runner.worker.chunker) == 2
         refs = [weakref.ref(o) for o in (runner, runner.worker, runner.worker.source)]
         del runner
         host.close("p")
         assert [r() is None for r in refs] == [True] * len(refs)
-    assert host.memory()["frames_mb"] == 0.0
+    assert host.memory().frames_mb == 0.0
 
 
 def test_close_drops_what_a_worker_still_holds_even_while_a_thread_outlives_close():
     """A sender stuck in a stage call beyond ``close``'s join timeout keeps the worker alive; its frames go anyway."""
     host, cfg = _host(delay_s=1.5)
-    host.create("s", None, "memory://", cfg.stream_options())
+    host.create(StreamPlan("s", None, "memory://", cfg.stream_options()))
     rgb, pts = frames(14, 48, 64)
     host.push("s", FrameBatch(rgb=rgb, pts=np.array(pts), indices=np.arange(14)), flush=False)
     worker = host._runner("s").worker  # noqa: SLF001

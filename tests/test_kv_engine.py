@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import gc
 import threading
-import time
 import weakref
 
 import pytest
 import torch
 
 from cache.kv import KVCapacityError, LLMEngine, StreamExistsError, UnknownStreamError
-from cache.kv.stub import FastForwardLM
+from tests.kv_doubles import FastForwardLM
 from stream.errors import ConfigError, RequestError
 from tests.kv_support import embeds, kv_config, run_engine, stream, tiny_lm
 from tests.kv_support import one_torch_thread  # noqa: F401  (autouse fixture)

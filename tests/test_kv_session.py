@@ -10,7 +10,7 @@ import torch
 from transformers import DynamicCache
 
 from cache.kv import LLMEngine
-from cache.kv.rope import move_rope, rope_inv_freq
+from stream.models.rope import move_rope, rope_inv_freq
 from tests.kv_support import RecordingLM, embeds, kv_config, reference, run_engine, stream, tiny_lm
 from tests.kv_support import one_torch_thread  # noqa: F401  (autouse fixture)
 

@@ -8,7 +8,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from cache.kv import KVConfig, Sampling
 from cache.kv import policies
 from cache.kv.quant import dequantize, quantize
-from cache.kv.rope import apply_rope, move_rope, rope_inv_freq
+from stream.models.rope import apply_rope, move_rope, rope_inv_freq
 from cache.kv.sampling import next_token
 from stream.errors import ConfigError
 from tests.kv_support import one_torch_thread  # noqa: F401  (autouse fixture)

@@ -31,17 +31,18 @@ def test_trim_returns_freed_pages_pinned_by_a_live_chunk():
 
 @pytest.mark.parametrize("trim", [True, False])
 def test_an_ingest_host_trims_after_a_stream_closes_when_configured(monkeypatch, trim):
-    import serve.hosts
-    from serve.config import ServiceConfig
-    from serve.flow import DirectTransport
+    import serve.core.hosts
+    from serve.core.config import ServiceConfig
+    from serve.core.flow import DirectTransport
+    from serve.core.runner import StreamPlan
     from tests.service_doubles import FakeLLMStage, FakeVisionStage
 
     calls = []
-    monkeypatch.setattr(serve.hosts, "trim_heap", lambda: calls.append(1) or True)
+    monkeypatch.setattr(serve.core.hosts, "trim_heap", lambda: calls.append(1) or True)
     cfg = ServiceConfig.parse({})
-    host = serve.hosts.IngestHost(DirectTransport(FakeVisionStage(), FakeLLMStage()), cfg.source, cfg.serve.ingest,
+    host = serve.core.hosts.IngestHost(DirectTransport(FakeVisionStage(), FakeLLMStage()), cfg.source, cfg.serve.ingest,
                                   60.0, trim_on_close=trim)
-    host.create("s", None, "memory://", cfg.stream_options())
+    host.create(StreamPlan("s", None, "memory://", cfg.stream_options()))
     assert calls == []
     host.close("s")
     assert calls == ([1] if trim else [])
@@ -50,24 +51,25 @@ def test_an_ingest_host_trims_after_a_stream_closes_when_configured(monkeypatch,
 def test_a_hosts_memory_reports_the_pixels_its_streams_hold_and_the_newest_frame_pins_no_chunk():
     import numpy as np
 
-    import serve.hosts
-    from serve.config import ServiceConfig
-    from serve.flow import DirectTransport
+    import serve.core.hosts
+    from serve.core.config import ServiceConfig
+    from serve.core.flow import DirectTransport
+    from serve.core.runner import StreamPlan
     from stream.frames import FrameBatch
     from tests.service_doubles import FakeLLMStage, FakeVisionStage, frames
 
     cfg = ServiceConfig.parse({"sampler": {"fps": 100.0, "frames_per_chunk": 4}})
-    host = serve.hosts.IngestHost(DirectTransport(FakeVisionStage(), FakeLLMStage()), cfg.source, cfg.serve.ingest, 60.0)
-    host.create("s", None, "memory://", cfg.stream_options())
-    assert host.memory()["frames_mb"] == 0.0
+    host = serve.core.hosts.IngestHost(DirectTransport(FakeVisionStage(), FakeLLMStage()), cfg.source, cfg.serve.ingest, 60.0)
+    host.create(StreamPlan("s", None, "memory://", cfg.stream_options()))
+    assert host.memory().frames_mb == 0.0
     rgb, pts = frames(8, 96, 128)  # two chunks of 4 frames, 36 KiB each
     host.push("s", FrameBatch(rgb=rgb, pts=np.array(pts), indices=np.arange(8)), flush=True)
-    assert host.wait_idle("s", 10.0)
+    assert host._runner("s").wait_idle(10.0)  # noqa: SLF001 - our own class
     last = host._runner("s").last_frame  # noqa: SLF001 - our own class
     assert last.shape == (96, 128, 3) and last.base is None  # a copy: the encoded chunk can be freed
-    assert host.memory()["frames_mb"] * 2**20 == last.nbytes  # nothing queued any more: only the newest frame
+    assert host.memory().frames_mb * 2**20 == last.nbytes  # nothing queued any more: only the newest frame
     host.close("s")
-    assert host.memory()["frames_mb"] == 0.0
+    assert host.memory().frames_mb == 0.0
 
 
 _FRAMES = """
@@ -95,7 +97,7 @@ def test_the_hosts_mmap_threshold_keeps_decoded_frames_off_the_heap(fixed):
     import subprocess
     import sys
 
-    from serve.service_config import ProcessSettings
+    from serve.core.settings import ProcessSettings
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     if fixed:

@@ -8,11 +8,12 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 
-from serve.client import iter_sse
-from serve.config import ServiceConfig
-from serve.http_app import make_api
-from serve.protocol import CONTENT_TYPE, encode_frames
-from serve.streams import LocalBackend
+from serve.core.messages import text_of
+from serve.http.client import iter_sse
+from serve.core.config import ServiceConfig
+from serve.http.app import make_api
+from serve.core.protocol import CONTENT_TYPE, encode_frames
+from serve.core.local import LocalBackend
 from tests.media import make_clip
 from tests.service_doubles import FakeLLMStage, FakeVisionStage, frames, tiny_stages_with_context
 
@@ -49,7 +50,7 @@ def _msg(url: str, text: str = "what happened?") -> list[dict]:
 
 def _native(client: TestClient, sid: str) -> str:
     r = client.post(f"/streams/{sid}/questions", json={"question": "what happened?", "wait_s": 2})
-    return [e for e in iter_sse(r.iter_lines()) if e[0] == "done"][0][1]["answer"]
+    return [e for e in iter_sse(r) if e[0] == "done"][0][1]["answer"]
 
 
 def test_models_and_non_streamed_answer_equals_native_question(app):
@@ -124,10 +125,10 @@ def test_real_llm_samples_reproducibly_with_a_seed():
 
     _, _, llm = tiny_stages_with_context()
     hot = Sampling(temperature=1.5, seed=7)
-    a = "".join(llm.ask("s", "what moves?", 12, sampling=hot))
-    assert a == "".join(llm.ask("s", "what moves?", 12, sampling=hot))
-    greedy = "".join(llm.ask("s", "what moves?", 12))
-    assert greedy == "".join(llm.ask("s", "what moves?", 12, sampling=Sampling()))
+    a = text_of(llm.ask("s", "what moves?", 12, sampling=hot))
+    assert a == text_of(llm.ask("s", "what moves?", 12, sampling=hot))
+    greedy = text_of(llm.ask("s", "what moves?", 12))
+    assert greedy == text_of(llm.ask("s", "what moves?", 12, sampling=Sampling()))
     assert a != greedy  # near-uniform random-weight logits: sampling at 1.5 leaves the greedy path
 
 
@@ -138,8 +139,8 @@ def test_real_llm_usage_is_exact_context_attended_plus_question_tokens():
     SSE 'done' event reports the same numbers."""
     import numpy as np
 
-    from serve.options import StreamOptions
-    from serve.stages import LLMStage, VisionStage
+    from serve.core.options import StreamOptions
+    from serve.core.stages import LLMStage, VisionStage
     from stream.models import load_adapter
 
     adapter = load_adapter(None)
@@ -158,13 +159,13 @@ def test_real_llm_usage_is_exact_context_attended_plus_question_tokens():
         question = "what happened?"
         q_tokens = len(adapter.question_ids(question)) + int(adapter.video_end_embeds().shape[0])
         assert q_tokens == adapter.question_embeds(question).shape[0]
-        expected = kv["resident_tokens"] + q_tokens
-        assert kv["resident_tokens"] == kv["stream_tokens"] > len(adapter.stream_prefix_ids())  # prefix + frames
+        expected = kv.resident_tokens + q_tokens
+        assert kv.resident_tokens == kv.stream_tokens > len(adapter.stream_prefix_ids())  # prefix + frames
         out = _oa(client).chat.completions.create(model="stc-serve", messages=_msg("stream://cam"), max_tokens=5)
         assert out.usage.prompt_tokens == expected
         assert out.usage.completion_tokens == 5 and out.choices[0].finish_reason == "length"
         done = [e for e in iter_sse(client.post("/streams/cam/questions", json={
-            "question": question, "max_new_tokens": 5}).iter_lines()) if e[0] == "done"][0][1]
+            "question": question, "max_new_tokens": 5})) if e[0] == "done"][0][1]
         assert done["prompt_tokens"] == expected and done["completion_tokens"] == 5
     finally:
         backend.shutdown()

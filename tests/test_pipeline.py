@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from serve.options import StreamOptions
-from serve.pipeline import StreamPipeline
+from serve.core.options import StreamOptions
+from serve.core.pipeline import StreamPipeline
 from stream.frames import Frame, FrameBatch
 from tests.media import moving_square
 

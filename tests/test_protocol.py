@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serve.protocol import (
+from serve.core.protocol import (
     FrameFormatError,
     FrameLimits,
     PayloadTooLargeError,

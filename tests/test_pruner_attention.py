@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
-from pruner.attention import attention_received, scores_to_tokens
+from stream.models.vision_ops import layer_ops, scores_to_tokens
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +21,8 @@ def test_attention_received_matches_hf_eager_weights(tower: SiglipVisionModel) -
     hidden = torch.randn(5, 64, 32)  # [N, P, D]
     with torch.no_grad():
         _, weights = layer.self_attn(layer.layer_norm1(hidden))  # [N, H, P, P]
+        got = layer_ops(layer, 1).attention_received(hidden, frames_per_step=2)  # chunks of 2 frames: 2 + 2 + 1
     want = weights.mean(dim=(1, 2))  # [N, P]
-    got = attention_received(layer, hidden, frames_per_step=2)  # chunks of 2 frames: 2 + 2 + 1
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got.sum(-1), torch.ones(5))
 

@@ -96,8 +96,8 @@ def test_pipeline_over_a_resolution_change_equals_hf_generate(qwen) -> None:
     """Three chunks of three frame sizes through vision stage -> KV session -> answer == HF generate on the same
     temporal patches (compression off; then the cacher at ratio 1.0); with the default cacher and the pruner on,
     the stream carries on over both changes."""
-    from serve.options import StreamOptions
-    from serve.pipeline import StreamPipeline
+    from serve.core.options import StreamOptions
+    from serve.core.pipeline import StreamPipeline
 
     chunks = _chunks()
     pts = [np.arange(4 * i, 4 * i + 4) * 0.5 for i in range(len(chunks))]
@@ -121,8 +121,8 @@ def test_pipeline_over_a_resolution_change_equals_hf_generate(qwen) -> None:
             assert answer == ref, (cacher, answer, ref)
         else:
             stats = pipe.vision.stats(sid)
-            assert stats["pruner"]["grid_changes"] == 2 and stats["cache"]["grid_changes"] == 2
-            assert stats["tokens_kept"] == 9 * 6 and answer
+            assert stats.pruner.grid_changes == 2 and stats.cache.grid_changes == 2
+            assert stats.tokens_kept == 9 * 6 and answer
 
 
 def _hf_attention_received(a, pv: torch.Tensor) -> torch.Tensor:
@@ -173,8 +173,8 @@ def test_attention_policy_on_qwen_towers_matches_hf_blocks(qwen, tmp_path, last_
     torch.testing.assert_close(tokens, _hf_attention_received(a, pv), atol=1e-6, rtol=1e-4)
     assert tokens.shape == vt.embeds.shape[:2] and (tokens.std(dim=1) > 0).all()
     # end to end: the vision stage keeps the tokens that receive the most attention
-    from serve.options import StreamOptions
-    from serve.stages import VisionStage
+    from serve.core.options import StreamOptions
+    from serve.core.stages import VisionStage
 
     opts = StreamOptions.model_validate({"cacher": {"enabled": False},
                                          "pruner": {"policy": "attention", "tokens_per_frame": 7}})
@@ -189,8 +189,8 @@ def test_attention_policy_on_qwen_towers_matches_hf_blocks(qwen, tmp_path, last_
 
 def test_attention_policy_on_a_tower_without_layer_ops_fails_at_open(qwen) -> None:
     """A tower whose last layer has no per-layer ops is refused when the stream opens (4xx), naming the layer."""
-    from serve.options import StreamOptions
-    from serve.stages import VisionStage
+    from serve.core.options import StreamOptions
+    from serve.core.stages import VisionStage
     from stream.errors import RequestError
     from stream.models.base import VLMAdapter
 

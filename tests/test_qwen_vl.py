@@ -10,7 +10,7 @@ from transformers import DynamicCache
 from cache.kv import KVConfig, LLMEngine
 from stream.models import load_adapter
 from stream.models.inputs import LLMInput
-from stream.models.qwen2_5_vl import frames_to_patches, smart_resize
+from stream.models.qwen_parts import frames_to_patches, smart_resize
 
 QUESTION = "What is the man holding?"
 
@@ -44,12 +44,11 @@ def _ours(a, rgb: np.ndarray, chunks: int = 1, flat_positions: bool = False) -> 
     for idx in np.array_split(np.arange(len(rgb) // 2), chunks):
         frames = rgb[2 * idx[0]: 2 * idx[-1] + 2]
         vt = a.encode_frames(frames)
-        deep = None if vt.deepstack is None else list(vt.deepstack.transpose(0, 1))
+        extras = {name: list(x) for name, x in vt.extras.items()}  # per temporal patch [T, ...]
         piece = a.chunk_embeds(list(vt.embeds), a.patch_pts(_pts(len(rgb))[2 * idx[0]: 2 * idx[-1] + 2]),
-                               grid=vt.grid, deepstack=deep)
-        extra = {} if deep is None else {"deepstack": piece.deepstack, "visual_mask": piece.visual_mask}
+                               grid=vt.grid, extras=extras)
         rel = piece.position_rows(3) if not flat_positions else torch.arange(piece.tokens).expand(3, -1)
-        a.llm.forward(piece.embeds[None], cache, position_ids=(rel + pos)[:, None], **extra)
+        a.llm.forward(piece.embeds[None], cache, position_ids=(rel + pos)[:, None], **piece.extras)
         pos += piece.extent if not flat_positions else piece.tokens
     q = a.question_embeds(QUESTION)
     return a.llm.forward(q[None], cache, position_ids=torch.arange(pos, pos + len(q)).expand(3, 1, -1),
@@ -104,10 +103,13 @@ def test_tower_equals_hf_video_features(qwen) -> None:
     torch.testing.assert_close(vt.embeds, torch.cat(ref.pooler_output).view(vt.embeds.shape), atol=1e-5, rtol=1e-5)
     assert vt.grid[0] * vt.grid[1] == vt.embeds.shape[1]
     if qwen.family == "qwen3_vl":
-        assert vt.deepstack.shape[0] == len(ref.deepstack_features) == 2
+        deep = vt.extras["deepstack"]  # [N, T, levels, d]
+        assert deep.shape[2] == len(ref.deepstack_features) == 2
         for level, feats in enumerate(ref.deepstack_features):
             feats = torch.cat(feats) if isinstance(feats, (tuple, list)) else feats
-            torch.testing.assert_close(vt.deepstack[level], feats.view(vt.embeds.shape), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(deep[:, :, level], feats.view(vt.embeds.shape), atol=1e-5, rtol=1e-5)
+    else:
+        assert vt.extras == {}
 
 
 def test_stream_path_equals_model_forward_and_needs_mrope_positions(qwen) -> None:
@@ -140,10 +142,10 @@ def test_pruned_chunk_equals_hf_fed_kept_tokens_at_original_positions(qwen) -> N
     rgb = _frames(2)
     vt = qwen.encode_frames(rgb)
     keep = torch.tensor([0, 3, 4, 10, 17, 20, 29])  # kept token indices of the one temporal patch
-    deep = None if vt.deepstack is None else [vt.deepstack[:, 0, keep]]  # a dropped token leaves every level
+    extras = {name: [x[0, keep]] for name, x in vt.extras.items()}  # a dropped token leaves every level
     piece = qwen.chunk_embeds([vt.embeds[0, keep]], qwen.patch_pts(_pts(2)), positions=[vt.positions[keep]],
-                              grid=vt.grid, deepstack=deep)
-    extra = {} if deep is None else {"deepstack": piece.deepstack, "visual_mask": piece.visual_mask}
+                              grid=vt.grid, extras=extras)
+    extra = piece.extras
     prefix = qwen.llm.embed(qwen.stream_prefix_ids())
     q = qwen.question_embeds(QUESTION)
     cache = DynamicCache()
@@ -165,8 +167,9 @@ def test_pruned_chunk_equals_hf_fed_kept_tokens_at_original_positions(qwen) -> N
         embeds = qwen.model.model.get_input_embeddings()(ids)
         embeds[0, video] = vt.embeds[0]
         kw = {}
-        if deep is not None:  # HF's decoder fed the kept tokens' rows of every DeepStack level
-            kw = {"visual_pos_masks": (ids == qwen.placeholder_id)[:, drop], "deepstack_visual_embeds": list(deep[0])}
+        if "deepstack" in extras:  # HF's decoder fed the kept tokens' rows of every DeepStack level
+            levels = list(extras["deepstack"][0].transpose(0, 1))  # [keep, levels, d] -> levels x [keep, d]
+            kw = {"visual_pos_masks": (ids == qwen.placeholder_id)[:, drop], "deepstack_visual_embeds": levels}
         hidden = qwen.model.model.language_model(inputs_embeds=embeds[:, drop], position_ids=full_pos[:, :, drop],
                                                  **kw).last_hidden_state
         ref = qwen.model.lm_head(hidden[0, -1]).float()
@@ -212,8 +215,8 @@ def test_engine_answer_equals_hf_generate(qwen) -> None:
     ref = ref[: next((i for i, t in enumerate(ref) if t in eos), len(ref))]
     vt = qwen.encode_frames(rgb)
     cfg = KVConfig(policy="sink_window", budget_tokens=4096, sink_tokens=256, reserve_tokens=512)
-    deep = None if vt.deepstack is None else list(vt.deepstack.transpose(0, 1))
-    piece = qwen.chunk_embeds(list(vt.embeds), qwen.patch_pts(_pts(4)), grid=vt.grid, deepstack=deep)
+    extras = {name: list(x) for name, x in vt.extras.items()}
+    piece = qwen.chunk_embeds(list(vt.embeds), qwen.patch_pts(_pts(4)), grid=vt.grid, extras=extras)
     got, _ = _engine_answer(qwen, cfg, [piece], eos)
     assert got == ref and len(ref) > 0
 
@@ -234,8 +237,8 @@ def test_compact_rebase_under_mrope_is_a_uniform_shift(qwen) -> None:
 def test_pipeline_answer_equals_hf_generate_with_compression_off(qwen) -> None:
     """Vision stage -> EncodedChunk (positions, grid, DeepStack) -> LLM stage, 2 chunks of 2 frames, vs HF generate
     on the 4 frames; the same with the STC cacher at ratio 1.0."""
-    from serve.options import StreamOptions
-    from serve.pipeline import StreamPipeline
+    from serve.core.options import StreamOptions
+    from serve.core.pipeline import StreamPipeline
     from stream.frames import FrameBatch
 
     rgb = _frames(4)
@@ -254,14 +257,14 @@ def test_pipeline_answer_equals_hf_generate_with_compression_off(qwen) -> None:
         for i in (0, 2):
             chunk = pipe.push_chunk(sid, FrameBatch(rgb[i:i + 2], pts[i:i + 2], np.arange(i, i + 2)))
             assert chunk.grid is not None and chunk.positions.shape == (chunk.embeds.shape[0], 2)
-            assert (chunk.deepstack is not None) == (qwen.family == "qwen3_vl")
+            assert ("deepstack" in chunk.extras) == (qwen.family == "qwen3_vl")
         assert "".join(pipe.ask(sid, QUESTION, 6)) == ref
 
 
 def test_pruned_stream_keeps_positions_and_deepstack_rows(qwen) -> None:
     """With the pruner on, the vision stage sends each kept token's original (row, col) and its DeepStack rows."""
-    from serve.options import StreamOptions
-    from serve.stages import VisionStage
+    from serve.core.options import StreamOptions
+    from serve.core.stages import VisionStage
     from stream.frames import FrameBatch
 
     opts = StreamOptions.model_validate({"cacher": {"enabled": False},
@@ -275,8 +278,8 @@ def test_pruned_stream_keeps_positions_and_deepstack_rows(qwen) -> None:
     idx = chunk.positions[:, 0] * vt.grid[1] + chunk.positions[:, 1]  # token index on the grid
     frame = torch.repeat_interleave(torch.arange(2), 9)
     torch.testing.assert_close(chunk.embeds, vt.embeds[frame, idx])
-    if vt.deepstack is not None:
-        torch.testing.assert_close(chunk.deepstack, vt.deepstack[:, frame, idx])
+    for name, x in vt.extras.items():
+        torch.testing.assert_close(chunk.extras[name], x[frame, idx])
     piece = qwen.chunk_embeds(chunk.frames(), chunk.pts, **chunk.llm_extras())
     assert piece.tokens == int(piece.position_rows(3).shape[1]) and piece.extent > 9
 
@@ -312,9 +315,8 @@ def test_cacher_on_qwen_towers_ratio_one_equals_full_tower_and_reuses(qwen) -> N
     cached = [qwen.project(qwen.encode_vision(pv[i:i + 2], layer_runner=cacher.runner)) for i in (0, 2)]
     assert cacher.stats()["frames_reused"] > 0
     torch.testing.assert_close(torch.cat([c.embeds for c in cached]), plain.embeds, atol=1e-4, rtol=1e-4)
-    if plain.deepstack is not None:
-        torch.testing.assert_close(torch.cat([c.deepstack for c in cached], 1), plain.deepstack, atol=1e-4,
-                                   rtol=1e-4)
+    for name, x in plain.extras.items():
+        torch.testing.assert_close(torch.cat([c.extras[name] for c in cached]), x, atol=1e-4, rtol=1e-4)
     # full_layer through the ops == the block's own forward; a frame identical to its reference is exact
     rows, cols = pv.shape[1:3]
     layers = qwen.grid_layers(rows, cols)

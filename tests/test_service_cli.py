@@ -9,11 +9,11 @@ import time
 import pytest
 import uvicorn
 
-from serve.cli import main
-from serve.client import ServiceError, StcClient
-from serve.config import ServiceConfig
-from serve.http_app import make_api
-from serve.streams import LocalBackend
+from serve.cli.main import main
+from serve.http.client import ServiceError, StcClient
+from serve.core.config import ServiceConfig
+from serve.http.app import make_api
+from serve.core.local import LocalBackend
 from tests.media import make_clip
 from tests.rtsp_server import free_port
 from tests.service_doubles import FakeLLMStage, FakeVisionStage

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from serve.config import ServiceConfig
-from serve.service_config import DeploymentSettings, ServeSettings
+from serve.core.config import ServiceConfig
+from serve.core.settings import DeploymentSettings, ServeSettings
 from stream.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,7 +56,7 @@ def test_deployment_options_map_to_ray():
 
 def test_check_fits_names_what_is_short():
     pytest.importorskip("ray")
-    from serve.app import check_fits
+    from serve.deploy.app import check_fits
 
     settings = ServeSettings.parse({"vision": {"num_cpus": 1, "num_gpus": 1}, "llm": {"num_cpus": 1}})
     assert settings.min_resources() == {"CPU": pytest.approx(2.2), "GPU": 1.0}
@@ -73,13 +73,13 @@ def test_example_configs_load():
 
     ray_cfg = yaml.safe_load((REPO / "configs" / "ray_serve.yaml").read_text())
     app = ray_cfg["applications"][0]
-    assert app["import_path"] == "serve.app:app_builder"
+    assert app["import_path"] == "serve.deploy.app:app_builder"
     assert (REPO / app["args"]["config"]).is_file()
 
 
 def test_build_app_sizes_deployments_from_config():
     pytest.importorskip("ray")
-    from serve.app import build_app
+    from serve.deploy.app import build_app
 
     cfg = ServiceConfig.parse({"serve": {
         "vision": {"num_replicas": 2, "num_gpus": 0.5},

@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from serve.api import StreamExistsError, StreamStateError
-from serve.config import ServiceConfig
-from serve.flow import DirectTransport
-from serve.hosts import IngestHost
-from serve.http_app import make_api
-from serve.protocol import CONTENT_TYPE, encode_frames
-from serve.streams import LocalBackend
+from serve.core.runner import StreamPlan
+from serve.core.api import QuestionRequest, StreamExistsError, StreamStateError
+from serve.core.config import ServiceConfig
+from serve.core.flow import DirectTransport
+from serve.core.hosts import IngestHost
+from serve.http.app import make_api
+from serve.core.protocol import CONTENT_TYPE, encode_frames
+from serve.core.local import LocalBackend
 from stream.errors import ConfigError, StreamNotFoundError
 from stream.frames import FrameBatch
 from tests.service_doubles import FakeLLMStage, FakeVisionStage, frames
@@ -102,7 +103,7 @@ def test_delete_while_the_create_is_in_flight_is_a_4xx_and_the_create_completes(
     host = _host(_SlowOpenVision(gate))
     opts = _cfg().stream_options()
     made = []
-    t = threading.Thread(target=lambda: made.append(host.create("s", None, "memory://", opts)))
+    t = threading.Thread(target=lambda: made.append(host.create(StreamPlan("s", None, "memory://", opts))))
     t.start()
     time.sleep(0.2)
     with pytest.raises(StreamStateError, match="still being created"):
@@ -117,8 +118,8 @@ def test_idle_and_ended_streams_are_reaped_and_free_their_stage_state():
     vision, llm = FakeVisionStage(), FakeLLMStage()
     cfg = _cfg()
     host = IngestHost(DirectTransport(vision, llm), cfg.source, cfg.serve.ingest, ttl_s=0.3)
-    host.create("idle", None, "memory://", cfg.stream_options())
-    host.create("busy", None, "memory://", cfg.stream_options())
+    host.create(StreamPlan("idle", None, "memory://", cfg.stream_options()))
+    host.create(StreamPlan("busy", None, "memory://", cfg.stream_options()))
     deadline = time.monotonic() + 3
     while time.monotonic() < deadline and "idle" in host.ids():
         rgb, pts = frames(2, start=int((3 - (deadline - time.monotonic())) * 100))
@@ -137,7 +138,7 @@ def test_ingest_for_many_streams_costs_threads_not_processes():
     opts = _cfg().stream_options()
     rss0 = psutil.Process().memory_info().rss
     for i in range(16):
-        host.create(f"s{i}", None, "memory://", opts)
+        host.create(StreamPlan(f"s{i}", None, "memory://", opts))
     per_stream_mb = (psutil.Process().memory_info().rss - rss0) / 2**20 / 16
     assert len(host.ids()) == 16 and per_stream_mb < 50, per_stream_mb  # was one ~470 MB process per stream
     for i in range(16):
@@ -147,7 +148,7 @@ def test_ingest_for_many_streams_costs_threads_not_processes():
 def test_a_restarted_host_lists_the_streams_it_lost_as_failed_and_frees_their_state():
     """The directory outlives the host: its restart reports each lost stream as failed (with the reason), answers
     pushes and questions 409, frees the stages' state, and DELETE / the TTL remove the failed entry."""
-    from serve.directory import StreamDirectory
+    from serve.core.directory import StreamDirectory
 
     vision, llm = FakeVisionStage(), FakeLLMStage()
     cfg = _cfg()
@@ -155,7 +156,7 @@ def test_a_restarted_host_lists_the_streams_it_lost_as_failed_and_frees_their_st
     first = IngestHost(DirectTransport(vision, llm), cfg.source, cfg.serve.ingest, 60.0, directory=directory,
                        name="h0")
     for sid in ("a", "b", "c"):
-        first.create(sid, None, "memory://", cfg.stream_options())
+        first.create(StreamPlan(sid, None, "memory://", cfg.stream_options()))
     first.close("c")  # closed cleanly: forgotten, not "lost"
     assert len(directory) == 2
     for sid in ("a", "b"):  # the process dies: its threads stop, but nothing is closed
@@ -163,16 +164,16 @@ def test_a_restarted_host_lists_the_streams_it_lost_as_failed_and_frees_their_st
     restarted = IngestHost(DirectTransport(vision, llm), cfg.source, cfg.serve.ingest, 0.5, restarted=True,
                            directory=directory, name="h0")
     assert restarted.ids() == ["a", "b"] and len(directory) == 0
-    stats, tokens = restarted.stats("a")
+    stats = restarted.stats("a")
     assert stats.state == "failed" and "ingest host h0 died" in stats.error and "Fix: DELETE" in stats.error
-    assert tokens == {}
+    assert stats.vision is None and stats.llm is None
     rgb, pts = frames(2)
     with pytest.raises(StreamStateError, match="failed: its ingest host h0 died"):
         restarted.push("a", FrameBatch(rgb=rgb, pts=np.asarray(pts), indices=np.arange(2)), False)
     with pytest.raises(StreamStateError):
-        restarted.begin_question("a")
+        list(restarted.ask("a", QuestionRequest(question="what?")))
     with pytest.raises(StreamExistsError):
-        restarted.create("a", None, "memory://", cfg.stream_options())
+        restarted.create(StreamPlan("a", None, "memory://", cfg.stream_options()))
     deadline = time.monotonic() + 3
     while time.monotonic() < deadline and (vision.streams or llm.seen):
         time.sleep(0.02)
@@ -185,7 +186,7 @@ def test_a_restarted_host_lists_the_streams_it_lost_as_failed_and_frees_their_st
 
 
 def test_the_stream_directory_is_bounded():
-    from serve.directory import StreamDirectory, StreamRecord
+    from serve.core.directory import StreamDirectory, StreamRecord
 
     directory = StreamDirectory(3)
     for k in range(10_000):  # churn: record + forget keeps it at one entry

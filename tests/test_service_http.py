@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from serve.client import iter_sse
-from serve.config import ServiceConfig
-from serve.http_app import make_api
-from serve.protocol import CONTENT_TYPE, encode_frames
-from serve.streams import LocalBackend
+from serve.http.client import iter_sse
+from serve.core.config import ServiceConfig
+from serve.http.app import make_api
+from serve.core.protocol import CONTENT_TYPE, encode_frames
+from serve.core.local import LocalBackend
 from tests.media import make_clip
 from tests.service_doubles import FakeLLMStage, FakeVisionStage, frames
 
@@ -63,7 +63,7 @@ def _push(client: TestClient, sid: str, start: int, n: int, flush: bool = False,
 
 def _ask(client: TestClient, sid: str, question: str = "what happened?", wait_s: float = 5.0, **kw):
     resp = client.post(f"/streams/{sid}/questions", json={"question": question, "wait_s": wait_s, **kw})
-    return resp, list(iter_sse(resp.iter_lines())) if resp.status_code == 200 else []
+    return resp, list(iter_sse(resp)) if resp.status_code == 200 else []
 
 
 def _error(resp, status: int, kind: str | None = None, fragment: str | None = None) -> dict:
@@ -249,7 +249,7 @@ def test_drops_are_counted_when_the_encoder_lags(media):
 
 
 def test_real_tiny_model_through_the_api(media):
-    from serve.stages import LLMStage, VisionStage
+    from serve.core.stages import LLMStage, VisionStage
     from stream.models import load_adapter
 
     cfg = _config(str(media))

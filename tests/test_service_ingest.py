@@ -8,10 +8,11 @@ import time
 import numpy as np
 import pytest
 
-from serve.ingest import ChunkQueue, IngestWorker, queue_policy, stream_kind
+from serve.core.ingest import ChunkQueue, IngestWorker, queue_policy, stream_kind
+from serve.core.stats import AppendStats, ChunkResult, ChunkStats
 from stream.errors import SourceUnreachableError
 from stream.frames import FrameBatch
-from stream.sampler import Chunker, FpsSampler
+from stream.sampler import FrameChunker
 from stream.sources import FileSource, MemorySource
 from tests.media import make_clip
 from tests.service_doubles import frames
@@ -34,11 +35,11 @@ class SlowSink:
             raise RuntimeError("encoder replica crashed")
         time.sleep(self.delay_s)
         self.chunks.append(chunk)
-        return {"vision": {"tokens_kept": len(chunk)}}
+        return ChunkResult(vision=ChunkStats(tokens_kept=len(chunk)), llm=AppendStats())
 
 
 def _worker(source, sink, queue_chunks=2, policy="drop_oldest", fps=1000.0, per_chunk=4) -> IngestWorker:
-    w = IngestWorker("s", source, sink, FpsSampler(fps), Chunker(per_chunk), ChunkQueue(queue_chunks, policy))
+    w = IngestWorker("s", source, sink, FrameChunker(fps, per_chunk), ChunkQueue(queue_chunks, policy))
     w.start()
     return w
 
@@ -83,11 +84,11 @@ def test_push_never_waits_for_a_lagging_encoder_and_drops_are_counted():
     assert w.wait_finished(10.0)
     assert w.state == "ended"
     st = w.stats()
-    assert st["frames_in"] == 200
-    assert st["frames_dropped"] > 0
+    assert st.frames_in == 200
+    assert st.frames_dropped > 0
     # every pushed frame is accounted for: encoded, or dropped in one of the two bounded queues
-    assert st["frames_encoded"] + st["frames_dropped"] == 200
-    assert st["frames_encoded"] == sum(len(c) for c in sink.chunks)
+    assert st.frames_encoded + st.frames_dropped == 200
+    assert st.frames_encoded == sum(len(c) for c in sink.chunks)
     encoded = np.concatenate([c.pts for c in sink.chunks])
     assert np.all(np.diff(encoded) > 0), "chunks reached the encoder out of order"
     assert encoded[-1] == pts[-1], "drop_oldest must keep the newest frames"
@@ -116,7 +117,7 @@ def test_file_streams_block_instead_of_dropping(tmp_path):
     assert w.wait_finished(20.0)
     st = w.stats()
     assert w.state == "ended"
-    assert st["frames_dropped"] == 0 and st["frames_encoded"] == 40 == st["frames_in"]
+    assert st.frames_dropped == 0 and st.frames_encoded == 40 == st.frames_in
     assert [len(c) for c in sink.chunks] == [4] * 10
 
 
@@ -137,7 +138,7 @@ def test_source_and_sink_failures_end_only_that_stream():
     time.sleep(0.1)
     assert bad.state == "failed" and "SourceUnreachableError" in bad.error and "connection refused" in bad.error
     assert crashing.state == "failed" and "encoder replica crashed" in crashing.error
-    assert good.state == "running" and good.stats()["frames_encoded"] == 4
+    assert good.state == "running" and good.stats().frames_encoded == 4
     for w in (bad, good, crashing):
         w.close()
     assert good.state == "closed"
@@ -157,8 +158,8 @@ def test_ten_thousand_frames_keep_queues_bounded():
     assert w.wait_finished(30.0)
     st = w.stats()
     assert peak_chunks <= 3 and peak_frames <= 32
-    assert st["frames_in"] == 10_000
-    assert st["frames_encoded"] + st["frames_dropped"] == 10_000
+    assert st.frames_in == 10_000
+    assert st.frames_encoded + st.frames_dropped == 10_000
     assert len(w._chunk_ms) <= 256  # the timing window is bounded too
 
 

@@ -26,10 +26,11 @@ ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from serve.app import LLM, VISION, StreamMisroutedError, start_service, stop_service, unwrap  # noqa: E402
-from serve.client import ServiceError, StcClient  # noqa: E402
-from serve.config import ServiceConfig  # noqa: E402
-from serve.hosts import STREAM_NAMESPACE  # noqa: E402
+from serve.core.api import StreamMisroutedError  # noqa: E402
+from serve.deploy.app import LLM, VISION, start_service, stop_service, unwrap  # noqa: E402
+from serve.http.client import ServiceError, StcClient  # noqa: E402
+from serve.core.config import ServiceConfig  # noqa: E402
+from serve.deploy.hosts import STREAM_NAMESPACE  # noqa: E402
 from tests.media import make_clip, moving_square, real_video  # noqa: E402
 from tests.rtsp_server import free_port, rtsp_server  # noqa: E402
 
@@ -102,9 +103,9 @@ def test_stateful_processes_run_with_the_configured_malloc_env(service):
         pids = [w["pid"] for kind in (VISION, LLM) for w in _where(kind)]
         memory = [ray.get(ray.get_actor(f"stc/ingest/{k}", namespace=STREAM_NAMESPACE).memory.remote())
                   for k in range(2)]
-        hosts = [m["pid"] for m in memory]
+        hosts = [m.pid for m in memory]
         assert len(pids) == 4 and len(hosts) == 2
-        assert all(m["gc_frozen"] > 100_000 for m in memory), memory  # serve.process.gc_freeze: torch, Ray frozen
+        assert all(m.gc_frozen > 100_000 for m in memory), memory  # serve.process.gc_freeze: torch, Ray frozen
         for pid in pids + hosts:
             assert _environ(pid).get("MALLOC_ARENA_MAX") == "2", f"process {pid} lacks serve.process.env"
         for pid in pids:  # serve.process.host_env: the ingest hosts' only
@@ -125,8 +126,8 @@ def _where(kind: str) -> list[dict]:
     seen: dict[str, dict] = {}
     deadline = time.time() + 20
     while len(seen) < 2 and time.time() < deadline:  # two replicas: ask until both answered
-        info = handle.where.remote().result()
-        seen[info["replica"]] = info
+        info = handle.where.remote().result().model_dump()
+        seen[info["replica"]] = {**info, "streams": info["stream_ids"]}
     return list(seen.values())
 
 
@@ -247,7 +248,7 @@ def _post(url: str, body: bytes) -> dict:
 
 # ---- one stream flow: the Ray service answers exactly what the in-process pipeline answers --------------------------
 def test_ray_served_answer_equals_the_in_process_pipeline(service, tiny_llava_dir):
-    from serve.pipeline import StreamPipeline
+    from serve.core.pipeline import StreamPipeline
     from stream.frames import Frame
     from stream.models import load_adapter
 
@@ -268,7 +269,7 @@ def test_ray_served_answer_equals_the_in_process_pipeline(service, tiny_llava_di
 
 def test_latest_frame_and_yes_no_scores_through_the_cluster(service):
     """The console's frame.jpg and the watches' yes/no score reach the stream's ingest host and LLM replica."""
-    from serve.hosts import STREAM_NAMESPACE
+    from serve.deploy.hosts import STREAM_NAMESPACE
 
     client, _, cfg = service
     sid = client.create_stream(stream_id="scored")["stream_id"]
@@ -277,8 +278,10 @@ def test_latest_frame_and_yes_no_scores_through_the_cluster(service):
     _wait(lambda: client.stats(sid)["ingest"]["frames_encoded"] == 4, 60, "4 frames encoded")
     with urllib.request.urlopen(f"{client.url}/streams/{sid}/frame.jpg", timeout=60) as resp:
         assert resp.headers["Content-Type"] == "image/jpeg" and resp.read(2) == b"\xff\xd8"
-    host = ray.get_actor(_host_of(sid), namespace=STREAM_NAMESPACE)
-    token = ray.get(host.token.remote(sid, LLM))
+    from serve.deploy.hosts import directory_name
+
+    directory = ray.get_actor(directory_name(cfg.serve.app_name), namespace=STREAM_NAMESPACE)
+    token = ray.get(directory.get.remote(_host_of(sid), sid)).tokens[LLM]  # the stream's incarnation on the LLM
     llm = serve.get_deployment_handle(LLM, app_name=cfg.serve.app_name)
     yes, no = llm.score_choices.remote(sid, token, "Is something moving?", ["yes", "no"]).result()
     assert 0.0 < yes < 1.0 and 0.0 < no < 1.0
@@ -295,9 +298,8 @@ def test_watches_live_in_the_ingest_host_and_every_ingress_sees_them(service):
     stream closes). The answer's usage is exact: the KV tokens attended + the question's tokens."""
     import asyncio
 
-    from serve.app import RayBackend
-    from serve.client import iter_sse
-    from serve.watchset import WatchRequest
+    from serve.deploy.app import RayBackend
+    from serve.core.watchset import WatchRequest
     from stream.models import load_adapter
 
     client, _, cfg = service
@@ -309,36 +311,34 @@ def test_watches_live_in_the_ingest_host_and_every_ingress_sees_them(service):
     q_tokens = load_adapter(cfg.model.name).question_embeds("What moves?").shape[0]
     assert done["prompt_tokens"] == client.stats(sid)["kv_tokens"] + q_tokens and done["completion_tokens"] >= 1
 
-    made = client._json("POST", f"/streams/{sid}/watches", {"question": "What moves?", "every_s": 0.5,
-                                                            "max_new_tokens": 2})
+    made = client.add_watch(sid, "What moves?", 0.5, max_new_tokens=2)
     other = RayBackend(cfg, serve.get_deployment_handle(VISION, app_name=cfg.serve.app_name),
                        serve.get_deployment_handle(LLM, app_name=cfg.serve.app_name))
     assert [w.watch_id for w in asyncio.run(other.list_watches(sid))] == [made["watch_id"]]
     second = asyncio.run(other.add_watch(sid, WatchRequest(question="Is it red?", every_s=0.5, mode="yes_no")))
     for _ in range(8):  # each HTTP call lands on either ingress replica
-        listed = client._json("GET", f"/streams/{sid}/watches")["watches"]
+        listed = client.list_watches(sid)
         assert sorted(w["watch_id"] for w in listed) == sorted([made["watch_id"], second.watch_id])
-    assert client._json("DELETE", f"/streams/{sid}/watches/{second.watch_id}")["watch_id"] == second.watch_id
+    assert client.delete_watch(sid, second.watch_id)["watch_id"] == second.watch_id
     assert [w.watch_id for w in asyncio.run(other.list_watches(sid))] == [made["watch_id"]]
 
     got: list = []
 
     def read() -> None:
-        with urllib.request.urlopen(f"{client.url}/streams/{sid}/events", timeout=120) as resp:
-            for item in iter_sse(resp):  # ends when the server ends the SSE stream
-                got.append(item)
+        for item in client.events(sid):  # ends when the server ends the SSE stream
+            got.append(item)
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     _wait(lambda: any(k == "answer" for k, _ in got), 60, "a watch answer over SSE")
     page = asyncio.run(other.watch_events(sid, 0, 2.0))  # the same events, polled through the other instance
-    assert any(e["type"] == "answer" and e["watch_id"] == made["watch_id"] for e in page.events)
+    assert any(e.type == "answer" and e.watch_id == made["watch_id"] for e in page.events)
     assert client.close_stream(sid)["state"] == "closed"
     reader.join(timeout=30)
     assert not reader.is_alive(), "the SSE stream did not close after the stream was closed"
     assert got[-1][0] == "end" and got[-1][1]["reason"] == "closed"
     with pytest.raises(ServiceError) as info:
-        client._json("GET", f"/streams/{sid}/watches")
+        client.list_watches(sid)
     assert info.value.status == 404
 
 
@@ -370,7 +370,7 @@ def _created_or_none(client, sid: str) -> str | None:
 
 # ---- faults: SIGKILL a replica, an ingress replica, an ingest host mid-stream --------------------------------------
 def _host_of(sid: str) -> str:
-    from serve.routing import rendezvous_pick
+    from serve.core.slots import rendezvous_pick
 
     return rendezvous_pick(sid, ["stc/ingest/0", "stc/ingest/1"])
 
@@ -430,7 +430,7 @@ def test_sigkill_replicas_ingress_and_a_host_mid_stream(service):
     _sigkill(ingress[0].pid)  # streams live in the ingest hosts, not in the ingress
     _feed_and_check(client, (a, b), 40)
     host = ray.get_actor(_host_of(a), namespace="stc-serve")
-    _sigkill(ray.get(host.memory.remote())["pid"])
+    _sigkill(ray.get(host.memory.remote()).pid)
     time.sleep(1.0)
     st = _retry(lambda: _expect_failed(client, a), 60)  # a's host died: a is listed as failed, not a 5xx or gone
     assert "ingest host" in st["error"] and "died" in st["error"], st
@@ -458,7 +458,7 @@ def test_a_busy_owner_is_waited_for_and_never_split(service):
     would build split state). Control: Serve's default router does send them to the idle replica."""
     from ray.serve.config import RequestRouterConfig
 
-    from serve.routing import StreamAffinityRouter
+    from serve.deploy.routing import StreamAffinityRouter
 
     def deploy(name: str, router: Any) -> Any:
         opts = {"request_router_config": RequestRouterConfig(request_router_class=router)} if router else {}

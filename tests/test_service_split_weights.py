@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from serve.flow import DirectTransport, StageFlow
-from serve.options import StreamOptions
-from serve.replicas import parameter_bytes as stage_bytes
-from serve.stages import LLMStage, VisionStage
+from serve.core.messages import text_of
+from serve.core.flow import DirectTransport, StageFlow
+from serve.core.options import StreamOptions
+from serve.deploy.replicas import parameter_bytes as stage_bytes
+from serve.core.stages import LLMStage, VisionStage
 from stream.frames import FrameBatch
 from stream.models.loading import load_adapter_part, parameter_bytes
 from tests.media import moving_square
@@ -35,7 +36,7 @@ def _answer(vision_adapter, llm_adapter, options) -> str:
         rgb = np.stack([moving_square(5 * i, 96, 72) for i in range(start, start + 2)])
         flow.encode_append("s", FrameBatch(rgb=rgb, pts=np.arange(start, start + 2, dtype=float),
                                            indices=np.arange(start, start + 2)))
-    return "".join(llm.ask("s", "What is happening?", 6))
+    return text_of(llm.ask("s", "What is happening?", 6))
 
 
 def test_each_replica_holds_only_its_half_and_answers_match_the_whole_model(model_dir):
@@ -61,8 +62,8 @@ def test_bad_part_is_a_config_error(tiny_llava_dir):
 
 
 def test_tokens_cross_processes_as_cpu_tensors():
-    from serve.messages import EncodedChunk
-    from serve.replicas import to_cpu
+    from serve.core.messages import EncodedChunk
+    from serve.deploy.replicas import to_cpu
 
     class OtherDevice(torch.Tensor):
         """Stands in for a tensor on another device: .cpu() yields a plain CPU tensor (simulated device)."""

@@ -13,13 +13,15 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 from fastapi.testclient import TestClient
 
-from serve.client import iter_sse
-from serve.config import ServiceConfig
-from serve.http_app import make_api
-from serve.protocol import CONTENT_TYPE, encode_frames
-from serve.streams import LocalBackend
-from serve.watchset import ENDED_KEPT, EventRing, WatchHub, WatchRequest
-from serve.watches import WatchSettings
+from serve.core.messages import text_of
+from serve.core.runner import StreamPlan
+from serve.http.client import iter_sse
+from serve.core.config import ServiceConfig
+from serve.http.app import make_api
+from serve.core.protocol import CONTENT_TYPE, encode_frames
+from serve.core.local import LocalBackend
+from serve.core.watchset import ENDED_KEPT, EventRing, WatchHub, WatchRequest
+from serve.http.watches import WatchSettings
 from stream.errors import StreamNotFoundError
 from tests.media import make_clip
 from tests.service_doubles import FakeLLMStage, FakeVisionStage, frames, tiny_stages_with_context
@@ -59,7 +61,7 @@ def _events(backend, sid: str, n: int, timeout: float = 10.0) -> list[dict]:
     while time.monotonic() < deadline:
         page = backend.watches.events(sid, 0, 0.2)
         if len(page.events) >= n:
-            return page.events
+            return [e.body() for e in page.events]
     raise AssertionError(f"fewer than {n} events after {timeout}s")
 
 
@@ -72,7 +74,7 @@ def test_text_watch_answers_as_sse_with_pts_and_frame_index():
         _events(backend, "cam", 2)
         with client.stream("GET", "/streams/cam/events") as resp:
             got = []
-            for kind, data in iter_sse(resp.iter_lines()):
+            for kind, data in iter_sse(resp):
                 got.append((kind, data))
                 if len(got) == 2:
                     break
@@ -106,7 +108,7 @@ def test_yes_no_alert_fires_once_while_held_and_rearms_with_hysteresis():
 
 def _read_until_end(client: TestClient, sid: str, out: list) -> None:
     with client.stream("GET", f"/streams/{sid}/events") as resp:
-        out.extend(iter_sse(resp.iter_lines()))  # returns only when the server closes the stream
+        out.extend(iter_sse(resp))  # returns only when the server closes the stream
 
 
 def test_bounds_and_watches_end_when_their_stream_is_closed():
@@ -168,19 +170,19 @@ def test_watches_end_when_a_file_stream_reaches_its_end(tmp_path):
 
 def test_an_ingest_host_ends_watches_of_a_reaped_stream():
     """The in-process IngestHost (the class the Ray actor runs, here over direct stage calls) owns the watches."""
-    from serve.flow import DirectTransport
-    from serve.hosts import IngestHost
+    from serve.core.flow import DirectTransport
+    from serve.core.hosts import IngestHost
 
     cfg = ServiceConfig.parse({"sampler": {"fps": 1000.0, "frames_per_chunk": 4}})
     host = IngestHost(DirectTransport(FakeVisionStage(), FakeLLMStage()), cfg.source, cfg.serve.ingest, ttl_s=1.5)
-    host.create("cam", None, "memory://", cfg.stream_options())
+    host.create(StreamPlan("cam", None, "memory://", cfg.stream_options()))
     watch = host.add_watch("cam", WatchRequest(question="what?", every_s=0.2))
     assert [w.watch_id for w in host.list_watches("cam")] == [watch.watch_id]
     deadline = time.monotonic() + 15
     page = host.watch_events("cam", 0, 1.0)
     while not page.ended and time.monotonic() < deadline:  # watch ticks do not count as activity: it is reaped
         page = host.watch_events("cam", page.last_seq, 1.0)
-    assert page.ended and page.events[-1]["type"] == "end" and page.events[-1]["reason"] == "reaped"
+    assert page.ended and page.events[-1].type == "end" and page.events[-1].reason == "reaped"
     while host.reaped == 0 and time.monotonic() < deadline:  # the reaper counts it once close() returned
         time.sleep(0.05)
     assert host.ids() == [] and host.reaped == 1
@@ -231,7 +233,7 @@ def test_webhook_delivery_with_retry_and_allowlist():
 
 # ---- the hub alone ------------------------------------------------------------------------------------------------
 class _Asker:
-    """A scripted :class:`serve.watchset.WatchAsker`: streams in ``open``, each ask counted."""
+    """A scripted :class:`serve.core.watchset.WatchAsker`: streams in ``open``, each ask counted."""
 
     def __init__(self, streams=("a",)) -> None:
         self.open = {s: "running" for s in streams}
@@ -254,14 +256,15 @@ class _Asker:
 def test_event_ring_holds_its_bound_over_10000_events():
     ring = EventRing(256)
     for i in range(10_000):
-        ring.add({"type": "answer", "i": i})
+        ring.add({"type": "answer", "stream_id": "s", "answer": str(i)})
         assert len(ring.ring) <= 256
     assert ring.seq == 10_000 and len(ring.ring) == 256
     kept = ring.since(0)
-    assert [e["seq"] for e in kept] == list(range(10_000 - 255, 10_001)) and kept[-1]["i"] == 9_999
+    assert [e.seq for e in kept] == list(range(10_000 - 255, 10_001)) and kept[-1].answer == "9999"
     assert ring.since(9_990) == kept[-10:]
-    assert ring.end({"type": "end", "reason": "closed"}) and not ring.end({"type": "end", "reason": "again"})
-    assert ring.add({"type": "answer"}) is None and ring.since(10_000)[0]["reason"] == "closed"
+    assert ring.end({"type": "end", "stream_id": "s", "reason": "closed"})
+    assert not ring.end({"type": "end", "stream_id": "s", "reason": "again"})
+    assert ring.add({"type": "answer", "stream_id": "s"}) is None and ring.since(10_000)[0].reason == "closed"
     t0 = time.monotonic()
     ring.wait(10_001, timeout_s=5.0)  # an ended ring never makes a reader wait
     assert time.monotonic() - t0 < 1.0
@@ -273,7 +276,7 @@ def test_hub_keeps_a_bounded_number_of_ended_rings_and_frees_live_ones():
     for sid in list(asker.open):
         hub.events(sid)  # a reader made the ring
         for _ in range(20):
-            hub._rings[sid].add({"type": "answer"})
+            hub._rings[sid].add({"type": "answer", "stream_id": sid})
         assert hub.end_stream(sid, "closed") == 0
     counts = hub.counts()
     assert counts["rings"] == 0 and counts["ended_rings"] == ENDED_KEPT
@@ -307,11 +310,11 @@ def test_real_llm_score_choices_matches_greedy_and_restores_context():
 
     adapter, _, llm = tiny_stages_with_context()
     q = adapter.question_embeds("is there a person?")  # [Lq, d]
-    before = "".join(llm.ask("s", "is there a person?", 4))
+    before = text_of(llm.ask("s", "is there a person?", 4))
     logits = llm.engine.next_logits("s", q)  # [vocab]
     assert int(logits.argmax()) == next(iter(llm.engine.ask("s", q, 1, [])))
     p = llm.score_choices("s", "is there a person?", ["yes", "no"])
     assert p == llm.score_choices("s", "is there a person?", ["yes", "no"])
     assert all(0 < x < 1 for x in p) and sum(p) <= 1
     assert torch.equal(llm.engine.next_logits("s", q), logits)
-    assert "".join(llm.ask("s", "is there a person?", 4)) == before
+    assert text_of(llm.ask("s", "is there a person?", 4)) == before

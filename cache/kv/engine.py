@@ -33,7 +33,7 @@ from cache.kv.config import KVConfig, Sampling
 from cache.kv.errors import KVCapacityError, StreamExistsError, UnknownStreamError
 from cache.kv.scheduler import Scheduler, SchedulerStats, token_stream
 from cache.kv.session import KVSession, reserved_bytes
-from cache.kv.stats import EngineStats, PromptUsage, SessionStats
+from cache.kv.stats import PromptUsage, SessionStats
 from stream.errors import ConfigError, RequestError
 from stream.models.inputs import LLMInput
 from stream.models.llm import TextLM
@@ -231,12 +231,6 @@ class LLMEngine:
         """KV bytes held by all open streams (reservations + offloaded storage); always <= the budget."""
         return self.budget.used_bytes()
 
-    def engine_stats(self) -> EngineStats:
-        """The replica's KV memory in one snapshot."""
-        used, reserved = self.budget.used_bytes(), self.budget.reserved_bytes()
-        return EngineStats(len(self.stream_ids()), self.budget.limit_bytes, reserved, used - reserved, used,
-                           self.bytes_per_stream())
-
     def bytes_per_stream(self) -> int:
         """Bytes each open stream reserves."""
         return reserved_bytes(self.llm, self.config)
@@ -284,7 +278,7 @@ class LLMEngine:
                 f"{name}.positions has {piece.positions.shape[0]} rows but {type(self.llm.decoder).__name__} takes "
                 f"{rows}; build the input with the model's adapter"
             )
-        return LLMInput(embeds, piece.positions, piece.deepstack, piece.visual_mask, dict(piece.meta))
+        return LLMInput(embeds, piece.positions, dict(piece.extras), dict(piece.meta))
 
 
 def _resolve_layers(layers: list[int], num_layers: int) -> list[int]:

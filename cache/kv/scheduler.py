@@ -18,7 +18,7 @@ Rows of one forward belong to different streams with different KV lengths: :clas
 appends each row to its own stream's buffer and :func:`~cache.kv.kvcache.ragged_mask` gives the exact 4-D mask,
 so a batched row computes what it would alone (float rounding aside). Decode and prefill run as two forwards of one
 step because HF's dense attention has no ragged packing: a decode row padded to a prefill's length would cost that
-many tokens of compute. A piece with family extras (DeepStack features) runs alone (batch of one, whole piece).
+many tokens of compute. A piece with family extras (opaque decoder inputs, e.g. DeepStack features) runs alone (batch of one, whole piece).
 
 Threads: callers only enqueue and wait; a single loop thread (started on demand, gone when idle) does all model
 work and all KV buffer edits, so sessions need no locks.
@@ -36,39 +36,12 @@ from typing import Any, Callable, Iterator
 import torch
 
 from cache.kv.config import SchedulerConfig
-from cache.kv.kvcache import RowsCache, ragged_mask
-from cache.kv.session import Forward, Work
+from cache.kv.forward import Forward, Work, run_batch
 from stream.models.llm import TextLM
 
 _END = object()  # end of an answer's token queue
 log = logging.getLogger(__name__)
 LOOP_THREAD = "kv-step-loop"
-
-
-@torch.inference_mode()
-def run_batch(llm: TextLM, rows: list[tuple[Forward, int, int]]) -> list[torch.Tensor]:
-    """One model call: row ``b`` runs tokens ``[start, end)`` of ``rows[b]``'s forward into its session's cache.
-
-    Returns the ``[vocab]`` logits of each row's last token of the slice.
-    """
-    fwd0 = rows[0][0]
-    new = [end - start for _, start, end in rows]
-    width, dim, r = max(new), fwd0.embeds.shape[1], fwd0.positions.shape[0]
-    device = llm.device
-    embeds = torch.zeros(len(rows), width, dim, dtype=llm.dtype, device=device)  # [B, L, d]
-    positions = torch.zeros(r, len(rows), width, dtype=torch.long)  # [R, B, L]
-    for b, (fwd, start, end) in enumerate(rows):
-        n = end - start
-        embeds[b, :n] = fwd.embeds[start:end]
-        positions[:, b, :n] = fwd.positions[:, start:end]
-        positions[:, b, n:] = fwd.positions[:, end - 1 : end]  # padding: any valid position
-    cache = RowsCache([fwd.session.cache for fwd, _, _ in rows], new)
-    mask = ragged_mask(cache.past, new, cache.kv_len, device)  # [B, 1, L, kv]
-    extra = fwd0.extra if len(rows) == 1 else {}
-    logits = llm.forward(embeds, cache=cache, position_ids=positions.to(device), attention_mask=mask,
-                         logits_at=torch.tensor(new) - 1, **extra)
-    cache.finish()
-    return [logits[b, 0] for b in range(len(rows))]
 
 
 @dataclass(eq=False)
@@ -316,7 +289,7 @@ def pick_prefills(tasks: list[Task], step: int, cfg: SchedulerConfig) -> list[tu
     """Rows of a step's prefill micro-batch: ``(task, start, end)`` token slices within ``cfg.token_budget``.
 
     Order: chunks waiting ``max_ingest_wait_steps`` or more (ageing), then questions if ``questions_first``, then
-    arrival. A piece with family extras (DeepStack) runs alone and whole; otherwise the last admitted piece may be
+    arrival. A piece with family extras runs alone and whole; otherwise the last admitted piece may be
     cut (the rest of it goes next step).
     """
 

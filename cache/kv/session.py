@@ -24,19 +24,20 @@ Layout of the resident buffer (:class:`~cache.kv.kvcache.BoundedCache`)::
   :meth:`KVSession.answer` is written as generators that *yield* a :class:`Forward` (the tokens to run through the
   model into this session's cache) and are *sent* the logits of its last token; ``answer`` also yields each
   generated token id (an ``int``). The scheduler (:mod:`cache.kv.scheduler`) batches the forwards of many sessions
-  into one model call; :func:`drive` runs one coroutine alone. Buffer edits between forwards stay per stream.
+  into one model call; :func:`cache.kv.forward.drive` runs one coroutine alone. Buffer edits between forwards stay per stream.
 """
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generator, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from transformers import DynamicCache
 
 from cache.kv import policies
 from cache.kv.config import KVConfig, Sampling
+from cache.kv.forward import Forward, Work
 from cache.kv.kvcache import BoundedCache
 from cache.kv.offload import BlockStore, StoredBlock, pack_block, unpack_block
 from cache.kv.sampling import next_token
@@ -46,49 +47,6 @@ from stream.models.llm import TextLM
 
 # (stream_id, block, vector, stream_cap) -> stored?
 StoreBlockFn = Callable[[str, StoredBlock, torch.Tensor, int], bool]
-
-
-def piece_extras(piece: LLMInput) -> dict[str, Any]:
-    """The family-specific decoder inputs of a piece (DeepStack features + visual mask), passed through as is."""
-    if piece.deepstack is None:
-        return {}
-    return {"deepstack": piece.deepstack, "visual_mask": piece.visual_mask}
-
-
-def drive(work: Work, llm: TextLM) -> list[int]:
-    """Run one session coroutine alone (batch of one); returns the token ids it yielded."""
-    from cache.kv.scheduler import run_batch  # the batched forward lives with the scheduler
-
-    tokens, value = [], None
-    try:
-        while True:
-            item = work.send(value)
-            if isinstance(item, int):
-                tokens.append(item)
-                value = None
-            else:
-                value = run_batch(llm, [(item, 0, item.tokens)])[0]
-    except StopIteration:
-        return tokens
-
-
-@dataclass(eq=False)
-class Forward:
-    """Model work a session coroutine asks for: ``embeds`` ``[L, d]`` at absolute ``positions`` ``[R, L]`` into the
-    session's cache; ``extra`` = the piece's family-specific decoder inputs (DeepStack features...)."""
-
-    session: "KVSession"
-    embeds: torch.Tensor
-    positions: torch.Tensor
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def tokens(self) -> int:
-        return int(self.embeds.shape[0])
-
-
-# a session coroutine: yields Forward (is sent [vocab] logits of its last token) or an int token (is sent None)
-Work = Generator["Forward | int", "torch.Tensor | None", None]
 
 
 @dataclass(eq=False)
@@ -158,7 +116,7 @@ class KVSession:
         n = piece.tokens
         if n:
             rel = self._rel(piece)
-            yield Forward(self, piece.embeds, rel, piece_extras(piece))
+            yield Forward(self, piece.embeds, rel, piece.extras)
             keys, _ = self.cache.read(0, n)  # [layers, kv_heads, n, hd]
             self.sink_keys, self.sink_rel = self.llm.rotate_keys(keys, -rel), rel
         self.sink_len, self.sink_extent, self.next_pos, self.stream_tokens = n, piece.extent, piece.extent, n
@@ -171,7 +129,7 @@ class KVSession:
         self._place_sinks(retrieved_extent=0)
         # 2. prefill at the next positions (attends to sinks + the whole window)
         n, rel = piece.tokens, self._rel(piece)
-        yield Forward(self, piece.embeds, self._shifted(rel, self.next_pos), piece_extras(piece))
+        yield Forward(self, piece.embeds, self._shifted(rel, self.next_pos), piece.extras)
         stream_pos = self.next_pos + self.pos_offset
         block_meta = {**piece.meta, **meta}
         self.window.append(WindowBlock(self.blocks, n, self.next_pos, stream_pos, block_meta, rel, piece.extent))
@@ -292,7 +250,7 @@ class KVSession:
             usage.context_tokens, usage.question_tokens = int(self.cache.length), int(question.tokens)
         # 4. the question right after the window
         rel = self._rel(question)
-        return Forward(self, question.embeds, self._shifted(rel, self.next_pos), piece_extras(question))
+        return Forward(self, question.embeds, self._shifted(rel, self.next_pos), question.extras)
 
     def _retrieve(self, question: LLMInput, allowance: int) -> list[tuple[StoredBlock, float]]:
         """Offloaded blocks most relevant to ``question`` that fit ``allowance`` tokens, in stream order."""
@@ -333,7 +291,7 @@ class KVSession:
                 hooks.append(proj.register_forward_hook(lambda m, a, out, i=i: captured.__setitem__(i, out)))
         try:
             positions = rel.to(self.llm.device)[:, None]  # [R, 1, n]
-            self.llm.forward(question.embeds[None], cache=probe, position_ids=positions, **piece_extras(question))
+            self.llm.forward(question.embeds[None], cache=probe, position_ids=positions, **question.extras)
         finally:
             for h in hooks:
                 h.remove()

@@ -1,4 +1,4 @@
-"""Read-only reports of a stream session and of the whole engine."""
+"""Read-only reports of a stream's KV session and of one question's prompt."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -71,15 +71,3 @@ class SessionStats:
     def used_bytes(self) -> int:
         """Bytes its tokens fill: resident tokens + offloaded storage."""
         return self.resident_used_bytes + self.offloaded_bytes
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """The replica's KV memory: ``used_bytes = reserved_bytes + offloaded_bytes <= limit_bytes``."""
-
-    streams: int
-    limit_bytes: int
-    reserved_bytes: int
-    offloaded_bytes: int
-    used_bytes: int
-    bytes_per_stream: int

@@ -1,4 +1,4 @@
-"""``EvalRunner``: stream each benchmark video through :class:`serve.pipeline.StreamPipeline` up to each question's
+"""``EvalRunner``: stream each benchmark video through :class:`serve.core.pipeline.StreamPipeline` up to each question's
 time, ask there, score, and compare the configured compression with compression off in the same run.
 
 Per video and setting (settings interleaved video by video, so both see the same machine load):
@@ -20,12 +20,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from serve.eval.bench import EvalItem, resolve_video, score
-from serve.options import StreamOptions
-from serve.pipeline import StreamPipeline
+from serve.core.options import StreamOptions
+from serve.core.pipeline import StreamPipeline
 from stream.config import SourceConfig
 from stream.frames import Frame
 from stream.models.base import VLMAdapter
-from stream.sampler import FpsSampler
 from stream.sources import open_source
 
 COST_KEYS = ("vit_ms", "visual_tokens", "prefill_ms", "kv_bytes", "ttft_ms")
@@ -95,9 +94,9 @@ class EvalRunner:
 
     def run_video(self, setting: str, path: Path, items: list[EvalItem]) -> list[ItemResult]:
         """Stream ``path`` once under ``setting``, asking ``items`` (any order; asked in time order)."""
-        pipe, opts = self.pipelines[setting], self.settings[setting]
+        pipe = self.pipelines[setting]
         sid = pipe.open(f"eval-{setting}")
-        sampler = FpsSampler(opts.sampler.fps)
+        chunker = pipe.chunker(sid)  # one sampling decision across the segments
         out: list[ItemResult] = []
         cpu_s = 0.0
         try:
@@ -105,7 +104,7 @@ class EvalRunner:
                 feed = _Until(iter(src))
                 for item in sorted(items, key=lambda it: it.time_s):
                     t0 = time.thread_time()
-                    pipe.ingest(sid, feed.upto(item.time_s), sampler=sampler)  # 2. frames up to the question
+                    pipe.ingest(sid, feed.upto(item.time_s), chunker=chunker)  # 2. frames up to the question
                     cpu_s += time.thread_time() - t0
                     response = "".join(pipe.ask(sid, item.prompt, self.max_new_tokens))
                     st = pipe.stats[sid]

@@ -16,7 +16,7 @@ Family specifics live in one subclass each (``llava_onevision.py``, ``smolvlm.py
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
@@ -39,13 +39,22 @@ class VisualTokens:
         embeds: ``[N, T, d]`` LLM-space embeddings, ``T`` tokens per frame.
         positions: ``[T, 2]`` int64 (row, col) of each token on the ``grid`` (same for every frame).
         grid: ``(rows, cols)`` of the token grid.
-        deepstack: ``[levels, N, T, d]`` DeepStack features of the same tokens (Qwen3-VL), else ``None``.
+        extras: the family's per-token extras, each ``[N, T, ...]`` (frame, token, then the family's own axes), e.g.
+            Qwen3-VL's DeepStack features ``[N, T, levels, d]``. Opaque outside the adapter: the pruner's keep mask
+            selects their tokens like the embeddings', and :meth:`VLMAdapter.chunk_embeds` turns them into decoder
+            inputs. Empty for most families.
     """
 
     embeds: torch.Tensor
     positions: torch.Tensor
     grid: tuple[int, int]
-    deepstack: torch.Tensor | None = None
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, x in self.extras.items():
+            if tuple(x.shape[:2]) != tuple(self.embeds.shape[:2]):
+                raise ValueError(f"extra {name!r} must be [N, T, ...] = {list(self.embeds.shape[:2])} + [...], "
+                                 f"got {list(x.shape)}")
 
     def __repr__(self) -> str:
         return f"VisualTokens(embeds={list(self.embeds.shape)}, grid={self.grid})"
@@ -190,7 +199,7 @@ class VLMAdapter:
     def attention_tokens(self, scores: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Patch scores ``[N, P]`` (:meth:`encode_vision_attention`) -> ``[N, rows * cols]`` per LLM token, row-major
         like ``VisualTokens.positions`` (area averaging onto the token grid, as the projector pools)."""
-        from pruner.attention import scores_to_tokens
+        from stream.models.vision_ops import scores_to_tokens
 
         return scores_to_tokens(scores, grid)
 
@@ -243,14 +252,15 @@ class VLMAdapter:
 
     def chunk_embeds(self, frames: Sequence[torch.Tensor], pts: Sequence[float],
                      positions: Sequence[torch.Tensor] | None = None, grid: tuple[int, int] | None = None,
-                     deepstack: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+                     extras: dict[str, Sequence[torch.Tensor]] | None = None) -> torch.Tensor:
         """A chunk's visual tokens as LLM input: ``frames[i]`` ``[t_i, d]`` kept tokens of frame i -> ``[L, d]``.
 
         1-D RoPE families place tokens at consecutive positions, so ``positions`` / ``grid`` (used by M-RoPE
-        families) are not needed here; ``deepstack`` is refused (no such family uses 1-D RoPE).
+        families) are not needed here. ``extras`` (per frame ``[t_i, ...]``, see :attr:`VisualTokens.extras`) are
+        refused: no such family makes any.
         """
-        if deepstack is not None:
-            raise ValueError(f"{self.family} has no DeepStack; got DeepStack features for its chunk")
+        if extras:
+            raise ValueError(f"{self.family} takes no per-token extras; got {sorted(extras)} for its chunk")
         if len(frames) != len(pts):
             raise ValueError(f"chunk_embeds needs one pts per frame: {len(frames)} frames, {len(pts)} pts")
         pieces: list[torch.Tensor] = []

@@ -7,9 +7,10 @@ in the stream it lands, and after the piece the next position advances by :attr:
 relative position + 1, which for a video chunk is less than its token count). Families with 1-D RoPE leave
 ``positions`` as ``None`` (``arange(L)``, extent ``L``).
 
-Qwen3-VL's DeepStack adds features of some vision layers to the hidden states of the first decoder layers at the
-visual tokens: ``deepstack`` holds them for the piece's visual tokens (``visual_mask``), in token order, after
-pruning (a dropped token is dropped from every level).
+A family may need more decoder inputs than embeddings and positions (Qwen3-VL's DeepStack features of the visual
+tokens, with the mask saying which tokens they belong to). They travel in ``extras``: keyword arguments of the
+family's ``TextLM.forward``, built by the adapter and read by that family's decoder only. The KV session, the
+engine and the scheduler pass them through unread (a piece with extras runs as a batch of one, whole).
 """
 from __future__ import annotations
 
@@ -27,16 +28,14 @@ class LLMInput:
         embeds: ``[L, d]`` input embeddings.
         positions: ``[R, L]`` int64 rotary positions relative to the piece's first position (``R`` = 1 for plain
             RoPE, 3 for M-RoPE); ``None`` = ``arange(L)`` in every row.
-        deepstack: ``[levels, V, d]`` features added after decoder layers ``0..levels-1`` at the visual tokens
-            (Qwen3-VL), or ``None``.
-        visual_mask: ``[L]`` bool, True at visual tokens (``V = visual_mask.sum()``); required with ``deepstack``.
+        extras: the family's extra decoder inputs (keywords of its ``TextLM.forward``), opaque to everything else;
+            empty for most families.
         meta: reported with the block when it is retrieved (``pts``, frame token counts...).
     """
 
     embeds: torch.Tensor
     positions: torch.Tensor | None = None
-    deepstack: torch.Tensor | None = None
-    visual_mask: torch.Tensor | None = None
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -49,17 +48,6 @@ class LLMInput:
                 raise ValueError(f"LLMInput.positions must be int64 [rows, {n}], got {p.dtype} {list(p.shape)}")
             if n and int(p.min()) < 0:
                 raise ValueError("LLMInput.positions are relative to the piece's start and must be >= 0")
-        if self.visual_mask is not None and (self.visual_mask.shape != (n,) or self.visual_mask.dtype != torch.bool):
-            raise ValueError(f"LLMInput.visual_mask must be bool [{n}], got {list(self.visual_mask.shape)}")
-        if self.deepstack is not None:
-            if self.visual_mask is None:
-                raise ValueError("LLMInput.deepstack needs visual_mask (which tokens the features belong to)")
-            v = int(self.visual_mask.sum())
-            if self.deepstack.ndim != 3 or self.deepstack.shape[1] != v or self.deepstack.shape[2] != self.embeds.shape[1]:
-                raise ValueError(
-                    f"LLMInput.deepstack must be [levels, {v} visual tokens, {self.embeds.shape[1]}], "
-                    f"got {list(self.deepstack.shape)}"
-                )
 
     @property
     def tokens(self) -> int:
@@ -85,5 +73,5 @@ class LLMInput:
 
     def __repr__(self) -> str:
         rows = "1-D" if self.positions is None else f"{self.positions.shape[0]} rows"
-        ds = "" if self.deepstack is None else f", deepstack={list(self.deepstack.shape)}"
-        return f"LLMInput(tokens={self.tokens}, positions={rows}, extent={self.extent}{ds})"
+        ex = "".join(f", {k}={list(v.shape)}" for k, v in self.extras.items())
+        return f"LLMInput(tokens={self.tokens}, positions={rows}, extent={self.extent}{ex})"

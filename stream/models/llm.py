@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from transformers import Cache, PreTrainedModel
 
+from stream.models.rope import apply_rope, rope_inv_freq
+
 
 class TextLM:
     """Decoder + LM head of a (vision-)language model.
@@ -120,8 +122,6 @@ class TextLM:
     @cached_property
     def inv_freq(self) -> torch.Tensor:
         """Rotary inverse frequencies ``[head_dim / 2]`` float32 (validated: static rope type, whole heads)."""
-        from cache.kv.rope import rope_inv_freq  # lazy: cache.kv imports this module
-
         return rope_inv_freq(self.decoder, self.head_dim)
 
     def rotate_keys(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -131,8 +131,6 @@ class TextLM:
         uniform shift ``rotate_keys(k, full(delta))`` moves keys by ``delta`` (also under M-RoPE, where every row
         shifts by the same ``delta``). Plain RoPE (``R = 1``); computed in float32, returned in ``keys.dtype``.
         """
-        from cache.kv.rope import apply_rope
-
         if positions.ndim == 1:
             positions = positions[None]
         if positions.shape[0] != 1 and not bool((positions == positions[:1]).all()):

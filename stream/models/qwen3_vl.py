@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from stream.models.base import LayerRunner, VisualTokens, grid_positions, run_layers
-from stream.models.qwen2_5_vl import QWEN_VL_TURN, MRopeTextLM, Qwen2_5_VLAdapter, _GridBlock, frames_to_patches
+from stream.models.qwen2_5_vl import QWEN_VL_TURN, Qwen2_5_VLAdapter
+from stream.models.qwen_parts import GridBlock, MRopeTextLM, frames_to_patches
 
 
 def smart_resize_video(height: int, width: int, factor: int = 32, min_pixels: int = 128 * 32 * 32,
@@ -113,7 +114,7 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
         grid = torch.tensor([[1, rows * self.merge, cols * self.merge]])
         pos = get_vision_position_ids(grid, self.merge).to(self.device)  # [P, 2]
         cos, sin = self.visual.rotary_pos_emb(pos, pos)
-        return nn.ModuleList(_GridBlock(b, cos, sin, None, (rows, cols)) for b in self.visual.blocks)
+        return nn.ModuleList(GridBlock(b, cos, sin, None, (rows, cols)) for b in self.visual.blocks)
 
     @torch.inference_mode()
     def encode_vision(self, pixel_values: torch.Tensor, layer_runner: LayerRunner | None = None) -> torch.Tensor:
@@ -135,12 +136,26 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
 
     @torch.inference_mode()
     def project(self, features: torch.Tensor) -> VisualTokens:
-        """``[1 + levels, N, rows, cols, m*m, D]`` -> tokens ``[N, T, d]`` + DeepStack ``[levels, N, T, d]``."""
+        """``[1 + levels, N, rows, cols, m*m, D]`` -> tokens ``[N, T, d]`` + extra ``deepstack`` ``[N, T, levels, d]``."""
         _, n, rows, cols, unit, d = features.shape
         v = self.visual
         tokens = v.merger(features[0].reshape(-1, d)).view(n, rows * cols, -1)
         deep = [m(f.reshape(-1, d)).view(n, rows * cols, -1) for m, f in zip(v.deepstack_merger_list, features[1:])]
-        return VisualTokens(tokens, grid_positions(rows, cols), (rows, cols), torch.stack(deep))
+        return VisualTokens(tokens, grid_positions(rows, cols), (rows, cols), {"deepstack": torch.stack(deep, dim=2)})
+
+    def decoder_extras(self, extras: dict[str, Sequence[torch.Tensor]], visual_mask: torch.Tensor
+                       ) -> dict[str, torch.Tensor]:
+        """Per-patch ``deepstack`` ``[t_i, levels, d]`` -> the decoder's ``deepstack`` ``[levels, V, d]`` (V visual
+        tokens of the chunk, in order) and ``visual_mask`` ``[L]``."""
+        unknown = sorted(set(extras) - {"deepstack"})
+        if unknown:
+            raise ValueError(f"{self.family} takes only the extra 'deepstack'; got {unknown}")
+        if "deepstack" not in extras:
+            return {}
+        deep = torch.cat([x.to(self.device, self.llm.dtype) for x in extras["deepstack"]], dim=0)  # [V, levels, d]
+        if deep.shape[0] != int(visual_mask.sum()):
+            raise ValueError(f"deepstack has {deep.shape[0]} tokens for {int(visual_mask.sum())} visual tokens")
+        return {"deepstack": deep.permute(1, 0, 2).contiguous(), "visual_mask": visual_mask}
 
     def frame_text(self, pts: float) -> tuple[str, str]:
         return f"<{pts:.1f} seconds><|vision_start|>", "<|vision_end|>"

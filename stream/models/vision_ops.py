@@ -11,12 +11,15 @@ subset of query tokens ``idx`` ``[N, k]`` against all ``P`` keys:
 * ``token_groups(P)``: the attention window of each token where the layer attends locally (the STC cacher then
   recomputes whole windows first, see :func:`cache.stc.select_tokens`), ``None`` for full attention.
 * ``attention_received(x)``: the attention each patch receives in this layer, averaged over heads and queries
-  (VisionZip's dominant-token score, for the ``attention`` pruning policy), from the same pieces.
+  (VisionZip's dominant-token score, for the ``attention`` pruning policy), from the same pieces;
+  :func:`scores_to_tokens` maps those patch scores onto the projector's token grid.
 
 :func:`layer_ops` returns a layer's ops: ``layer.stc_ops()`` when the layer provides it (the Qwen adapters' grid-bound
 blocks), else SigLIP-style ops for ``SiglipEncoderLayer`` / ``Idefics3EncoderLayer`` (LLaVA-OneVision, SmolVLM).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -130,3 +133,22 @@ def layer_ops(layer: nn.Module, index: int = 0) -> LayerOps:
             "Fix: disable the cache for this model."
         )
     return LayerOps(layer)
+
+
+def scores_to_tokens(scores: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Map patch scores ``[N, P]`` (a square patch grid) onto a token grid ``(rows, cols)`` by area averaging.
+
+    Matches how the projector pools patches into tokens: 27x27 -> 14x14 for LLaVA-OneVision (bilinear pooling),
+    32x32 -> 8x8 for SmolVLM (4x4 pixel shuffle, exact blocks). Token order is row-major, like ``positions``.
+
+    Returns:
+        ``[N, rows * cols]`` float32.
+    """
+    n, p = scores.shape
+    side = math.isqrt(p)
+    if side * side != p:
+        raise ValueError(f"patch scores must come from a square patch grid, got P={p} patches")
+    if grid == (side, side):
+        return scores.float()
+    x = scores.float().view(n, 1, side, side)  # [N, 1, side, side]
+    return F.adaptive_avg_pool2d(x, grid).view(n, grid[0] * grid[1])  # [N, T]

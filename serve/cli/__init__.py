@@ -1,0 +1,4 @@
+"""The ``stc-serve`` command (:func:`main`)."""
+from serve.cli.main import main
+
+__all__ = ["main"]

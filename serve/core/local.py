@@ -1,0 +1,151 @@
+"""The HTTP API's backend over ingest hosts (:class:`HostBackend`), and its in-process form (:class:`LocalBackend`).
+
+A backend is what :func:`serve.http.app.make_api` serves: create, push, ask, stats, close, watches. Every stream
+call goes to the stream's :class:`serve.core.hosts.IngestHost` unchanged, so a backend only says *how* a host is
+reached: :class:`LocalBackend` calls one host in this process (a worker thread per call, direct stage calls: tests
+and a single-process deployment), ``serve.deploy.app.RayBackend`` calls the host actors of the Ray service.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Any, AsyncIterator, Callable, Iterator
+
+from serve.core.api import CreateStreamRequest, HealthResponse, PushResponse, QuestionRequest, StreamStats
+from serve.core.flow import DirectTransport
+from serve.core.hosts import IngestHost
+from serve.core.messages import AnswerItem
+from serve.core.options import StreamOptions
+from serve.core.runner import StreamPlan, plan_stream
+from serve.core.settings import ServeSettings
+from serve.core.watchset import EventsPage, Watch, WatchHub, WatchRequest
+from stream.config import SourceConfig
+from stream.frames import FrameBatch
+
+
+async def iterate_in_thread(make: Callable[[], Iterator[Any]]) -> AsyncIterator[Any]:
+    """Drive a blocking iterator from a worker thread, one item at a time (the event loop stays free)."""
+    it = await asyncio.to_thread(make)
+    sentinel = object()
+    try:
+        while True:
+            item = await asyncio.to_thread(next, it, sentinel)
+            if item is sentinel:
+                return
+            yield item
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            await asyncio.to_thread(close)
+
+
+class HostBackend:
+    """The stream backend over ingest hosts; subclasses say how a host method is reached.
+
+    Args:
+        settings: the service settings (limits, media root, watches).
+        defaults: the default :class:`serve.core.options.StreamOptions`.
+    """
+
+    def __init__(self, settings: ServeSettings, defaults: StreamOptions) -> None:
+        self.settings = settings
+        self.defaults = defaults
+
+    # -- how a host is reached (subclasses) ----------------------------------------------------------------------------
+    async def _call(self, stream_id: str, method: str, *args: Any) -> Any:
+        """``method(stream_id, *args)`` on the stream's host."""
+        raise NotImplementedError
+
+    def _stream(self, stream_id: str, method: str, *args: Any) -> AsyncIterator[Any]:
+        """The items of the generator ``method(stream_id, *args)`` on the stream's host."""
+        raise NotImplementedError
+
+    async def _create(self, plan: StreamPlan) -> StreamStats:
+        """Open the planned stream on its host (with the service's stream cap)."""
+        raise NotImplementedError
+
+    async def _every_host(self, method: str) -> list[Any]:
+        """``method()`` on every host (results of hosts that answered)."""
+        raise NotImplementedError
+
+    async def health(self) -> HealthResponse:
+        raise NotImplementedError
+
+    # -- the backend API ---------------------------------------------------------------------------------------------
+    async def create(self, request: CreateStreamRequest) -> StreamStats:
+        return await self._create(plan_stream(request, self.settings, self.defaults))
+
+    async def push(self, stream_id: str, batch: FrameBatch, flush: bool) -> PushResponse:
+        return await self._call(stream_id, "push", batch, flush)
+
+    def ask(self, stream_id: str, request: QuestionRequest) -> AsyncIterator[AnswerItem]:
+        """The answer's text pieces and :class:`serve.core.messages.AnswerStats` snapshots."""
+        return self._stream(stream_id, "ask", request)
+
+    async def stats(self, stream_id: str) -> StreamStats:
+        return await self._call(stream_id, "stats")
+
+    async def list(self) -> list[StreamStats]:
+        streams = [s for page in await self._every_host("list") for s in page]
+        return sorted(streams, key=lambda s: s.stream_id)
+
+    async def close(self, stream_id: str) -> StreamStats:
+        return await self._call(stream_id, "close")
+
+    async def frame_jpeg(self, stream_id: str) -> bytes | None:
+        """The stream's newest sampled frame as JPEG (None before the first chunk)."""
+        return await self._call(stream_id, "frame_jpeg")
+
+    async def add_watch(self, stream_id: str, request: WatchRequest) -> Watch:
+        return await self._call(stream_id, "add_watch", request)
+
+    async def list_watches(self, stream_id: str) -> list[Watch]:
+        return await self._call(stream_id, "list_watches")
+
+    async def delete_watch(self, stream_id: str, watch_id: str) -> Watch:
+        return await self._call(stream_id, "delete_watch", watch_id)
+
+    async def watch_events(self, stream_id: str, since: int, timeout_s: float) -> EventsPage:
+        return await self._call(stream_id, "watch_events", since, timeout_s)
+
+
+class LocalBackend(HostBackend):
+    """The backend without Ray: one :class:`serve.core.hosts.IngestHost` in this process over direct stage calls.
+
+    Args:
+        settings: the service settings (limits, media root, ingest queue, watches).
+        source_config: how sources are opened.
+        defaults: the default :class:`serve.core.options.StreamOptions`.
+        vision, llm: the stages (real :class:`serve.core.stages.VisionStage` / ``LLMStage``, or test doubles).
+    """
+
+    def __init__(self, settings: ServeSettings, source_config: SourceConfig, defaults: StreamOptions, vision: Any,
+                 llm: Any) -> None:
+        super().__init__(settings, defaults)
+        self.vision, self.llm = vision, llm
+        self.host = IngestHost(DirectTransport(vision, llm), source_config.model_copy(
+            update={"media_root": settings.media_root}), settings.ingest, settings.stream_ttl_s,
+            watches=settings.watches, trim_on_close=False, max_waiters=2)  # long-polls hold to_thread workers
+
+    @property
+    def watches(self) -> WatchHub:
+        """The host's watches (tests read their bounds)."""
+        return self.host.watches
+
+    async def _call(self, stream_id: str, method: str, *args: Any) -> Any:
+        return await asyncio.to_thread(getattr(self.host, method), stream_id, *args)
+
+    def _stream(self, stream_id: str, method: str, *args: Any) -> AsyncIterator[Any]:
+        return iterate_in_thread(lambda: getattr(self.host, method)(stream_id, *args))
+
+    async def _create(self, plan: StreamPlan) -> StreamStats:
+        return await asyncio.to_thread(self.host.create, plan, self.settings.max_streams)
+
+    async def _every_host(self, method: str) -> list[Any]:
+        return [await asyncio.to_thread(getattr(self.host, method))]
+
+    async def health(self) -> HealthResponse:
+        return HealthResponse(status="ok", streams=len(self.host.ids()), deployments={"local": "HEALTHY"})
+
+    def shutdown(self) -> None:
+        """Close every stream and stop the watch scheduler."""
+        self.host.shutdown()

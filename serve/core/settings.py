@@ -1,0 +1,327 @@
+"""Settings of the Ray Serve service: deployments, HTTP, autoscaling, ingest queues, media root, limits, API key.
+
+:class:`ServeSettings` is one section of the full service config (``serve.core.config.ServiceConfig`` composes it with the
+stream/cache/pruner/KV configs and loads YAML). Every model rejects unknown keys; ``ServeSettings.parse(dict)``
+raises :class:`stream.errors.ConfigError` naming the field, the bad value and the fix.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, model_validator
+
+from stream.config_base import StrictModel
+from stream.errors import ConfigError
+
+DropPolicy = Literal["drop_oldest", "drop_newest"]
+UrlScheme = Literal["rtsp", "rtsps", "http", "https"]
+
+
+class AutoscalingSettings(StrictModel):
+    """Ray Serve autoscaling of one deployment (replicas follow the number of ongoing requests)."""
+
+    min_replicas: int = Field(
+        1, ge=1, le=1024, description="Replicas kept when idle (>= 1: replicas hold stream state, zero would drop it)."
+    )
+    max_replicas: int = Field(4, ge=1, le=1024, description="Upper bound on replicas.")
+    target_ongoing_requests: float = Field(
+        2.0, gt=0, le=10_000, description="Ongoing requests per replica the autoscaler aims for."
+    )
+    upscale_delay_s: float = Field(10.0, ge=0, le=3600, description="Load must stay high this long before upscaling.")
+    downscale_delay_s: float = Field(
+        600.0,
+        ge=0,
+        le=86_400,
+        description="Load must stay low this long before downscaling (a removed replica's streams restart cold).",
+    )
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> "AutoscalingSettings":
+        if self.max_replicas < self.min_replicas:
+            raise ConfigError(
+                f"autoscaling.max_replicas={self.max_replicas} is below min_replicas={self.min_replicas}. "
+                "Fix: make max_replicas >= min_replicas."
+            )
+        return self
+
+    def to_ray(self) -> dict[str, Any]:
+        """The ``autoscaling_config`` dict Ray Serve takes."""
+        return self.model_dump()
+
+
+class DeploymentSettings(StrictModel):
+    """Replicas and resources of one Ray Serve deployment."""
+
+    num_replicas: int | None = Field(
+        None, ge=1, le=1024, description="Fixed replica count (default 1). Leave unset when `autoscaling` is given."
+    )
+    autoscaling: AutoscalingSettings | None = Field(None, description="Autoscale between min and max replicas.")
+    num_cpus: float = Field(
+        0.5, ge=0, le=1024, description="CPUs Ray reserves per replica (a scheduling share; torch threads are separate)."
+    )
+    num_gpus: float = Field(0.0, ge=0, le=64, description="GPUs per replica (fractions share one GPU).")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Extra Ray custom resources per replica, e.g. {'encoder_node': 1}."
+    )
+    max_ongoing_requests: int = Field(
+        256,
+        ge=1,
+        le=100_000,
+        description="Requests a replica accepts at once. Keep it high on stateful replicas: a full replica makes "
+        "the router try another one, which then answers 'misrouted' and the caller retries.",
+    )
+
+    @model_validator(mode="after")
+    def _check_replicas(self) -> "DeploymentSettings":
+        if self.num_replicas is not None and self.autoscaling is not None:
+            raise ConfigError(
+                f"num_replicas={self.num_replicas} and autoscaling are both set. "
+                "Fix: give either a fixed num_replicas or an autoscaling section, not both."
+            )
+        return self
+
+    def ray_actor_options(self, runtime_env: dict[str, Any] | None = None) -> dict[str, Any]:
+        """``ray_actor_options`` for ``serve.deployment`` (with ``runtime_env`` when given and not empty)."""
+        opts: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.resources:
+            opts["resources"] = dict(self.resources)
+        if runtime_env:
+            opts["runtime_env"] = runtime_env
+        return opts
+
+    def deployment_options(self, runtime_env: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Keyword arguments for ``Deployment.options(...)`` (replicas, autoscaling, resources, runtime_env)."""
+        opts: dict[str, Any] = {
+            "ray_actor_options": self.ray_actor_options(runtime_env),
+            "max_ongoing_requests": self.max_ongoing_requests,
+        }
+        if self.autoscaling is not None:
+            opts["autoscaling_config"] = self.autoscaling.to_ray()
+        else:
+            opts["num_replicas"] = self.num_replicas or 1
+        return opts
+
+    @property
+    def min_replicas(self) -> int:
+        """Replicas guaranteed to exist (fixed count, or the autoscaling minimum)."""
+        return self.autoscaling.min_replicas if self.autoscaling else (self.num_replicas or 1)
+
+
+class HttpSettings(StrictModel):
+    """Where Ray Serve's HTTP proxy listens."""
+
+    host: str = Field("127.0.0.1", min_length=1, description="Bind address ('0.0.0.0' to listen on every interface).")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port of the HTTP API.")
+    proxy_location: Literal["HeadOnly", "EveryNode", "Disabled"] = Field(
+        "HeadOnly",
+        description="Where Serve runs HTTP proxies: the head node only, every node (behind a load balancer), or "
+        "none (handles only).",
+    )
+
+
+class IngestSettings(StrictModel):
+    """Per-stream ingest actors: decode + sample + chunk, then push chunks to the encoder."""
+
+    queue_chunks: int = Field(
+        4, ge=1, le=1024, description="Chunks waiting for the encoder per stream (the bounded queue)."
+    )
+    drop_policy: DropPolicy = Field(
+        "drop_oldest",
+        description="Live and pushed streams, queue full: 'drop_oldest' discards the oldest waiting chunk (answers "
+        "stay about the most recent video), 'drop_newest' discards the incoming chunk. Dropped frames are counted. "
+        "File streams never drop: their decoder waits for the encoder instead.",
+    )
+    num_cpus: float = Field(
+        0.05, ge=0, le=64, description="CPUs Ray reserves per ingest host actor (it mostly waits on I/O)."
+    )
+    hosts: int = Field(
+        2, ge=1, le=1024,
+        description="Ingest host actors (detached, owned by the service): each runs many streams' ingest threads, "
+        "so a stream costs threads and buffers, not a process. A stream id maps to one host by consistent hashing.",
+    )
+    host_concurrency: int = Field(
+        256, ge=4, le=100_000, description="Calls one ingest host serves at once (push, stats, questions)."
+    )
+    call_timeout_s: float = Field(
+        120.0, gt=0, le=3600, description="Longest wait for one encoder or LLM call before the stream fails."
+    )
+    misroute_retry_s: float = Field(
+        10.0,
+        gt=0,
+        le=600,
+        description="How long a call is retried while the router has not yet learned which replica holds a "
+        "stream; after that the stream is reopened cold on another replica (counted in `state_resets`).",
+    )
+
+
+class WatchSettings(StrictModel):
+    """Standing questions (``serve/core/watchset.py``): bounds, the rate limit (per ingest host) and the webhook allowlist."""
+
+    max_watches_per_stream: int = Field(4, ge=1, le=64)
+    max_events_per_stream: int = Field(256, ge=1, le=100_000)
+    asks_per_s: float = Field(4.0, gt=0, le=1000, description="Watch questions per second per ingest host.")
+    min_every_s: float = Field(0.2, gt=0, description="Smallest accepted every_s.")
+    max_new_tokens: int = Field(32, ge=1, le=512)
+    webhook_hosts: list[str] = Field(default_factory=list, description="Hosts webhooks may POST to.")
+
+
+class ProcessSettings(StrictModel):
+    """How the service's long-running processes hold memory (vision/LLM replicas and ingest hosts)."""
+
+    env: dict[str, str] = Field(
+        default_factory=lambda: {"MALLOC_ARENA_MAX": "2"},
+        description="Environment variables of the vision/LLM replicas and ingest hosts (Ray `runtime_env`), and of "
+        "every process of a local Ray instance the service starts itself (GCS, raylet). "
+        "The default caps glibc's malloc arenas at 2: a many-threaded replica otherwise gets up to 8 per core, and "
+        "memory freed in one thread's arena is never reused by another, so RSS creeps up for tens of minutes.",
+    )
+    host_env: dict[str, str] = Field(
+        default_factory=lambda: {"MALLOC_MMAP_THRESHOLD_": "131072"},
+        description="Extra environment variables of the ingest hosts only (over `env`). The default fixes glibc's "
+        "mmap threshold at 128 KiB: decoded frames (a 768x576 RGB frame is 1.3 MB) are then mapped and unmapped "
+        "one by one instead of carved from the heap, where frames of different lifetimes (sampled and kept, or "
+        "dropped) fragment it and the heap only grows. Not for model replicas: their CPU tensors would pay a "
+        "page fault per page on every allocation.",
+    )
+    trim_on_close: bool = Field(
+        True,
+        description="Return freed heap pages to the OS (glibc malloc_trim) after a stream's state is freed "
+        "(vision/LLM replicas) or the stream closed (ingest hosts).",
+    )
+    gc_freeze: bool = Field(
+        True,
+        description="Ingest hosts freeze the objects alive after start-up out of Python's cyclic garbage collector "
+        "(gc.freeze). With torch and Ray loaded a host starts with ~470,000 tracked objects, and a full collection "
+        "then waits until a quarter as many again have become long-lived: in a 30-minute soak none ran, so any "
+        "cyclic garbage (and the frames it held) stayed. Frozen, full collections are no longer gated on the "
+        "start-up objects and cost ~0 ms instead of ~185 ms holding the GIL.",
+    )
+    ray_task_events: int = Field(
+        10_000, ge=100, le=10_000_000,
+        description="Task events the GCS keeps when this service starts its own local Ray instance "
+        "(RAY_task_events_max_num_task_in_gcs; Ray's default 100,000). Every stage call is a Ray task, so this is "
+        "the GCS's memory bound; it only limits the dashboard's task history. Ignored when joining a cluster.",
+    )
+
+    def runtime_env(self, host: bool = False) -> dict[str, Any]:
+        """The Ray ``runtime_env`` of the vision/LLM replicas, or with ``host`` of the ingest hosts ({} when no
+        variables are set)."""
+        env = {**self.env, **self.host_env} if host else dict(self.env)
+        return {"env_vars": env} if env else {}
+
+
+class ServeSettings(StrictModel):
+    """The service section of the config: deployments, HTTP, ingest, security and request limits."""
+
+    app_name: str = Field("stc", min_length=1, max_length=64, description="Ray Serve application name.")
+    route_prefix: str = Field("/", pattern=r"^/", description="URL prefix of the HTTP API.")
+    ray_address: str | None = Field(
+        None, description="Ray cluster to join ('auto', 'ray://host:10001'); None starts a local Ray instance."
+    )
+    http: HttpSettings = Field(default_factory=HttpSettings, description="HTTP listen address.")
+    ingress: DeploymentSettings = Field(
+        default_factory=lambda: DeploymentSettings(num_cpus=0.1),
+        description="The HTTP ingress (FastAPI) deployment.",
+    )
+    vision: DeploymentSettings = Field(
+        default_factory=DeploymentSettings, description="Vision encoder deployment (ViT + STC cacher + pruner)."
+    )
+    llm: DeploymentSettings = Field(
+        default_factory=DeploymentSettings, description="LLM deployment (stream sessions with bounded KV)."
+    )
+    ingest: IngestSettings = Field(default_factory=IngestSettings, description="Per-stream ingest actors.")
+    media_root: str | None = Field(
+        None,
+        description="Folder that file sources must resolve into (symlinks and '..' are resolved first). "
+        "None disables file sources over the API.",
+    )
+    allowed_schemes: list[UrlScheme] = Field(
+        default_factory=lambda: ["rtsp", "rtsps", "http", "https"],
+        description="URL schemes accepted for live sources.",
+    )
+    api_key: SecretStr | None = Field(
+        None, description="If set, every endpoint needs 'Authorization: Bearer <key>' or 'X-API-Key: <key>'."
+    )
+    api_key_file: str | None = Field(
+        None, description="Read the API key from this file instead (first line); keeps secrets out of YAML."
+    )
+    allow_hosts: list[str] = Field(
+        default_factory=list,
+        description="Hosts or networks (names, IPs or CIDRs such as '10.0.0.0/8') that URL sources may name even "
+        "when `deny_networks` covers them; when `only_allowed` is true, the only ones accepted.",
+    )
+    deny_networks: list[str] = Field(
+        default_factory=lambda: ["127.0.0.0/8", "::1/128", "0.0.0.0/8", "169.254.0.0/16", "fe80::/10",
+                                 "100.100.100.200/32", "fd00:ec2::254/128", "::ffff:127.0.0.0/104"],
+        description="Networks URL sources may not reach (checked on every address the host name resolves to): by "
+        "default loopback (the service's own endpoints), link-local and cloud metadata addresses.",
+    )
+    only_allowed: bool = Field(False, description="Accept URL sources only on hosts in `allow_hosts`.")
+    stream_ttl_s: float = Field(
+        900.0, gt=0, le=30 * 86400,
+        description="Ended, failed and idle streams (no push, question or frame for this long) are closed.",
+    )
+    state_ttl_s: float = Field(
+        1800.0, gt=0, le=60 * 86400,
+        description="A replica frees a stream's vision/LLM state unused this long (its stream died); keep it above "
+        "stream_ttl_s.",
+    )
+    max_streams: int = Field(16, ge=1, le=100_000, description="Open streams the service accepts in total.")
+    max_streams_per_replica: int = Field(
+        8, ge=1, le=10_000, description="Streams one vision or LLM replica holds state for."
+    )
+    max_push_bytes: int = Field(
+        64 * 2**20, ge=1024, le=2**31, description="Largest msgpack body accepted by the push endpoint (bytes)."
+    )
+    max_frames_per_push: int = Field(256, ge=1, le=100_000, description="Frames in one pushed batch at most.")
+    max_frame_side: int = Field(4096, ge=16, le=16_384, description="Largest pushed frame height or width (pixels).")
+    max_question_chars: int = Field(
+        960, ge=1, le=1_000_000,
+        description="Longest question accepted (413 above). With max_new_tokens it must fit kv.reserve_tokens.",
+    )
+    max_new_tokens: int = Field(512, ge=1, le=65_536, description="Largest max_new_tokens a question may ask for.")
+    watches: WatchSettings = Field(default_factory=WatchSettings, description="Standing questions and webhooks.")
+    process: ProcessSettings = Field(default_factory=ProcessSettings, description="Memory of long-running processes.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ServeSettings":
+        if self.api_key is not None and self.api_key_file is not None:
+            raise ConfigError("api_key and api_key_file are both set. Fix: keep one of them.")
+        if self.api_key_file is not None and not Path(self.api_key_file).is_file():
+            raise ConfigError(f"api_key_file={self.api_key_file!r} does not exist. Fix: point it at a readable file.")
+        if self.state_ttl_s <= self.stream_ttl_s:
+            raise ConfigError(
+                f"state_ttl_s={self.state_ttl_s} must exceed stream_ttl_s={self.stream_ttl_s} (replicas would free "
+                "state of streams still open). Fix: raise state_ttl_s."
+            )
+        from serve.core.sources_policy import parse_networks
+
+        parse_networks(self.allow_hosts, "allow_hosts", names=True)
+        parse_networks(self.deny_networks, "deny_networks", names=False)
+        if self.media_root is not None and not Path(self.media_root).is_dir():
+            raise ConfigError(
+                f"media_root={self.media_root!r} is not a directory. Fix: create it or point it at the video folder."
+            )
+        return self
+
+    def min_resources(self) -> dict[str, float]:
+        """CPUs and GPUs the replicas need at their minimum count, plus one ingest actor per allowed stream."""
+        deps = (self.ingress, self.vision, self.llm)
+        cpus = sum(d.min_replicas * d.num_cpus for d in deps) + self.ingest.hosts * self.ingest.num_cpus
+        gpus = sum(d.min_replicas * d.num_gpus for d in deps)
+        return {"CPU": round(cpus, 6), "GPU": round(gpus, 6)}
+
+    def resolved_api_key(self) -> str | None:
+        """The API key (from ``api_key`` or the first line of ``api_key_file``), or ``None`` when auth is off."""
+        if self.api_key is not None:
+            return self.api_key.get_secret_value() or None
+        if self.api_key_file is not None:
+            with open(self.api_key_file, encoding="utf-8") as fh:
+                return fh.readline().strip() or None
+        return None
+
+    def resolved_media_root(self) -> str | None:
+        """``media_root`` with symlinks resolved (the form path checks compare against)."""
+        return os.path.realpath(self.media_root) if self.media_root else None

@@ -1,0 +1,180 @@
+"""Typed stats messages: what the stages, ingest hosts and replicas report across process boundaries and over HTTP.
+
+No ``dict[str, Any]`` crosses a process: the vision stage reports :class:`ChunkStats` per chunk and
+:class:`VisionStats` per stream, the LLM stage :class:`AppendStats` per chunk and :class:`KVStats` per stream, a
+replica :class:`ReplicaInfo`, an ingest host :class:`HostMemory`. The plain packages below (``cache``, ``pruner``)
+keep their own counters; these models are built from them at the stage boundary (``from_counters``), and unknown
+keys are rejected, so a renamed counter fails a test instead of vanishing from the API. Pydantic only (no torch):
+the HTTP ingress imports this module.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Stats(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    @classmethod
+    def from_counters(cls, counters: Any) -> "_Stats":
+        """Validate a plain package's counters (a dict or a dataclass) into this model."""
+        return cls.model_validate(counters, from_attributes=not isinstance(counters, dict))
+
+
+class CacheCounters(_Stats):
+    """STC cacher counters, of one chunk or a whole stream (``cache.cacher.CacheStats``)."""
+
+    chunks: int = 0
+    frames: int = 0
+    frames_full: int = Field(0, description="Frames encoded fully (new scenes and refreshes).")
+    frames_reused: int = Field(0, description="Frames encoded by selective recompute against a reference.")
+    hits: int = 0
+    misses: int = 0
+    refreshes: int = 0
+    evictions: int = 0
+    grid_changes: int = 0
+    tokens_recomputed: list[int] = Field(default_factory=list, description="Per ViT layer, over reused frames.")
+    tokens_reusable: list[int] = Field(default_factory=list, description="Per ViT layer, tokens of reused frames.")
+    refs_held: int = 0
+    store_bytes: int = 0
+    reuse_rate: float = Field(0.0, description="frames_reused / frames.")
+    recompute_fraction: float = Field(0.0, description="Recomputed / reusable tokens over all layers.")
+
+
+class PrunedChunk(_Stats):
+    """One recent chunk of the pruner."""
+
+    frames: int
+    tokens_in: int
+    tokens_kept: int
+    kept_per_frame: list[int]
+    budget_requested: int | None = None
+
+
+class PrunerCounters(_Stats):
+    """Pruner counters of a stream (``pruner.stream.StreamPruner.stats``)."""
+
+    policy: str
+    frames: int = 0
+    chunks: int = 0
+    tokens_in: int = 0
+    tokens_kept: int = 0
+    kept_ratio: float = 1.0
+    grid_changes: int = 0
+    recent_chunks: list[PrunedChunk] = Field(default_factory=list, description="The last few chunks (bounded).")
+
+
+class ChunkStats(_Stats):
+    """The vision stage's numbers for one encoded chunk."""
+
+    vit_ms: float = 0.0
+    prune_ms: float = 0.0
+    tokens_in: int = 0
+    tokens_kept: int = 0
+    cache: CacheCounters | None = Field(None, description="The cacher's counters of this chunk (None: cache off).")
+
+
+class AppendStats(_Stats):
+    """The LLM stage's numbers for one appended chunk."""
+
+    prefill_ms: float = 0.0
+    llm_tokens: int = Field(0, description="Tokens the chunk added to the stream's context.")
+
+
+class ChunkResult(_Stats):
+    """Both stages' numbers for one chunk (what a stream's flow returns per chunk)."""
+
+    vision: ChunkStats
+    llm: AppendStats
+
+
+class VisionStats(_Stats):
+    """The vision stage's counters for one stream."""
+
+    frames: int = 0
+    tokens_in: int = 0
+    tokens_kept: int = 0
+    vit_ms: float = 0.0
+    prune_ms: float = 0.0
+    cache: CacheCounters | None = None
+    pruner: PrunerCounters | None = None
+    replica: str | None = Field(None, description="The replica holding the stream (Ray service).")
+
+
+class RetrievedBlockInfo(_Stats):
+    """An offloaded KV block brought back for the last question."""
+
+    block_id: int
+    score: float
+    tokens: int
+    meta: dict[str, float | int | str | list[float] | list[int]] = Field(default_factory=dict)
+
+
+class KVStats(_Stats):
+    """The LLM stage's counters for one stream: its bounded KV session (``cache.kv.stats.SessionStats``)."""
+
+    stream_id: str
+    policy: str
+    stream_tokens: int
+    blocks: int
+    resident_tokens: int
+    peak_resident_tokens: int
+    budget_tokens: int
+    sink_tokens: int
+    window_blocks: int
+    window_used_tokens: int
+    evicted_blocks: int
+    offloaded_blocks: int
+    offloaded_tokens: int
+    offloaded_bytes: int
+    dropped_blocks: int
+    reserved_bytes: int
+    resident_used_bytes: int
+    next_position: int
+    position_offset: int
+    rebases: int
+    last_retrieval: list[RetrievedBlockInfo] = Field(default_factory=list)
+    held_bytes: int = Field(..., description="Reservation + offloaded storage.")
+    used_bytes: int = Field(..., description="Resident tokens + offloaded storage.")
+    kv_tokens: int = Field(..., description="Tokens resident now (= resident_tokens).")
+    kv_bytes: int = Field(..., description="Bytes the stream's tokens fill now (= used_bytes).")
+    replica: str | None = Field(None, description="The replica holding the stream (Ray service).")
+
+    @classmethod
+    def of(cls, session: Any) -> "KVStats":
+        """From a :class:`cache.kv.stats.SessionStats`."""
+        fields = {name: getattr(session, name) for name in cls.model_fields
+                  if name not in ("held_bytes", "used_bytes", "kv_tokens", "kv_bytes", "last_retrieval", "replica")}
+        return cls(**fields, held_bytes=session.held_bytes, used_bytes=session.used_bytes,
+                   kv_tokens=session.resident_tokens, kv_bytes=session.used_bytes,
+                   last_retrieval=[RetrievedBlockInfo.from_counters(b) for b in session.last_retrieval])
+
+
+class ReplicaInfo(_Stats):
+    """A vision or LLM replica: liveness, size and placement (``ping`` / ``where``)."""
+
+    replica: str
+    streams: int
+    parameter_bytes: int
+    stream_ids: list[str] = Field(default_factory=list)
+    node_id: str | None = None
+    pid: int | None = None
+    gpu_ids: list[int | str] = Field(default_factory=list)
+    reaped: int = 0
+
+
+class HostMemory(_Stats):
+    """An ingest host's memory: resident size, glibc heap, pixels its streams hold, the cyclic garbage collector."""
+
+    streams: int
+    pid: int
+    frames_mb: float = Field(..., description="Pixels in the streams' bounded chunk queues and in flight.")
+    rss_mb: float
+    heap_mb: float | None = Field(None, description="glibc arena size (None without mallinfo2).")
+    heap_used_mb: float | None = None
+    heap_free_mb: float | None = None
+    mmapped_mb: float | None = None
+    gc_full_collections: int = Field(0, description="Full (oldest-generation) collections since start.")
+    gc_frozen: int = Field(0, description="Objects frozen out of the collector at start-up.")
