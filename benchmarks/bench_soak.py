@@ -10,20 +10,30 @@
    never exercises frame-sized allocations; the JSON's ``file_clip`` says which ran), recreated when they end
    (churn; a stream found ``failed`` is replaced too and counted in ``failed_streams``); one stream is deleted and
    recreated every ``--churn-s``;
-   every stream is asked a question every ``--ask-every`` s. Any 4xx/5xx answer or SSE error counts in ``errors``.
+   every stream is asked a question every ``--ask-every`` s. Any 4xx/5xx answer or SSE error counts in ``errors``,
+   but a 503 (a replica being replaced; it carries Retry-After) counts in ``unavailable_503``.
 4. Every ``--sample-s``: RSS of every Ray process (by process title), the streams' KV bytes and each ingest host's
    glibc heap (size, in use, free inside it, mmapped: fragmentation shows as heap growing while in-use does not) and
    ``frames_mb``, the pixels its streams hold in their bounded chunk queues; ``host_net_slopes_mb_per_min`` is the
    slope of RSS minus that (a lagging encoder fills queues up to their bound; a leak grows beyond it).
-5. Last stdout line: one JSON object: ``rss_mb_start``/``rss_mb_end`` (all Ray processes), ``slope_mb_per_min`` (the
+5. Faults (optional): ``--kill-host-after S`` SIGKILLs one ingest host (not the canary's), ``--kill-llm-after S`` /
+   ``--kill-vision-after S`` the LLM / vision replica, that many seconds into the load (Ray restarts each). A **canary** pushed stream, never
+   churned, pushes every 0.25 s and asks every ``--ask-every`` s throughout; a 503 with Retry-After (a replica being
+   replaced) is retried after it and counted, anything else is a canary failure. Afterwards its counters are checked:
+   still ``running``, every frame accounted for (``frames_in == frames_encoded + frames_dropped``), 0 failures
+   (``canary.ok``).
+6. Last stdout line: one JSON object: ``rss_mb_start``/``rss_mb_end`` (all Ray processes), ``slope_mb_per_min`` (the
    largest per-process least-squares slope after the first third, the warm-up), ``ingest_mb_per_stream``,
-   ``errors``, ``frames``, ``dropped``, per-process slopes and machine info. Clock: wall time (a soak is about time).
+   ``errors``, ``frames``, ``dropped``, ``canary``, ``killed``, per-process slopes and machine info. Clock: wall
+   time (a soak is about time).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -55,6 +65,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--probe-streams", type=int, default=8, help="idle streams opened to measure ingest cost")
     p.add_argument("--kill-host-after", type=float, default=None,
                    help="fault injection: SIGKILL one ingest host this many seconds into the load (Ray restarts it)")
+    p.add_argument("--kill-llm-after", type=float, default=None,
+                   help="fault injection: SIGKILL the LLM replica this many seconds into the load (Serve restarts it)")
+    p.add_argument("--kill-vision-after", type=float, default=None,
+                   help="fault injection: SIGKILL the vision replica this many seconds into the load")
     p.add_argument("--plot", type=Path)
     p.add_argument("--series", type=Path, help="write every sample (RSS per process, KV MB) to this JSON file")
     return p.parse_args()
@@ -89,6 +103,7 @@ class Soak:
         self.client, self.args, self.frames = client, args, frames
         self.errors: list[str] = []
         self.races: list[str] = []  # 404/409 on a stream this soak's churn deleted during the call (not errors)
+        self.unavailable: list[str] = []  # 503 + Retry-After: a replica being replaced (documented, not errors)
         self.stop = threading.Event()
         self.lock = threading.Lock()
         self.streams: dict[str, str] = {}  # id -> "push" | "file"
@@ -104,6 +119,8 @@ class Soak:
                 status = getattr(exc, "status", None)
                 if sid is not None and sid not in self.streams and status in (404, 409):
                     self.races.append(f"{what}: {type(exc).__name__}: {exc}"[:300])  # we deleted it meanwhile
+                elif status == 503:
+                    self.unavailable.append(f"{what}: {type(exc).__name__}: {exc}"[:300])
                 else:
                     self.errors.append(f"{what}: {type(exc).__name__}: {exc}"[:300])
             return None
@@ -170,14 +187,87 @@ class Soak:
         return frames, dropped
 
 
-def kill_one_host() -> str:
-    """SIGKILL the first ingest host process (by its Ray process title); returns its key."""
-    import os
-    import signal
+class Canary:
+    """One pushed stream outside the churn, pushing and asking all along; its counters are the soak's verdict on
+    faults. A 503 with Retry-After (a replica being replaced) is retried after it and counted, not a failure."""
 
-    key = sorted(k for k in ray_rss_mb() if "IngestHostActor" in k)[0]
-    os.kill(int(key.split("#")[1]), signal.SIGKILL)
-    return key
+    def __init__(self, client: Any, args: argparse.Namespace, frames: np.ndarray) -> None:
+        self.client, self.args, self.frames = client, args, frames
+        self.sid = client.create_stream(stream_id="canary", fps=4, frames_per_chunk=4)["stream_id"]
+        self.counts = {"pushes": 0, "asks": 0, "retried_503": 0, "failures": 0}
+        self.examples: list[str] = []
+        self.stop = threading.Event()
+
+    def _call(self, what: str, call: Any) -> None:
+        while not self.stop.is_set():
+            try:
+                call()
+                self.counts[what] += 1
+                return
+            except Exception as exc:  # noqa: BLE001 - counted and named
+                if getattr(exc, "status", None) == 503:
+                    self.counts["retried_503"] += 1
+                    time.sleep(2.0)
+                    continue
+                self.counts["failures"] += 1
+                self.examples.append(f"{what}: {type(exc).__name__}: {exc}"[:300])
+                return
+
+    def run(self) -> None:
+        k, next_ask = 0, time.monotonic()
+        while not self.stop.is_set():
+            rgb = self.frames[k % len(self.frames)][None]
+            self._call("pushes", lambda: self.client.push_frames(self.sid, rgb, [k / 4.0]))
+            if time.monotonic() >= next_ask:
+                next_ask += self.args.ask_every
+                self._call("asks", lambda: self.client.ask_text(self.sid, "What happens?", max_new_tokens=4))
+            k += 1
+            time.sleep(0.25)
+
+    def verdict(self) -> dict[str, Any]:
+        """Flush the partial chunk, wait until every frame went through, then read and check the counters."""
+        rgb = self.frames[0][None]
+        self.stop.clear()
+        threading.Timer(120.0, self.stop.set).start()  # a service that stays unavailable ends the verdict too
+        self._call("pushes", lambda: self.client.push_frames(self.sid, rgb, [1e6], flush=True))
+        self._call("asks", lambda: self.client.ask_text(self.sid, "And finally?", max_new_tokens=4, wait_s=60))
+        st = self.client.stats(self.sid)
+        ing = st["ingest"]
+        accounted = ing["frames_in"] == ing["frames_encoded"] + ing["frames_dropped"]
+        return {**self.counts, "state": st["state"], "frames_in": ing["frames_in"],
+                "frames_encoded": ing["frames_encoded"], "frames_dropped": ing["frames_dropped"],
+                "state_resets": ing["state_resets"], "frames_lost": ing["frames_lost"], "examples": self.examples[:3],
+                "ok": self.counts["failures"] == 0 and st["state"] == "running" and accounted}
+
+
+def kill_host_without(cfg: Any, stream_id: str) -> str:
+    """SIGKILL an ingest host that does not run ``stream_id`` (the canary must see the other faults, not lose its
+    host: a lost host's streams fail by design); returns its key."""
+    import ray
+
+    from serve.core.slots import rendezvous_pick
+    from serve.deploy.hosts import STREAM_NAMESPACE
+
+    names = [f"{cfg.serve.app_name}/ingest/{k}" for k in range(cfg.serve.ingest.hosts)]
+    victim = next(n for n in names if n != rendezvous_pick(stream_id, names))
+    pid = ray.get(ray.get_actor(victim, namespace=STREAM_NAMESPACE).memory.remote(), timeout=30).pid
+    os.kill(pid, signal.SIGKILL)
+    return f"{victim}#{pid}"
+
+
+def kill_one(title: str) -> str:
+    """SIGKILL the first Ray process whose title contains ``title`` (``IngestHostActor``,
+    ``ServeReplica:stc:llm``, ``ServeReplica:stc:vision``); returns its key."""
+    import psutil
+
+    for proc in sorted(psutil.Process().children(recursive=True), key=lambda p: p.pid):
+        try:
+            if title in " ".join(proc.cmdline()):
+                os.kill(proc.pid, signal.SIGKILL)
+                return f"{title}#{proc.pid}"
+        except psutil.Error:
+            continue
+    return f"{title}: not found"
 
 
 def host_heaps(cfg: Any) -> dict[str, dict[str, float]]:
@@ -242,26 +332,36 @@ def main() -> None:
         for sid in probes:
             client.close_stream(sid)
         soak = Soak(client, args, load_frames((160, 120), 32))
+        canary = Canary(client, args, soak.frames)
         for i in range(args.streams):
             soak.open("push" if i % 2 == 0 else "file")
-        threads = [threading.Thread(target=f, daemon=True) for f in (soak.pusher, soak.questioner, soak.churner)]
+        threads = [threading.Thread(target=f, daemon=True) for f in (soak.pusher, soak.questioner, soak.churner,
+                                                                     canary.run)]
         for t in threads:
             t.start()
         t0, samples, heaps = time.monotonic(), [], []
         end = t0 + args.minutes * 60
+        app = cfg.serve.app_name
+        faults = {"IngestHostActor": args.kill_host_after, f"ServeReplica:{app}:llm": args.kill_llm_after,
+                  f"ServeReplica:{app}:vision": args.kill_vision_after}
         killed: list[str] = []
         while time.monotonic() < end:
-            if args.kill_host_after is not None and not killed and time.monotonic() - t0 >= args.kill_host_after:
-                killed.append(kill_one_host())
+            for title, after in list(faults.items()):
+                if after is not None and time.monotonic() - t0 >= after:
+                    key = kill_host_without(cfg, canary.sid) if title == "IngestHostActor" else kill_one(title)
+                    killed.append(f"{key} at {time.monotonic() - t0:.0f}s")
+                    del faults[title]
             snap = ray_rss_mb()
             kv = sum((s.get("kv_bytes") or 0) for s in soak._guard("list", client.list_streams) or [])
             samples.append((time.monotonic() - t0, snap, kv / 2**20))
             heaps.append(host_heaps(cfg))
             time.sleep(min(args.sample_s, max(0.0, end - time.monotonic())))
         soak.stop.set()
+        canary.stop.set()
         for t in threads:
             t.join(60)
         frames, dropped = soak.totals()
+        canary_verdict = canary.verdict()
     finally:
         stop_service()
     warm_from = samples[len(samples) // 3][0] if samples else 0.0
@@ -301,7 +401,7 @@ def main() -> None:
         "rss_mb_end": round(sum(samples[-1][1].values()), 1) if samples else None,
         "slope_mb_per_min": max(slopes.values()) if slopes else None,
         "ingest_mb_per_stream": round(ingest_mb, 2), "errors": len(soak.errors), "error_examples": soak.errors[:3],
-        "races": len(soak.races), "race_examples": soak.races[:2],
+        "races": len(soak.races), "race_examples": soak.races[:2], "unavailable_503": len(soak.unavailable),
         "frames": frames, "dropped": dropped, "file_clip": file_clip,
         "failed_streams": len(soak.failed), "failed_examples": soak.failed[:2],
         "kv_mb_end": round(samples[-1][2], 3) if samples else None,
@@ -309,7 +409,7 @@ def main() -> None:
         "host_heap_end": heaps[-1] if heaps else None,
         "random_weights": args.model is None, "config": str(args.config) if args.config else None,
         "process": cfg.serve.process.model_dump(),
-        "killed": killed if args.kill_host_after is not None else None,
+        "killed": killed, "canary": canary_verdict,
         "machine": machine_info("cpu"),
     }))
 

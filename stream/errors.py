@@ -17,9 +17,11 @@ class StcError(Exception):
 
 
 class RequestError(StcError):
-    """The request (input, argument, config value) is invalid. ``status`` is the HTTP code the service answers."""
+    """The request (input, argument, config value) is invalid. ``status`` is the HTTP code the service answers;
+    ``retry_after_s`` (when set) is sent as ``Retry-After``: the same request may succeed after that long."""
 
     status: int = 400
+    retry_after_s: float | None = None
 
 
 class ConfigError(RequestError, ValueError):

@@ -11,6 +11,7 @@ import torch
 from cache.kv import KVCapacityError, LLMEngine, StreamExistsError, UnknownStreamError
 from tests.kv_doubles import FastForwardLM
 from stream.errors import ConfigError, RequestError
+from stream.models.inputs import LLMInput
 from tests.kv_support import embeds, kv_config, run_engine, stream, tiny_lm
 from tests.kv_support import one_torch_thread  # noqa: F401  (autouse fixture)
 
@@ -209,7 +210,8 @@ def _check_bounds(stats, cfg) -> None:
     [
         (lambda e: e.open("a", PREFIX), StreamExistsError, "already open"),
         (lambda e: e.append("zz", embeds(8, 1)), UnknownStreamError, "no open stream 'zz'"),
-        (lambda e: e.append("a", embeds(33, 1)), RequestError, "chunk of 33 tokens exceeds the 24"),
+        (lambda e: e.append("a", LLMInput(embeds(65, 1), extras={"deep": torch.zeros(1)})), RequestError,
+         "chunk of 65 tokens carries family extras"),  # a plain long chunk is split instead (test_kv_split.py)
         (lambda e: e.append("a", torch.randn(8, 7)), RequestError, r"\[tokens, 64\]"),
         (lambda e: e.append("a", embeds(0, 1)), RequestError, "is empty"),
         (lambda e: e.ask("a", embeds(30, 1), 11), RequestError, "exceeds kv.reserve_tokens=40"),

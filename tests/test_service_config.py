@@ -91,9 +91,9 @@ def test_build_app_sizes_deployments_from_config():
     assert vision.num_replicas == 2 and vision.ray_actor_options["num_gpus"] == 0.5
     assert llm.ray_actor_options["num_gpus"] == 1
     assert llm._deployment_config.autoscaling_config.max_replicas == 3
-    env = {"env_vars": {"MALLOC_ARENA_MAX": "2"}}  # serve.process.env reaches the stateful replicas only
+    env = {"env_vars": {"MALLOC_ARENA_MAX": "2"}}  # serve.process.env: every replica (the ingress decodes pushes)
     assert vision.ray_actor_options["runtime_env"] == env and llm.ray_actor_options["runtime_env"] == env
-    assert "runtime_env" not in ingress.ray_actor_options
+    assert ingress.ray_actor_options["runtime_env"] == env
     bare = ServiceConfig.parse({"serve": {"process": {"env": {}}}})
     assert "runtime_env" not in build_app(bare)._bound_deployment.init_args[1]._bound_deployment.ray_actor_options
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections import Counter
 import time
 import urllib.request
 from pathlib import Path
@@ -409,7 +410,41 @@ def _sigkill(pid: int) -> None:
     os.kill(pid, signal.SIGKILL)
 
 
+class _Questioner:
+    """Asks both streams over and over (raw HTTP, to see statuses and headers) while a replica is killed."""
+
+    def __init__(self, url: str, sids: tuple[str, ...]) -> None:
+        import httpx
+
+        self.client, self.sids = httpx.Client(base_url=url, timeout=120), sids
+        self.seen: list[tuple[int, str | None, str]] = []  # (status, Retry-After, type) per answer
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        from serve.http.client import iter_sse
+
+        while not self.stop.is_set():
+            for sid in self.sids:
+                resp = self.client.post(f"/streams/{sid}/questions", json={"question": "Now?", "max_new_tokens": 2})
+                if resp.status_code != 200:
+                    self.seen.append((resp.status_code, resp.headers.get("Retry-After"), resp.json()["error"]["type"]))
+                    continue
+                errors = [data for kind, data in iter_sse(resp) if kind == "error"]  # failed after it started
+                self.seen.append((errors[0]["status"], str(errors[0].get("retry_after_s")), errors[0]["type"])
+                                 if errors else (200, None, "done"))
+            time.sleep(0.2)
+
+    def finish(self) -> list[tuple[int, str | None, str]]:
+        self.stop.set()
+        self.thread.join(180)
+        return self.seen
+
+
 def test_sigkill_replicas_ingress_and_a_host_mid_stream(service):
+    """Replica kills mid-stream, with questions asked all along: every stream survives (cold reset, counted),
+    questions answer 200 or 503 with Retry-After (never 500, 404 or 409), and a deleted id is free at once."""
     import psutil
 
     client, _, _ = service
@@ -419,11 +454,21 @@ def test_sigkill_replicas_ingress_and_a_host_mid_stream(service):
     _feed_and_check(client, (a, b), 0)
     for step, kind in enumerate((VISION, LLM)):  # kill the replica holding stream a
         owner = next(w for w in _where(kind) if a in w["streams"])
+        asking = _Questioner(client.url, (a, b))
+        time.sleep(0.5)
         _sigkill(owner["pid"])
         _feed_and_check(client, (a, b), 10 * (step + 1))
+        seen = asking.finish()
+        assert seen and {status for status, _, _ in seen} <= {200, 503}, seen
+        assert all(retry for status, retry, _ in seen if status == 503), seen
+        print(f"{kind} replica SIGKILLed: answers {sorted(Counter(status for status, _, _ in seen).items())}")
         st = client.stats(a)
         assert st["state"] == "running" and st["ingest"]["state_resets"] >= 1, st["ingest"]
         assert st["ingest"]["frames_lost"] >= 2  # the killed replica's state held a's first chunk
+        assert client.stats(b)["state"] == "running"
+    assert client.close_stream(b)["state"] == "closed"
+    assert client.create_stream(stream_id=b)["stream_id"] == b  # the id is free the moment DELETE answered
+    _feed_and_check(client, (b,), 35)
     ingress = [p for p in psutil.process_iter(["cmdline"]) if "ServeReplica:stc:ingress" in " ".join(
         p.info["cmdline"] or [])]
     assert ingress, "no ingress replica process found"

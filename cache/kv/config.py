@@ -56,7 +56,8 @@ class KVConfig(StrictModel):
         1536,
         ge=16,
         description="Part of the budget kept free for the working step: one appended chunk, or retrieved blocks + "
-        "question + answer. A chunk or question+max_new_tokens larger than this is refused.",
+        "question + answer. A longer chunk is appended as several blocks; a question + max_new_tokens larger than "
+        "this is refused.",
     )
     retrieve_tokens: int = Field(
         1024, ge=0, description="offload: most tokens of evicted blocks brought back for one question."
@@ -126,4 +127,5 @@ class Sampling(StrictModel):
     temperature: float = Field(0.0, ge=0.0, description="0 = greedy decoding; > 0 = sample at this temperature.")
     top_k: int = Field(0, ge=0, description="Sample among the k most likely tokens (0 = all).")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass (1.0 = all).")
-    seed: int | None = Field(None, description="RNG seed for reproducible sampling (None = nondeterministic).")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1,
+                             description="RNG seed for reproducible sampling, 0..2**63-1 (None = nondeterministic).")

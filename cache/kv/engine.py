@@ -151,19 +151,22 @@ class LLMEngine:
         return freed[0]
 
     def append(self, stream_id: str, embeds: Piece, meta: Mapping[str, Any] | None = None) -> None:
-        """Prefill one chunk (visual tokens + interleaved text) as one block of ``stream_id``; returns when done.
+        """Prefill one chunk (visual tokens + interleaved text) as one block of ``stream_id``; returns when done. A
+        chunk longer than a block may be (``min(window_tokens, reserve_tokens)``) is appended as several consecutive
+        blocks (exact: :mod:`cache.kv.pieces`); one carrying family extras goes whole, evicting old blocks first.
 
         ``meta`` (e.g. ``{"pts": [...], "frames": [...]}``) is kept with the block and reported when the block is
         retrieved for a question.
         """
         session = self._get(stream_id)
         piece = self._check_piece(embeds, "embeds")
-        limit = min(self.config.window_tokens, self.config.reserve_tokens)
-        if piece.tokens > limit:
+        limit = self.config.window_tokens + self.config.reserve_tokens  # a piece longer than a block is split ...
+        if piece.extras and piece.tokens > limit:  # ... unless its family extras make it one piece
             raise RequestError(
-                f"chunk of {piece.tokens} tokens exceeds the {limit} a block may hold (min of kv.window_tokens="
-                f"{self.config.window_tokens}, kv.reserve_tokens={self.config.reserve_tokens}); send fewer frames "
-                "per chunk or raise kv.reserve_tokens / kv.budget_tokens"
+                f"chunk of {piece.tokens} tokens carries family extras (cannot be split into blocks) and exceeds the "
+                f"{limit} tokens the KV budget holds beside the sinks (kv.budget_tokens={self.config.budget_tokens} "
+                f"- kv.sink_tokens={self.config.sink_tokens}). Fix: send fewer frames per chunk (sampler."
+                "frames_per_chunk), keep fewer tokens per frame, or raise kv.budget_tokens"
             )
         self._check_open(session, stream_id)
         self.scheduler.wait(self.scheduler.submit(stream_id, "chunk", session.append(piece, dict(meta or {}))))

@@ -36,7 +36,8 @@ class StoredBlock:
         meta: the caller's block metadata (pts, frame indices...).
         positions: ``[R, tokens]`` int64 rotary positions relative to the block's first position (``None`` =
             ``arange(tokens)``); keys are stored un-rotated at ``stream_pos + positions``.
-        extent: how far the block advances the stream position (``tokens`` for plain RoPE; ``0`` = ``tokens``).
+        extent: how far the block advances the stream position (``tokens`` for plain RoPE; ``None`` = ``tokens``; a
+            part of a split M-RoPE chunk may have 0).
     """
 
     block_id: int
@@ -47,7 +48,7 @@ class StoredBlock:
     values: torch.Tensor | QTensor
     meta: dict[str, Any] = field(default_factory=dict)
     positions: torch.Tensor | None = None
-    extent: int = 0
+    extent: int | None = None
 
     @property
     def nbytes(self) -> int:
@@ -56,7 +57,7 @@ class StoredBlock:
     @property
     def span(self) -> int:
         """Positions the block covers (its extent)."""
-        return self.extent or self.tokens
+        return self.tokens if self.extent is None else self.extent
 
 
 def _nbytes(t: torch.Tensor | QTensor) -> int:

@@ -40,6 +40,7 @@ from cache.kv.config import KVConfig, Sampling
 from cache.kv.forward import Forward, Work
 from cache.kv.kvcache import BoundedCache
 from cache.kv.offload import BlockStore, StoredBlock, pack_block, unpack_block
+from cache.kv.pieces import split_piece
 from cache.kv.sampling import next_token
 from cache.kv.stats import PromptUsage, RetrievedBlock, SessionStats
 from stream.models.inputs import LLMInput
@@ -123,18 +124,37 @@ class KVSession:
 
     @torch.inference_mode()
     def append(self, piece: LLMInput, meta: dict[str, Any]) -> Work:
-        """Prefill one chunk as a new block, then evict the oldest blocks beyond the window."""
-        # 1. keep positions bounded and sinks right before the window
+        """Prefill one chunk as a new block (as several consecutive blocks when it is longer than a block may be,
+        :func:`cache.kv.pieces.split_piece`), evicting the oldest blocks beyond the window after each."""
+        if piece.extras:  # opaque family inputs cannot be cut: the piece goes whole, after making room for it
+            yield from self._append_block(piece, piece.extent, meta, make_room=True)
+            return
+        parts = split_piece(piece, self.block_limit)
+        for k, (part, extent) in enumerate(parts):
+            part_meta = meta if len(parts) == 1 else {**meta, "part": k, "parts": len(parts)}
+            yield from self._append_block(part, extent, part_meta)
+
+    @property
+    def block_limit(self) -> int:
+        """Most tokens of one block: it is prefilled in the reserve and must fit the window afterwards."""
+        return min(self.cfg.window_tokens, self.cfg.reserve_tokens)
+
+    def _append_block(self, piece: LLMInput, extent: int, meta: dict[str, Any], make_room: bool = False) -> Work:
+        """Prefill ``piece`` as one block advancing the stream by ``extent``, then evict what no longer fits."""
+        # 1. keep positions bounded and sinks right before the window (a block larger than the reserve first
+        #    evicts the oldest window blocks it would not fit beside)
         self._rebase()
+        if make_room:
+            self._evict(room=piece.tokens)
         self._place_sinks(retrieved_extent=0)
         # 2. prefill at the next positions (attends to sinks + the whole window)
         n, rel = piece.tokens, self._rel(piece)
         yield Forward(self, piece.embeds, self._shifted(rel, self.next_pos), piece.extras)
         stream_pos = self.next_pos + self.pos_offset
         block_meta = {**piece.meta, **meta}
-        self.window.append(WindowBlock(self.blocks, n, self.next_pos, stream_pos, block_meta, rel, piece.extent))
+        self.window.append(WindowBlock(self.blocks, n, self.next_pos, stream_pos, block_meta, rel, extent))
         self.blocks += 1
-        self.next_pos += piece.extent
+        self.next_pos += extent
         self.stream_tokens += n
         self.min_block_tokens = min(self.min_block_tokens, n)
         # 3. evict what no longer fits
@@ -154,8 +174,11 @@ class KVSession:
             self.cache.write_keys(0, self.llm.rotate_keys(self.sink_keys, self._shifted(self.sink_rel, start)))
             self.sink_pos = start
 
-    def _evict(self) -> None:
-        count = policies.blocks_to_evict([b.tokens for b in self.window], self.cfg.window_tokens)
+    def _evict(self, room: int = 0) -> None:
+        """Evict the oldest blocks until the window fits ``window_tokens`` -- or, with ``room``, until a new block of
+        that many tokens fits beside it in the buffer."""
+        limit = self.cfg.window_tokens if not room else self.cfg.budget_tokens - self.sink_len - room
+        count = policies.blocks_to_evict([b.tokens for b in self.window], limit)
         if not count:
             return
         gone = [self.window.popleft() for _ in range(count)]

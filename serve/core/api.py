@@ -14,6 +14,7 @@ from cache.kv.config import Sampling
 from serve.core.stats import KVStats, VisionStats
 
 STREAM_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+SEED_MAX = 2**63 - 1  # the sampler's RNG takes a 64-bit seed
 StreamKind = Literal["file", "live", "push"]
 StreamState = Literal["starting", "running", "ended", "failed", "closed"]
 
@@ -61,7 +62,8 @@ class QuestionRequest(_Request):
     )
     temperature: float = Field(0.0, ge=0, le=2, description="0 = greedy; > 0 = sample at this temperature.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (1 = all tokens).")
-    seed: int | None = Field(None, description="RNG seed for reproducible sampling.")
+    seed: int | None = Field(None, ge=0, le=SEED_MAX,
+                             description=f"RNG seed for reproducible sampling (0..{SEED_MAX}).")
 
     def sampling(self) -> Sampling:
         """The decoding settings for the LLM engine."""
@@ -159,7 +161,8 @@ class AnswerDone(BaseModel):
     """Last event of an answer."""
 
     answer: str
-    tokens: int = Field(..., description="Text pieces generated.")
+    tokens: int = Field(..., description="Tokens generated, counted by the LLM (equals completion_tokens; the text "
+                        "pieces read when the LLM sent no count).")
     ttft_ms: float = Field(..., description="Time to the first piece, measured at the ingress.")
     total_ms: float
     prompt_tokens: int | None = Field(None, description="Context tokens attended + question tokens (exact).")
@@ -217,6 +220,21 @@ class CapacityError(RequestError):
     """The service (or every replica) already holds its maximum number of streams."""
 
     status = 429
+
+
+class TooManyRequestsError(RequestError):
+    """Too many requests of this kind at once (event readers, streamed answers, concurrent pushes): retry later."""
+
+    status = 429
+    retry_after_s = 1.0
+
+
+class ServiceUnavailableError(RequestError):
+    """A replica the stream needs is being replaced; the stream's state is rebuilt cold. Not the caller's fault, and
+    not permanent: the same request succeeds after ``retry_after_s``."""
+
+    status = 503
+    retry_after_s = 2.0
 
 
 class StreamMisroutedError(StcError):

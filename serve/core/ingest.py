@@ -11,6 +11,11 @@ The reader thread decodes (or takes pushed frames), samples and chunks; complete
 A live source never blocks the service: reading, sending and pushing happen off the caller's thread, and
 :meth:`IngestWorker.push` only appends to a bounded queue.
 
+A chunk the model side cannot take *for now* (a :class:`serve.core.api.ServiceUnavailableError`: a replica is being
+replaced and the stream's state rebuilt) is dropped and counted like a lagging encoder's, and the stream carries on;
+any other sink error ends the stream as ``failed``. When the stream stops by itself (``ended``/``failed``) the worker
+tells ``on_finish`` once, so the model state it no longer needs is freed at once.
+
 No reference cycles: a closed stream's frames are freed by reference counting the moment the last reference goes,
 not at a later full garbage collection (which a long-running process with torch and Ray loaded reaches rarely: a
 closed stream's pixels stayed in memory for minutes that way). The sink must not reference the object that holds
@@ -26,7 +31,7 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 
-from serve.core.api import IngestStats
+from serve.core.api import IngestStats, ServiceUnavailableError
 from serve.core.stats import ChunkResult
 from stream.frames import FrameBatch
 from stream.sampler import FrameChunker
@@ -131,6 +136,7 @@ class ChunkQueue:
 
 
 ChunkSink = Callable[[FrameBatch], ChunkResult]
+FinishHook = Callable[[str], None]  # told "ended" or "failed" once, from the sender thread
 
 
 class IngestWorker:
@@ -144,14 +150,20 @@ class IngestWorker:
             reference the worker's owner (a cycle would keep the stream's frames until a full garbage collection).
         chunker: the stream's sample -> chunk step (:class:`stream.sampler.FrameChunker`).
         queue: the bounded chunk queue (its policy decides what a lagging encoder costs).
+        on_finish: told ``"ended"`` or ``"failed"`` once when the stream stops by itself (not on :meth:`close`); like
+            the sink, it must not reference the worker's owner.
     """
 
-    def __init__(self, stream_id: str, source: Any, sink: ChunkSink, chunker: FrameChunker, queue: ChunkQueue) -> None:
+    def __init__(self, stream_id: str, source: Any, sink: ChunkSink, chunker: FrameChunker, queue: ChunkQueue,
+                 on_finish: FinishHook | None = None) -> None:
         self.stream_id = stream_id
         self.source = source
         self.sink = sink
         self.chunker = chunker
         self.queue = queue
+        self.on_finish = on_finish
+        self.sink_dropped_frames = 0  # chunks the model side could not take for now (replica being replaced)
+        self._finished = False
         self.state = "starting"
         self.error: str | None = None
         self.frames_encoded = 0
@@ -225,6 +237,7 @@ class IngestWorker:
                 thread.join(timeout_s)
         if self.state != "failed":
             self.state = "closed"
+        self.on_finish = None  # closed on purpose: the owner frees the state itself
         self._release()
 
     def _release(self) -> None:
@@ -249,8 +262,8 @@ class IngestWorker:
         times = sorted(self._chunk_ms)
         return IngestStats(
             frames_in=int(frames_in), frames_sampled=self.chunker.sampled, frames_encoded=self.frames_encoded,
-            frames_dropped=int(src.get("dropped", 0)) + self.queue.dropped_frames, chunks_encoded=self.chunks_encoded,
-            chunks_dropped=self.queue.dropped_chunks, queued_chunks=len(self.queue),
+            frames_dropped=int(src.get("dropped", 0)) + self.queue.dropped_frames + self.sink_dropped_frames,
+            chunks_encoded=self.chunks_encoded, chunks_dropped=self.queue.dropped_chunks, queued_chunks=len(self.queue),
             reconnects=int(src.get("reconnects", 0)), reconnect_attempts=int(src.get("reconnect_attempts", 0)),
             encode_ms_p50=times[len(times) // 2] if times else None, last_pts=self.last_pts,
         )
@@ -286,12 +299,27 @@ class IngestWorker:
             try:
                 if not self._stop.is_set() and self.state != "failed":
                     self._send(chunk)
+            except ServiceUnavailableError:  # the model side is recovering: this chunk is lost, the stream goes on
+                self.sink_dropped_frames += len(chunk)
             except Exception as exc:
                 self._fail(f"encoder/LLM failed: {type(exc).__name__}: {exc}")
+                self._finish("failed")
             finally:
                 self.queue.task_done()
         if self.state == "running" and not self._stop.is_set():
             self.state = "ended"
+        if self.state in ("ended", "failed") and not self._stop.is_set():
+            self._finish(self.state)
+
+    def _finish(self, state: str) -> None:
+        """Tell ``on_finish`` once that the stream stopped by itself."""
+        if self._finished or self.on_finish is None:
+            return
+        self._finished = True
+        try:
+            self.on_finish(state)
+        except Exception:  # noqa: BLE001 - freeing is best effort; the replicas' TTL reaper is the backstop
+            pass
 
     def _send(self, chunk: FrameBatch) -> None:
         t0 = time.perf_counter()

@@ -18,6 +18,7 @@ from serve.core.options import StreamOptions
 from serve.core.runner import StreamPlan, plan_stream
 from serve.core.settings import ServeSettings
 from serve.core.watchset import EventsPage, Watch, WatchHub, WatchRequest
+from serve.core.webhooks import WebhookStats
 from stream.config import SourceConfig
 from stream.frames import FrameBatch
 
@@ -106,6 +107,16 @@ class HostBackend:
 
     async def watch_events(self, stream_id: str, since: int, timeout_s: float) -> EventsPage:
         return await self._call(stream_id, "watch_events", since, timeout_s)
+
+    async def webhook_stats(self) -> list[WebhookStats]:
+        """Webhook delivery counters per destination, summed over the hosts."""
+        total: dict[str, WebhookStats] = {}
+        for page in await self._every_host("webhook_stats"):
+            for st in page:
+                have = total.get(st.destination)
+                total[st.destination] = st if have is None else have.model_copy(update={
+                    k: getattr(have, k) + getattr(st, k) for k in ("delivered", "failed", "dropped", "pending")})
+        return [total[k] for k in sorted(total)]
 
 
 class LocalBackend(HostBackend):

@@ -124,7 +124,8 @@ class StreamRunner:
         # the sink is the flow's method, not one of this runner's: runner -> worker -> sink -> runner would be a
         # reference cycle, and a closed stream's frames would wait for a full garbage collection
         self.worker = IngestWorker(self.stream_id, source, functools.partial(self.flow.encode_append, self.stream_id),
-                                   FrameChunker.of(self.options.sampler), queue)
+                                   FrameChunker.of(self.options.sampler), queue,
+                                   functools.partial(self.flow.finish, self.stream_id))
         self.worker.start()
 
     def _open_source(self) -> Any:
@@ -178,6 +179,10 @@ class StreamRunner:
     def ask(self, request: QuestionRequest) -> Iterator[AnswerItem]:
         """Answer over what the stream showed so far (after waiting up to ``request.wait_s`` for the frames received
         to reach the LLM): text pieces and :class:`serve.core.messages.AnswerStats` snapshots."""
+        worker = self._worker()
+        if worker.state == "failed":
+            raise StreamStateError(f"stream {self.stream_id!r} failed: {worker.error}. Its model state is freed. Fix: "
+                                   "DELETE it and create it again.")
         if request.wait_s > 0:
             self.wait_idle(request.wait_s)
         self.questions += 1

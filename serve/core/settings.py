@@ -17,6 +17,14 @@ from stream.errors import ConfigError
 
 DropPolicy = Literal["drop_oldest", "drop_newest"]
 UrlScheme = Literal["rtsp", "rtsps", "http", "https"]
+DEFAULT_DENY_NETWORKS = (
+    "127.0.0.0/8", "::1/128", "0.0.0.0/8", "::/128",  # loopback, "this host"
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",  # RFC 1918 private networks
+    "100.64.0.0/10",  # CGNAT (RFC 6598); holds 100.100.100.200, a cloud metadata address
+    "fc00::/7",  # IPv6 unique-local (holds fd00:ec2::254, a cloud metadata address)
+    "169.254.0.0/16", "fe80::/10",  # link-local (holds 169.254.169.254, the usual metadata address)
+)
+LONG_LIVED_SHARE = 0.75  # at most this share of an ingress replica's max_ongoing_requests may be long-lived
 
 
 class AutoscalingSettings(StrictModel):
@@ -165,6 +173,17 @@ class WatchSettings(StrictModel):
     min_every_s: float = Field(0.2, gt=0, description="Smallest accepted every_s.")
     max_new_tokens: int = Field(32, ge=1, le=512)
     webhook_hosts: list[str] = Field(default_factory=list, description="Hosts webhooks may POST to.")
+    webhook_timeout_s: float = Field(
+        2.0, gt=0, le=60,
+        description="Deadline of one webhook delivery attempt (connect, send, answer); a receiver slower than this "
+        "fails the attempt. Each destination (scheme, host, port) has its own queue and thread, so a slow one only "
+        "delays its own events.",
+    )
+    webhook_retries: int = Field(3, ge=0, le=10, description="Retries of a failed delivery (exponential backoff).")
+    webhook_queue: int = Field(
+        64, ge=1, le=10_000, description="Events waiting per destination; past it new events are dropped (counted).")
+    max_destinations: int = Field(
+        16, ge=1, le=1024, description="Webhook destinations (scheme, host, port) with a delivery thread at once.")
 
 
 class ProcessSettings(StrictModel):
@@ -172,7 +191,8 @@ class ProcessSettings(StrictModel):
 
     env: dict[str, str] = Field(
         default_factory=lambda: {"MALLOC_ARENA_MAX": "2"},
-        description="Environment variables of the vision/LLM replicas and ingest hosts (Ray `runtime_env`), and of "
+        description="Environment variables of the ingress, vision and LLM replicas and the ingest hosts (Ray "
+        "`runtime_env`), and of "
         "every process of a local Ray instance the service starts itself (GCS, raylet). "
         "The default caps glibc's malloc arenas at 2: a many-threaded replica otherwise gets up to 8 per core, and "
         "memory freed in one thread's arena is never reused by another, so RSS creeps up for tens of minutes.",
@@ -253,10 +273,11 @@ class ServeSettings(StrictModel):
         "when `deny_networks` covers them; when `only_allowed` is true, the only ones accepted.",
     )
     deny_networks: list[str] = Field(
-        default_factory=lambda: ["127.0.0.0/8", "::1/128", "0.0.0.0/8", "169.254.0.0/16", "fe80::/10",
-                                 "100.100.100.200/32", "fd00:ec2::254/128", "::ffff:127.0.0.0/104"],
-        description="Networks URL sources may not reach (checked on every address the host name resolves to): by "
-        "default loopback (the service's own endpoints), link-local and cloud metadata addresses.",
+        default_factory=lambda: list(DEFAULT_DENY_NETWORKS),
+        description="Networks URL sources may not reach (checked on every address the host name resolves to; an "
+        "IPv4-mapped IPv6 address counts as its IPv4 address): by default loopback (the service's own endpoints), "
+        "private networks (RFC 1918, CGNAT 100.64.0.0/10, IPv6 unique-local fc00::/7), link-local and cloud "
+        "metadata addresses. Admit a camera LAN with `allow_hosts`, e.g. ['192.168.1.0/24'].",
     )
     only_allowed: bool = Field(False, description="Accept URL sources only on hosts in `allow_hosts`.")
     stream_ttl_s: float = Field(
@@ -270,13 +291,37 @@ class ServeSettings(StrictModel):
     )
     max_streams: int = Field(16, ge=1, le=100_000, description="Open streams the service accepts in total.")
     max_streams_per_replica: int = Field(
-        8, ge=1, le=10_000, description="Streams one vision or LLM replica holds state for."
+        16, ge=1, le=10_000,
+        description="Streams one vision or LLM replica holds state for (the default equals max_streams, so one "
+        "replica of each takes every stream the service accepts).",
     )
     max_push_bytes: int = Field(
         64 * 2**20, ge=1024, le=2**31, description="Largest msgpack body accepted by the push endpoint (bytes)."
     )
     max_frames_per_push: int = Field(256, ge=1, le=100_000, description="Frames in one pushed batch at most.")
     max_frame_side: int = Field(4096, ge=16, le=16_384, description="Largest pushed frame height or width (pixels).")
+    max_push_pixels: int = Field(
+        1 << 24, ge=256, le=1 << 31,
+        description="Decoded pixels one push may hold (frames x height x width as the JPEG headers declare them, "
+        "checked before any pixel is decoded; 16.8 M = 48 MiB of RGB, below what a raw body of the default "
+        "max_push_bytes carries).",
+    )
+    max_stream_push_pixels: int = Field(
+        1 << 25, ge=256, le=1 << 32,
+        description="Decoded pixels of one stream's pushes being decoded or handed to its host at once (concurrent "
+        "pushes past it get 429 with Retry-After).",
+    )
+    max_readers_per_stream: int = Field(
+        8, ge=1, le=10_000,
+        description="Long-lived requests (event readers, streamed answers) on one stream at once, per ingress "
+        "replica; past it: 429.",
+    )
+    max_long_lived_per_replica: int = Field(
+        128, ge=1, le=100_000,
+        description="Long-lived requests (event readers, streamed answers) one ingress replica serves at once; past "
+        "it: 429. At most 3/4 of ingress.max_ongoing_requests, so short requests (health, push, create) always "
+        "find a slot.",
+    )
     max_question_chars: int = Field(
         960, ge=1, le=1_000_000,
         description="Longest question accepted (413 above). With max_new_tokens it must fit kv.reserve_tokens.",
@@ -300,6 +345,14 @@ class ServeSettings(StrictModel):
 
         parse_networks(self.allow_hosts, "allow_hosts", names=True)
         parse_networks(self.deny_networks, "deny_networks", names=False)
+        slots = self.ingress.max_ongoing_requests
+        if self.max_long_lived_per_replica > LONG_LIVED_SHARE * slots:
+            raise ConfigError(
+                f"max_long_lived_per_replica={self.max_long_lived_per_replica} would let event readers and streamed "
+                f"answers take more than {LONG_LIVED_SHARE:.0%} of ingress.max_ongoing_requests={slots}, starving "
+                f"health checks, pushes and creates. Fix: lower it to <= {int(LONG_LIVED_SHARE * slots)} or raise "
+                "ingress.max_ongoing_requests."
+            )
         if self.media_root is not None and not Path(self.media_root).is_dir():
             raise ConfigError(
                 f"media_root={self.media_root!r} is not a directory. Fix: create it or point it at the video folder."

@@ -6,6 +6,9 @@
 * :class:`StreamSlots` -- plain class kept by each stateful replica: which stream incarnations it holds, capacity,
   and idle times for TTL reaping. A call for a stream it does not hold, or for an other incarnation of that id,
   is refused (:class:`StreamMisroutedError`) and never creates or reads state.
+* :class:`SlottedStage` -- what a stateful replica runs: a stage behind its slots. Opening and closing one stream id
+  are serialized, and an open frees whatever state the stage still holds under that id (an earlier incarnation
+  whose close went to another replica, or is still in progress), so a new stream with an old id is never refused.
 
 Each stream incarnation carries a token (``<random>:<resets>``): a new stream with an old id, or a cold reopen
 after a lost replica, gets a new token, so state of an earlier incarnation is never adopted.
@@ -16,11 +19,11 @@ import hashlib
 import threading
 import time
 import uuid
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from serve.core.api import CapacityError, StreamMisroutedError
 
-__all__ = ["StreamSlots", "new_token", "rendezvous_pick", "routing_key"]
+__all__ = ["SlottedStage", "StreamSlots", "new_token", "rendezvous_pick", "routing_key"]
 
 
 def new_token() -> str:
@@ -122,3 +125,72 @@ class StreamSlots:
     def __len__(self) -> int:
         with self._lock:
             return len(self._held)
+
+
+class SlottedStage:
+    """A stage (vision or LLM) behind the incarnation slots of one replica; thread-safe, Ray-free.
+
+    Args:
+        stage: the plain stage (``open/close/stats/...(stream_id, ...)``).
+        slots: the replica's :class:`StreamSlots`.
+        after_free: called after a stream's state was freed (e.g. give the heap back to the OS).
+    """
+
+    LOCKS = 64  # striped per-id locks: bounded, and open/close of one id never interleave
+
+    def __init__(self, stage: Any, slots: StreamSlots, after_free: Callable[[], None] | None = None) -> None:
+        self.stage, self.slots, self.after_free = stage, slots, after_free
+        self._locks = [threading.Lock() for _ in range(self.LOCKS)]
+        self.reaped = 0
+
+    def _lock(self, stream_id: str) -> threading.Lock:
+        return self._locks[_weight(stream_id, "lock") % self.LOCKS]
+
+    def open(self, stream_id: str, token: str, options: Any) -> bool:
+        """Create this incarnation's state (idempotent: False when it is held already)."""
+        with self._lock(stream_id):
+            new, stale = self.slots.claim(stream_id, token)
+            if not new:
+                return False
+            if stale is not None or self._holds(stream_id):
+                self._free(stream_id)  # an earlier incarnation's state under this id: it is no stream's now
+            try:
+                self.stage.open(stream_id, options)
+            except BaseException:
+                self.slots.release(stream_id, token)
+                raise
+            return True
+
+    def close(self, stream_id: str, token: str) -> bool:
+        """Free this incarnation's state; False when this replica does not hold it (nothing to do)."""
+        with self._lock(stream_id):
+            if not self.slots.release(stream_id, token):
+                return False
+            self._free(stream_id)
+            return True
+
+    def call(self, method: str, stream_id: str, token: str, *args: Any) -> Any:
+        """``stage.method(stream_id, *args)`` for the incarnation this replica holds (else misrouted)."""
+        self.slots.require(stream_id, token)
+        return getattr(self.stage, method)(stream_id, *args)
+
+    def reap(self, ttl_s: float) -> list[str]:
+        """Free the state of streams unused for ``ttl_s`` (their stream died or was reopened elsewhere)."""
+        gone = []
+        for sid, token in self.slots.idle(ttl_s):
+            if self.close(sid, token):
+                gone.append(sid)
+        self.reaped += len(gone)
+        return gone
+
+    def _holds(self, stream_id: str) -> bool:
+        streams = getattr(self.stage, "streams", None)
+        return callable(streams) and stream_id in streams()
+
+    def _free(self, stream_id: str) -> None:
+        try:
+            self.stage.close(stream_id)
+        except LookupError:
+            pass
+        if self.after_free is not None:
+            self.after_free()

@@ -1,22 +1,26 @@
 """Which URL sources an operator allows: host/network allow and deny lists, checked before a source is opened.
 
-By default every host is allowed except loopback (the service's own endpoints), link-local and cloud metadata
-addresses (``ServeSettings.deny_networks``); ``allow_hosts`` re-admits names or networks (the RTSP tests allow
-``127.0.0.1`` explicitly), and ``only_allowed`` turns the allow list into the only hosts accepted. A host name is
-checked on every address it resolves to. (A name that resolves differently later -- DNS rebinding -- is outside
-what a pre-open check can see; deny at the network layer too where that matters.)
+By default every host is allowed except loopback (the service's own endpoints), private networks (RFC 1918, CGNAT
+100.64.0.0/10, IPv6 unique-local fc00::/7), link-local and cloud metadata addresses (``ServeSettings.deny_networks``);
+``allow_hosts`` re-admits names or networks -- a camera LAN is admitted with e.g. ``serve.allow_hosts:
+["192.168.1.0/24"]`` (the RTSP tests allow ``127.0.0.1`` explicitly) -- and ``only_allowed`` turns the allow list
+into the only hosts accepted. A host name is checked on every address it resolves to; an IPv4-mapped IPv6 address
+(``::ffff:10.0.0.1``) is checked as the IPv4 address it carries. (A name that resolves differently later -- DNS
+rebinding -- is outside what a pre-open check can see; deny at the network layer too where that matters.)
 """
 from __future__ import annotations
 
 import ipaddress
 import socket
 import urllib.parse
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from serve.core.api import ForbiddenSourceError
 from stream.errors import ConfigError, RequestError
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+Resolver = Callable[[str], list[str]]  # host name -> its addresses (as text)
 
 
 class InvalidSourceError(RequestError):
@@ -46,20 +50,29 @@ def parse_networks(entries: Iterable[str], field: str, names: bool) -> tuple[lis
     return nets, hosts
 
 
-def _addresses(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
-    try:
-        return [ipaddress.ip_address(host)]
-    except ValueError:
-        pass
+def resolve(host: str) -> list[str]:
+    """Every address ``host`` resolves to (the system resolver); [] when it does not resolve."""
     try:
         infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
     except (socket.gaierror, UnicodeError):
         return []  # unresolvable: opening it will fail with its own 4xx
-    return [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+    return [info[4][0].split("%")[0] for info in infos]
 
 
-def check_url_source(spec: str, settings: Any) -> None:
+def _addresses(host: str, resolver: Resolver) -> list[Address]:
+    try:
+        found: list[Address] = [ipaddress.ip_address(host)]
+    except ValueError:
+        found = [ipaddress.ip_address(a) for a in resolver(host)]
+    # an IPv4-mapped IPv6 address reaches the IPv4 host it carries: check that one
+    return [a.ipv4_mapped if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped else a for a in found]
+
+
+def check_url_source(spec: str, settings: Any, resolver: Resolver = resolve) -> None:
     """Refuse (403) a URL source whose host the operator's allow/deny lists exclude.
+
+    Args:
+        resolver: host name -> its addresses (tests pass a stub; the default asks the system resolver).
 
     Raises:
         InvalidSourceError: the URL has no host (400).
@@ -72,7 +85,7 @@ def check_url_source(spec: str, settings: Any) -> None:
     deny_nets, _ = parse_networks(settings.deny_networks, "deny_networks", names=False)
     if host in allow_names:
         return
-    addrs = _addresses(host)
+    addrs = _addresses(host, resolver)
     allowed = bool(addrs) and all(any(a in n for n in allow_nets) for a in addrs)
     if allowed:
         return
@@ -86,9 +99,15 @@ def check_url_source(spec: str, settings: Any) -> None:
             if addr in net:
                 raise ForbiddenSourceError(
                     f"source host {host!r} ({addr}) is in the denied network {net} (serve.deny_networks: loopback, "
-                    "link-local and metadata addresses by default). Fix: use another host, or ask the operator to "
-                    "add it to serve.allow_hosts."
+                    "private networks -- RFC 1918, CGNAT, IPv6 unique-local --, link-local and metadata addresses by "
+                    "default). Fix: use another host; an operator admits a camera network with serve.allow_hosts, "
+                    f"e.g. serve.allow_hosts: [\"{_suggest(addr)}\"]."
                 )
+
+
+def _suggest(addr: Address) -> str:
+    """The network to name in the fix: the address's /24 (IPv4) or /64 (IPv6)."""
+    return str(ipaddress.ip_network(f"{addr}/{24 if addr.version == 4 else 64}", strict=False))
 
 
 def check_source_text(spec: str) -> None:

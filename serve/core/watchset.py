@@ -20,6 +20,7 @@ Readers poll :meth:`WatchHub.events` (events after a sequence number, long-poll 
 from __future__ import annotations
 
 import collections
+import functools
 import threading
 import time
 import uuid
@@ -29,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from serve.core.api import StreamStateError
 from serve.core.messages import text_of
+from serve.core.watch_events import EventRing, EventsPage, WatchEvent  # noqa: F401 (WatchEvent re-exported)
 from serve.core.settings import WatchSettings
 from stream.errors import RequestError, StreamNotFoundError
 
@@ -62,84 +64,13 @@ class Watch(BaseModel):
     armed: bool = True
     last_score: float | None = None
     last_error: str | None = None
-
-
-class WatchEvent(BaseModel):
-    """One event of a stream's watches: a tick's ``answer``, an ``alert`` (yes/no), or the ``end`` of its watches."""
-
-    model_config = ConfigDict(extra="forbid")
-    seq: int = Field(..., description="Increasing per stream (readers poll for events after it).")
-    time: float = Field(..., description="Unix time of the event.")
-    type: Literal["answer", "alert", "end"]
-    stream_id: str
-    watch_id: str | None = None
-    question: str | None = None
-    pts: float | None = Field(None, description="Presentation time of the newest frame the answer saw (s).")
-    frame_index: int | None = Field(None, description="Index of that frame among the stream's encoded frames.")
-    answer: str | None = Field(None, description="text mode: the answer.")
-    score: float | None = Field(None, description="yes_no mode: P(yes) / (P(yes) + P(no)).")
-    threshold: float | None = Field(None, description="alert: the watch's threshold.")
-    reason: str | None = Field(None, description="end: why (closed, reaped, ended, failed, gone).")
-    watches_stopped: int | None = Field(None, description="end: how many watches stopped.")
-
-    def body(self) -> dict[str, Any]:
-        """The event as JSON-ready fields (those it was made with: SSE data, webhook body)."""
-        return self.model_dump(exclude_unset=True)
-
-
-class EventsPage(BaseModel):
-    """A stream's events after a sequence number (one poll)."""
-
-    stream_id: str
-    events: list[WatchEvent] = Field(default_factory=list, description="Oldest first.")
-    last_seq: int = Field(0, description="Sequence number of the newest event so far (poll again after it).")
-    ended: bool = Field(False, description="The stream's watches ended; the last event says why.")
-    waited: bool = Field(False, description="The call long-polled (False: answered at once, waiters were full).")
+    webhook_delivered: int = Field(0, description="Events of this watch its webhook accepted.")
+    webhook_failed: int = Field(0, description="Events given up after every retry (errors, 5xx, deadline).")
+    webhook_dropped: int = Field(0, description="Events dropped because the destination's queue was full.")
 
 
 class WatchLimitError(RequestError):
     status = 429
-
-
-class EventRing:
-    """One stream's bounded event history; thread-safe; readers can wait for events after a sequence number."""
-
-    def __init__(self, size: int) -> None:
-        self.ring: collections.deque[WatchEvent] = collections.deque(maxlen=size)  # at most ``size`` events
-        self.seq = 0
-        self.ended_at: float | None = None
-        self.cond = threading.Condition()
-
-    def add(self, event: dict[str, Any]) -> WatchEvent | None:
-        """Append (with the next ``seq`` and the time); ignored once the ring ended."""
-        with self.cond:
-            if self.ended_at is not None:
-                return None
-            self.seq += 1
-            made = WatchEvent(seq=self.seq, time=time.time(), **event)
-            self.ring.append(made)
-            self.cond.notify_all()
-            return made
-
-    def end(self, event: dict[str, Any]) -> bool:
-        """Append the last event and close the ring; False if it had ended already."""
-        with self.cond:
-            if self.ended_at is not None:
-                return False
-            self.seq += 1
-            self.ring.append(WatchEvent(seq=self.seq, time=time.time(), **event))
-            self.ended_at = time.monotonic()
-            self.cond.notify_all()
-            return True
-
-    def since(self, seq: int) -> list[WatchEvent]:
-        with self.cond:
-            return [e for e in self.ring if e.seq > seq]
-
-    def wait(self, seq: int, timeout_s: float) -> None:
-        """Block until an event after ``seq`` exists, the ring ended, or ``timeout_s`` passed."""
-        with self.cond:
-            self.cond.wait_for(lambda: self.seq > seq or self.ended_at is not None, timeout=timeout_s)
 
 
 class WatchAsker(Protocol):
@@ -287,6 +218,10 @@ class WatchHub:
             self._stopped = True
             self._lock.notify_all()
 
+    def webhook_stats(self) -> list[Any]:
+        """Delivery counters per webhook destination (:class:`serve.core.webhooks.WebhookStats`)."""
+        return self.webhooks.stats() if self.webhooks is not None else []
+
     def counts(self) -> dict[str, int]:
         """Watches, live rings and ended rings held now (the bounds tests read it)."""
         with self._lock:
@@ -391,4 +326,10 @@ class WatchHub:
         for event in out:
             sent = ring.add(event) if ring is not None else None
             if sent is not None and req.webhook is not None and self.webhooks is not None:
-                self.webhooks.send(req.webhook, sent.body())
+                self.webhooks.send(req.webhook, sent.body(), functools.partial(self._webhook_done, watch))
+
+    def _webhook_done(self, watch: Watch, outcome: str) -> None:
+        """Count one webhook outcome (``delivered``, ``failed`` or ``dropped``) on its watch."""
+        with self._lock:
+            field = f"webhook_{outcome}"
+            setattr(watch, field, getattr(watch, field) + 1)

@@ -114,7 +114,7 @@ class RayBackend(HostBackend):
         return [page for page in pages if not isinstance(page, BaseException)]
 
     async def _create(self, plan: StreamPlan) -> StreamStats:
-        if sum(len(ids) for ids in await self._every_host("ids")) >= self.settings.max_streams:
+        if sum(await self._every_host("holding")) >= self.settings.max_streams:
             raise CapacityError(f"the service holds its maximum of {self.settings.max_streams} streams. Fix: close "
                                 "one, or raise serve.max_streams.")
         try:
@@ -169,7 +169,8 @@ def build_app(config: ServiceConfig, stage_factory: StageFactory | None = None) 
         config, stage_factory)
     llm = LLMDeployment.options(**s.llm.deployment_options(env), request_router_config=router).bind(
         config, stage_factory)
-    return Ingress.options(**s.ingress.deployment_options()).bind(config, vision, llm)
+    # the ingress decodes pushed JPEGs on a few threads: the same malloc settings keep its freed frames returnable
+    return Ingress.options(**s.ingress.deployment_options(env)).bind(config, vision, llm)
 
 
 def app_builder(args: dict[str, str]) -> serve.Application:

@@ -28,7 +28,7 @@ from serve.core.config import ServiceConfig
 from serve.core.flow import started
 from serve.core.local import iterate_in_thread
 from serve.core.messages import AnswerItem, EncodedChunk
-from serve.core.slots import StreamSlots
+from serve.core.slots import SlottedStage, StreamSlots
 from serve.core.stages import LLMStage, VisionStage
 from serve.core.stats import AppendStats, KVStats, ReplicaInfo, VisionStats
 from stream.frames import FrameBatch
@@ -91,7 +91,8 @@ def parameter_bytes(stage: Any) -> int:
 
 # ---- stateful deployments ------------------------------------------------------------------------------------------
 class _StreamStage:
-    """Shared part of the vision and LLM deployments: the stage, the stream slots, TTL reaping."""
+    """Shared part of the vision and LLM deployments: the stage behind its slots (:class:`SlottedStage`, where the
+    open/close/reap logic lives), TTL reaping on the replica's event loop."""
 
     kind = "stage"
 
@@ -100,9 +101,14 @@ class _StreamStage:
         self.stage = (stage_factory or default_stage_factory)(self.kind, config)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.slots = StreamSlots(self.kind, self.replica, config.serve.max_streams_per_replica)
+        trim = trim_heap if config.serve.process.trim_on_close else None  # freed tensors: give their pages back
+        self.core = SlottedStage(self.stage, self.slots, trim)
         self.ttl_s = config.serve.state_ttl_s
-        self.reaped = 0
         self._reaper: asyncio.Task | None = None
+
+    @property
+    def reaped(self) -> int:
+        return self.core.reaped
 
     def _start_reaper(self) -> None:
         if self._reaper is None:
@@ -115,48 +121,21 @@ class _StreamStage:
 
     async def reap(self) -> list[str]:
         """Free the state of streams unused for ``serve.state_ttl_s`` (their stream died or was reopened)."""
-        gone = []
-        for sid, token in self.slots.idle(self.ttl_s):
-            if self.slots.release(sid, token):
-                await asyncio.to_thread(self._free, sid)
-                gone.append(sid)
-        self.reaped += len(gone)
-        return gone
-
-    def _free(self, stream_id: str) -> None:
-        try:
-            self.stage.close(stream_id)
-        except LookupError:
-            pass
-        if self.config.serve.process.trim_on_close:
-            trim_heap()  # the stream's tensors are freed; give their pages back instead of keeping the high-water mark
+        return await asyncio.to_thread(self.core.reap, self.ttl_s)
 
     async def open(self, stream_id: str, token: str, options: Any) -> str:
         """Create the state of this stream incarnation here (idempotent); frees an earlier incarnation's state."""
         self._start_reaper()
-        new, stale = self.slots.claim(stream_id, token)
-        if not new:
-            return self.replica
-        if stale is not None:
-            await asyncio.to_thread(self._free, stream_id)
-        try:
-            await asyncio.to_thread(self.stage.open, stream_id, options)
-        except BaseException:
-            self.slots.release(stream_id, token)
-            raise
+        await asyncio.to_thread(self.core.open, stream_id, token, options)
         return self.replica
 
     async def close(self, stream_id: str, token: str) -> bool:
         """Free this incarnation's state here; False when this replica does not hold it (nothing to do)."""
-        if not self.slots.release(stream_id, token):
-            return False
-        await asyncio.to_thread(self._free, stream_id)
-        return True
+        return await asyncio.to_thread(self.core.close, stream_id, token)
 
     async def stats(self, stream_id: str, token: str) -> VisionStats | KVStats:
         """The stage's counters for this stream, with which replica holds it."""
-        self.slots.require(stream_id, token)
-        out = await asyncio.to_thread(self.stage.stats, stream_id)
+        out = await asyncio.to_thread(self.core.call, "stats", stream_id, token)
         return out.model_copy(update={"replica": self.replica})
 
     async def ping(self) -> ReplicaInfo:

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import hmac
 import json
+import math
 import time
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from fastapi.responses import JSONResponse, Response
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from serve.core.api import (
@@ -31,10 +30,13 @@ from serve.core.api import (
     StreamStats,
     UnauthorizedError,
 )
-from serve.core.protocol import CONTENT_TYPES, FrameLimits, PayloadTooLargeError, ProtocolError, decode_frames
+from serve.core.protocol import CONTENT_TYPES, FrameLimits, PayloadTooLargeError, ProtocolError
 from serve.core.settings import ServeSettings
 from serve.http.backend import StreamBackend, answer_pieces
 from serve.http.console import add_console_routes
+from serve.http.docs_page import add_docs_routes
+from serve.http.limits import GatedStreamingResponse, LongLivedGate, PushDecoder
+from serve.http.metrics import Metrics
 from serve.http.openai_api import add_openai_routes
 from serve.http.watches import add_watch_routes
 from stream.errors import RequestError
@@ -44,57 +46,20 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def error_response(status: int, kind: str, message: str) -> JSONResponse:
-    """The JSON error body every failure uses."""
+def error_response(status: int, kind: str, message: str, retry_after_s: float | None = None) -> JSONResponse:
+    """The JSON error body every failure uses (with ``Retry-After`` when the request may succeed later)."""
     body = {"error": {"type": kind, "status": status, "message": message}}
-    return JSONResponse(body, status_code=status)
+    headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))} if retry_after_s else None
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
-class _Metrics:
-    """Ingress-side Prometheus series; per-stream gauges are read from the backend at scrape time."""
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.requests = Counter("stc_http_requests", "HTTP requests by route and status.", ["route", "status"],
-                                registry=self.registry)
-        self.ttft = Histogram("stc_ttft_seconds", "Question time to first answer piece (ingress).",
-                              buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30), registry=self.registry)
-        self.questions = Counter("stc_questions", "Questions answered.", registry=self.registry)
-
-    def render(self, streams: list[StreamStats]) -> bytes:
-        per_stream = CollectorRegistry()
-        per_stream.register(_StreamCollector(streams))
-        return generate_latest(self.registry) + generate_latest(per_stream)
-
-
-class _StreamCollector:
-    _FIELDS = (
-        ("frames_in", "Frames decoded or pushed."),
-        ("frames_encoded", "Frames through the encoder."),
-        ("frames_dropped", "Frames dropped because the encoder lagged."),
-        ("reconnects", "Live-source reconnects."),
-        ("state_resets", "Cold restarts of the stream's model state."),
-    )
-
-    def __init__(self, streams: list[StreamStats]) -> None:
-        self.streams = streams
-
-    def collect(self) -> Any:
-        yield self._gauge("stc_streams_open", "Open streams.", [((), len(self.streams))])
-        for name, doc in self._FIELDS:
-            rows = [((s.stream_id,), getattr(s.ingest, name)) for s in self.streams]
-            yield self._gauge(f"stc_stream_{name}", doc, rows, ["stream"])
-        for name, doc in (("kv_bytes", "KV cache bytes."), ("tokens_kept", "Visual tokens kept by the pruner."),
-                          ("cache_reuse", "Share of frames reusing cached ViT states (0..1).")):
-            rows = [((s.stream_id,), getattr(s, name)) for s in self.streams if getattr(s, name) is not None]
-            yield self._gauge(f"stc_stream_{name}", doc, rows, ["stream"])
-
-    @staticmethod
-    def _gauge(name: str, doc: str, rows: list[tuple[tuple[str, ...], float]], labels: list[str] | None = None):
-        fam = GaugeMetricFamily(name, doc, labels=labels or [])
-        for values, value in rows:
-            fam.add_metric(list(values), float(value))
-        return fam
+def error_event(exc: BaseException) -> dict[str, Any]:
+    """An in-band SSE ``error`` event for a failure after the answer started (the HTTP status is sent already)."""
+    status = exc.status if isinstance(exc, RequestError) else 500
+    body: dict[str, Any] = {"type": type(exc).__name__, "status": status, "message": str(exc)}
+    if isinstance(exc, RequestError) and exc.retry_after_s:
+        body["retry_after_s"] = exc.retry_after_s
+    return body
 
 
 def make_api(backend: StreamBackend, settings: ServeSettings) -> FastAPI:
@@ -103,20 +68,24 @@ def make_api(backend: StreamBackend, settings: ServeSettings) -> FastAPI:
         title="stc-serve",
         version="1",
         description="Let a video-LLM watch live video: open streams, push frames, ask questions (SSE answers).",
+        docs_url=None, redoc_url=None,  # /docs is served offline below (Swagger UI's assets come from a CDN)
     )
-    metrics = _Metrics()
+    metrics = Metrics()
+    gate = LongLivedGate(settings.max_readers_per_stream, settings.max_long_lived_per_replica)
+    app.state.gate = gate
     _install_middleware(app, settings, metrics)
     _install_error_handlers(app)
     _add_stream_routes(app, backend, settings)
-    _add_question_route(app, backend, settings, metrics)
-    _add_service_routes(app, backend, metrics)
-    add_openai_routes(app, backend, settings)
-    add_watch_routes(app, backend, settings)
+    _add_question_route(app, backend, settings, metrics, gate)
+    _add_service_routes(app, backend, metrics, gate)
+    add_openai_routes(app, backend, settings, gate)
+    add_watch_routes(app, backend, settings, gate)
     add_console_routes(app, backend)
+    add_docs_routes(app)
     return app
 
 
-def _install_middleware(app: FastAPI, settings: ServeSettings, metrics: _Metrics) -> None:
+def _install_middleware(app: FastAPI, settings: ServeSettings, metrics: Metrics) -> None:
     key = settings.resolved_api_key()
 
     @app.middleware("http")
@@ -148,7 +117,7 @@ def _authorized(request: Request, key: str) -> bool:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestError)
     async def on_request_error(_: Request, exc: RequestError) -> JSONResponse:
-        return error_response(exc.status, type(exc).__name__, str(exc))
+        return error_response(exc.status, type(exc).__name__, str(exc), exc.retry_after_s)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -165,7 +134,9 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def _add_stream_routes(app: FastAPI, backend: StreamBackend, settings: ServeSettings) -> None:
-    limits = FrameLimits(settings.max_push_bytes, settings.max_frames_per_push, settings.max_frame_side)
+    limits = FrameLimits(settings.max_push_bytes, settings.max_frames_per_push, settings.max_frame_side,
+                         settings.max_push_pixels)
+    decoder = PushDecoder(limits, settings.max_stream_push_pixels)
 
     @app.post("/streams", status_code=201, response_model=StreamStats, responses=_ERRORS, tags=["streams"])
     async def create_stream(body: CreateStreamRequest) -> StreamStats:
@@ -207,7 +178,8 @@ def _add_stream_routes(app: FastAPI, backend: StreamBackend, settings: ServeSett
                 f"content type {ctype or '(none)'!r} is not accepted. Fix: send 'Content-Type: application/msgpack'."
             )
         body = await _read_capped(request, limits.max_bytes)
-        return await backend.push(stream_id, decode_frames(body, limits), flush)
+        # decoded off the event loop, once the declared pixels passed the push's and the stream's limits
+        return await decoder.push(stream_id, body, lambda batch: backend.push(stream_id, batch, flush))
 
 
 class _UnsupportedMediaType(RequestError):
@@ -232,38 +204,47 @@ async def _read_capped(request: Request, max_bytes: int) -> bytes:
     return b"".join(parts)
 
 
-def _add_question_route(app: FastAPI, backend: StreamBackend, settings: ServeSettings, metrics: _Metrics) -> None:
+def _add_question_route(app: FastAPI, backend: StreamBackend, settings: ServeSettings, metrics: Metrics,
+                        gate: LongLivedGate) -> None:
     @app.post(
         "/streams/{stream_id}/questions",
         responses={**_ERRORS, 200: {"content": {"text/event-stream": {}},
                                     "description": "SSE: 'token' events, then 'done' (or 'error')."}},
         tags=["questions"],
     )
-    async def ask(stream_id: str, body: QuestionRequest) -> StreamingResponse:
+    async def ask(stream_id: str, body: QuestionRequest) -> GatedStreamingResponse:
         """Ask about what the stream showed so far; the answer streams as server-sent events."""
-        _check_question(body, settings)
-        start = time.perf_counter()
-        usage = AnswerUsage()
-        pieces = answer_pieces(backend.ask(stream_id, body), usage).__aiter__()
-        try:  # the first piece is awaited here, so errors before it get a real HTTP status
-            first = await pieces.__anext__()
-        except StopAsyncIteration:
-            first = ""
+        check_question(body.question, settings)
+        if body.max_new_tokens > settings.max_new_tokens:
+            raise _TooManyTokens(
+                f"max_new_tokens={body.max_new_tokens} exceeds the service limit {settings.max_new_tokens}. "
+                "Fix: ask for fewer tokens."
+            )
+        release = gate.acquire(stream_id, "this answer")
+        try:
+            start = time.perf_counter()
+            usage = AnswerUsage()
+            pieces = answer_pieces(backend.ask(stream_id, body), usage).__aiter__()
+            try:  # the first piece is awaited here, so errors before it get a real HTTP status
+                first = await pieces.__anext__()
+            except StopAsyncIteration:
+                first = ""
+        except BaseException:
+            release()
+            raise
         ttft = time.perf_counter() - start
         metrics.ttft.observe(ttft)
-        return StreamingResponse(_sse(first, pieces, start, ttft, metrics, usage), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return GatedStreamingResponse(_sse(first, pieces, start, ttft, metrics, usage), release,
+                                      media_type="text/event-stream",
+                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def _check_question(body: QuestionRequest, settings: ServeSettings) -> None:
-    if len(body.question) > settings.max_question_chars:
+def check_question(question: str, settings: ServeSettings) -> None:
+    """413 for a question (or a watch's standing question) longer than ``serve.max_question_chars``."""
+    if len(question) > settings.max_question_chars:
         raise PayloadTooLargeError(
-            f"question has {len(body.question)} characters, over {settings.max_question_chars}. Fix: shorten it."
-        )
-    if body.max_new_tokens > settings.max_new_tokens:
-        raise _TooManyTokens(
-            f"max_new_tokens={body.max_new_tokens} exceeds the service limit {settings.max_new_tokens}. "
-            "Fix: ask for fewer tokens."
+            f"question has {len(question)} characters, over the limit of {settings.max_question_chars} "
+            "(serve.max_question_chars). Fix: shorten it."
         )
 
 
@@ -277,7 +258,7 @@ def sse_event(event: str, data: dict[str, Any]) -> bytes:
 
 
 async def _sse(first: str, pieces: AsyncIterator[str], start: float, ttft: float,
-               metrics: _Metrics, usage: AnswerUsage) -> AsyncIterator[bytes]:
+               metrics: Metrics, usage: AnswerUsage) -> AsyncIterator[bytes]:
     text, count = [first] if first else [], 1 if first else 0
     if first:
         yield sse_event("token", {"text": first})
@@ -286,20 +267,18 @@ async def _sse(first: str, pieces: AsyncIterator[str], start: float, ttft: float
             text.append(piece)
             count += 1
             yield sse_event("token", {"text": piece})
-    except RequestError as exc:
-        yield sse_event("error", {"type": type(exc).__name__, "status": exc.status, "message": str(exc)})
-        return
     except Exception as exc:  # the HTTP status is already sent; report the failure in-band
-        yield sse_event("error", {"type": type(exc).__name__, "status": 500, "message": str(exc)})
+        yield sse_event("error", error_event(exc))
         return
     metrics.questions.inc()
-    done = AnswerDone(answer="".join(text), tokens=count, ttft_ms=ttft * 1000,
+    tokens = usage.completion_tokens if usage.completion_tokens is not None else count
+    done = AnswerDone(answer="".join(text), tokens=tokens, ttft_ms=ttft * 1000,
                       total_ms=(time.perf_counter() - start) * 1000, prompt_tokens=usage.prompt_tokens,
                       completion_tokens=usage.completion_tokens)
     yield sse_event("done", done.model_dump())
 
 
-def _add_service_routes(app: FastAPI, backend: StreamBackend, metrics: _Metrics) -> None:
+def _add_service_routes(app: FastAPI, backend: StreamBackend, metrics: Metrics, gate: LongLivedGate) -> None:
     @app.get("/health", response_model=HealthResponse, tags=["service"])
     async def health() -> HealthResponse:
         """Liveness of the ingress and model deployments."""
@@ -307,5 +286,6 @@ def _add_service_routes(app: FastAPI, backend: StreamBackend, metrics: _Metrics)
 
     @app.get("/metrics", tags=["service"], response_class=Response)
     async def prometheus() -> Response:
-        """Prometheus text format: HTTP counters, TTFT histogram, per-stream gauges."""
-        return Response(metrics.render(await backend.list()), media_type=CONTENT_TYPE_LATEST)
+        """Prometheus text format: HTTP counters, TTFT histogram, per-stream gauges, webhook deliveries."""
+        body = metrics.render(await backend.list(), await backend.webhook_stats(), gate.counts())
+        return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -10,6 +10,7 @@ from typing import AsyncIterator, Protocol
 from serve.core.api import AnswerUsage, CreateStreamRequest, HealthResponse, PushResponse, QuestionRequest, StreamStats
 from serve.core.messages import AnswerItem, AnswerStats
 from serve.core.watchset import EventsPage, Watch, WatchRequest
+from serve.core.webhooks import WebhookStats
 from stream.frames import FrameBatch
 
 
@@ -43,6 +44,10 @@ class StreamBackend(Protocol):
     async def delete_watch(self, stream_id: str, watch_id: str) -> Watch: ...
 
     async def watch_events(self, stream_id: str, since: int, timeout_s: float) -> EventsPage: ...
+
+    async def webhook_stats(self) -> list[WebhookStats]:
+        """Webhook delivery counters per destination (``/metrics``)."""
+        ...
 
 
 async def answer_pieces(items: AsyncIterator[AnswerItem], usage: AnswerUsage) -> AsyncIterator[str]:

@@ -28,9 +28,10 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from serve.core.api import AnswerUsage, CreateStreamRequest, QuestionRequest
+from serve.core.api import SEED_MAX, AnswerUsage, CreateStreamRequest, QuestionRequest
 from serve.core.settings import ServeSettings
 from serve.http.backend import answer_pieces
+from serve.http.limits import GatedStreamingResponse, LongLivedGate
 from stream.errors import RequestError
 
 MODEL_ID = "stc-serve"
@@ -61,14 +62,15 @@ class ChatCompletionRequest(BaseModel):
     """The subset of OpenAI's chat-completions request the service honours (other OpenAI fields are ignored)."""
 
     model_config = ConfigDict(extra="allow")
-    model: str = MODEL_ID
+    model: str = Field(MODEL_ID, description=f"Must be {MODEL_ID!r} (GET /v1/models).")
     messages: list[ChatMessage] = Field(..., min_length=1)
+    n: int = Field(1, description="Choices per request; only 1 is served.")
     stream: bool = False
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2, description="Default 0 (greedy).")
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)
     stop: str | list[str] | None = None
     wait_s: float = Field(0.0, ge=0, le=60, description="stream:// only: wait for ingest to go idle first.")
     video_wait_s: float = Field(5.0, ge=0, le=60, description="URL videos: bounded wait for the opened stream.")
@@ -135,8 +137,19 @@ class _Cut:
         return out
 
 
-def add_openai_routes(app: FastAPI, backend: Any, settings: ServeSettings) -> None:
-    """Mount ``/v1/models`` and ``/v1/chat/completions`` on ``app`` (OpenAI error shape under ``/v1``)."""
+def _check_request(body: ChatCompletionRequest) -> None:
+    """The fields the service accepts only one value of: ``model`` and ``n``."""
+    if body.model != MODEL_ID:
+        raise OpenAIError(f"model {body.model!r} is not served here; the only model is {MODEL_ID!r} (GET /v1/models)."
+                          f" Fix: set \"model\": \"{MODEL_ID}\".")
+    if body.n != 1:
+        raise OpenAIError(f"n={body.n} choices were asked for; this service answers one choice per request (n=1). "
+                          "Fix: drop n, or send n requests.")
+
+
+def add_openai_routes(app: FastAPI, backend: Any, settings: ServeSettings, gate: LongLivedGate) -> None:
+    """Mount ``/v1/models`` and ``/v1/chat/completions`` on ``app`` (OpenAI error shape under ``/v1``); an answer
+    takes a slot of ``gate`` while it runs."""
     router = APIRouter(prefix="/v1", tags=["openai"])
 
     @router.get("/models")
@@ -156,16 +169,38 @@ def add_openai_routes(app: FastAPI, backend: Any, settings: ServeSettings) -> No
         except ValueError as exc:
             return openai_error(400, f"invalid request: {exc}", "invalid_request_error")
         try:
-            return await _complete(backend, settings, body)
+            _check_request(body)
+            question, url = _question_and_video(body.messages)
+            release = gate.acquire(url[len("stream://"):] if url.startswith("stream://") else None, "this answer")
         except RequestError as exc:
-            kind = "not_found_error" if exc.status == 404 else "invalid_request_error"
-            return openai_error(exc.status, str(exc), kind)
+            return _as_openai(exc)
+        try:
+            answer = await _complete(backend, settings, body, question, url)
+        except BaseException as exc:
+            release()
+            if isinstance(exc, RequestError):
+                return _as_openai(exc)
+            raise
+        if isinstance(answer, StreamingResponse):
+            return GatedStreamingResponse(answer.body_iterator, release, media_type="text/event-stream",
+                                          headers={"Cache-Control": "no-cache"})
+        release()
+        return answer
 
     app.include_router(router)
 
 
-async def _complete(backend: Any, settings: ServeSettings, body: ChatCompletionRequest) -> Any:
-    question, url = _question_and_video(body.messages)
+def _as_openai(exc: RequestError) -> JSONResponse:
+    kind = {404: "not_found_error", 429: "rate_limit_error", 503: "service_unavailable"}.get(
+        exc.status, "invalid_request_error")
+    resp = openai_error(exc.status, str(exc), kind)
+    if exc.retry_after_s:
+        resp.headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
+    return resp
+
+
+async def _complete(backend: Any, settings: ServeSettings, body: ChatCompletionRequest, question: str,
+                    url: str) -> Any:
     stops = _stops(body.stop)
     limit = body.max_completion_tokens or body.max_tokens or 64
     if limit > settings.max_new_tokens:
@@ -278,6 +313,8 @@ async def _stream(backend: Any, owned: str | None, first: str | None, pieces: As
                 yield _chunk(meta, {"content": text}, None)
         except RequestError as exc:  # the status is sent already: report in-band, as OpenAI-style servers do
             err = {"error": {"message": str(exc), "type": "invalid_request_error", "param": None, "code": exc.status}}
+            if exc.retry_after_s:
+                err["error"]["retry_after_s"] = exc.retry_after_s
             yield f"data: {json.dumps(err)}\n\n".encode()
             return
         yield _chunk(meta, {}, state["reason"], _usage(usage, state["count"]))

@@ -21,10 +21,11 @@ import json
 from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import StreamingResponse
 
 from serve.core.settings import ServeSettings
+from serve.core.protocol import PayloadTooLargeError
 from serve.core.watchset import EventsPage, Watch, WatchLimitError, WatchRequest, WatchSettings
+from serve.http.limits import GatedStreamingResponse, LongLivedGate
 from stream.errors import StreamNotFoundError
 
 __all__ = ["EventsPage", "Watch", "WatchLimitError", "WatchRequest", "WatchSettings", "add_watch_routes",
@@ -67,13 +68,19 @@ async def relay_events(backend: Any, stream_id: str, since: int, request: Reques
             yield b": keep-alive\n\n"
 
 
-def add_watch_routes(app: FastAPI, backend: Any, settings: ServeSettings) -> None:
-    """Mount the watch and event routes (they relay to ``backend``'s watch methods)."""
+def add_watch_routes(app: FastAPI, backend: Any, settings: ServeSettings, gate: LongLivedGate) -> None:
+    """Mount the watch and event routes (they relay to ``backend``'s watch methods); event readers take a slot of
+    ``gate`` while they stream."""
     router = APIRouter(tags=["watches"])
 
     @router.post("/streams/{stream_id}/watches", status_code=201, response_model=Watch)
     async def add_watch(stream_id: str, body: WatchRequest) -> Watch:
-        """Start a standing question on the stream."""
+        """Start a standing question on the stream (the question has the same length limit as a user's)."""
+        if len(body.question) > settings.max_question_chars:
+            raise PayloadTooLargeError(
+                f"watch question has {len(body.question)} characters, over the limit of {settings.max_question_chars}"
+                " (serve.max_question_chars, the same as a question's). Fix: shorten it."
+            )
         return await backend.add_watch(stream_id, body)
 
     @router.get("/streams/{stream_id}/watches")
@@ -87,10 +94,17 @@ def add_watch_routes(app: FastAPI, backend: Any, settings: ServeSettings) -> Non
         return await backend.delete_watch(stream_id, watch_id)
 
     @router.get("/streams/{stream_id}/events")
-    async def events(stream_id: str, request: Request, since: int = 0) -> StreamingResponse:
-        """SSE of the stream's watch events (answer, alert, end), from sequence number ``since``."""
-        await backend.watch_events(stream_id, since, 0.0)  # 404 now, before the stream starts
-        return StreamingResponse(relay_events(backend, stream_id, since, request), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    async def events(stream_id: str, request: Request, since: int = 0) -> GatedStreamingResponse:
+        """SSE of the stream's watch events (answer, alert, end), from sequence number ``since`` (429 past the
+        readers one stream or this replica may have at once)."""
+        release = gate.acquire(stream_id, "this event reader")
+        try:
+            await backend.watch_events(stream_id, since, 0.0)  # 404 now, before the stream starts
+        except BaseException:
+            release()
+            raise
+        return GatedStreamingResponse(relay_events(backend, stream_id, since, request), release,
+                                      media_type="text/event-stream",
+                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     app.include_router(router)
