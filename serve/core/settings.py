@@ -313,8 +313,8 @@ class ServeSettings(StrictModel):
     )
     max_readers_per_stream: int = Field(
         8, ge=1, le=10_000,
-        description="Long-lived requests (event readers, streamed answers) on one stream at once, per ingress "
-        "replica; past it: 429.",
+        description="Event readers on one stream at once, and streamed answers on one stream at once (each kind its "
+        "own count, so a flood of readers never blocks the stream's questions), per ingress replica; past it: 429.",
     )
     max_long_lived_per_replica: int = Field(
         128, ge=1, le=100_000,

@@ -220,7 +220,7 @@ def _add_question_route(app: FastAPI, backend: StreamBackend, settings: ServeSet
                 f"max_new_tokens={body.max_new_tokens} exceeds the service limit {settings.max_new_tokens}. "
                 "Fix: ask for fewer tokens."
             )
-        release = gate.acquire(stream_id, "this answer")
+        release = gate.acquire(stream_id, "answer")
         try:
             start = time.perf_counter()
             usage = AnswerUsage()

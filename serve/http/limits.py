@@ -1,8 +1,8 @@
 """What one ingress replica admits at once, so no kind of request can starve the others.
 
 * :class:`LongLivedGate` -- event readers (``GET /streams/{id}/events``) and answers (questions, chat completions)
-  hold a request slot for as long as they stream. The gate caps them per stream and per replica (429 with
-  Retry-After past either); the replica cap is at most 3/4 of the ingress's ``max_ongoing_requests`` (checked at
+  hold a request slot for as long as they stream. The gate caps them per stream -- readers and answers each on their
+  own, so a flood of readers never blocks a stream's questions -- and per replica (429 with Retry-After past either); the replica cap is at most 3/4 of the ingress's ``max_ongoing_requests`` (checked at
   load), so health checks, pushes and creates always find a slot.
 * :class:`PushDecoder` -- pushed JPEG batches are decoded on a small thread pool, never on the event loop, after
   their declared pixels passed the per-push limit (:mod:`serve.core.protocol`) and the stream's budget of pixels
@@ -27,24 +27,30 @@ TRIM_AFTER_PIXELS = 1 << 22  # a push this large (12 MiB of RGB) returns its fre
 
 
 class LongLivedGate:
-    """Counts long-lived requests per stream and in total; thread-safe.
+    """Counts long-lived requests per stream and kind (``reader`` / ``answer``) and in total; thread-safe.
 
     Args:
-        per_stream: most at once on one stream (``None`` key: counted in the total only).
-        total: most at once on this replica.
+        per_stream: most of one kind at once on one stream (``None`` stream: counted in the total only).
+        total: most at once on this replica, all kinds.
     """
 
     def __init__(self, per_stream: int, total: int) -> None:
         self.per_stream, self.total = per_stream, total
-        self._by_stream: dict[str | None, int] = {}
+        self._by_stream: dict[tuple[str | None, str], int] = {}
         self._open = 0
         self._lock = threading.Lock()
         self.refused = 0
 
-    def acquire(self, stream_id: str | None, what: str) -> Callable[[], None]:
-        """Take a slot; returns its release (idempotent). Raises :class:`TooManyRequestsError` (429) when full."""
+    def acquire(self, stream_id: str | None, kind: str) -> Callable[[], None]:
+        """Take a slot for an event ``reader`` or an ``answer``; returns its release (idempotent).
+
+        Raises:
+            TooManyRequestsError: the stream has ``per_stream`` of this kind open, or the replica ``total`` (429).
+        """
+        what = f"this event {kind}" if kind == "reader" else f"this {kind}"
+        key = (stream_id, kind)
         with self._lock:
-            mine = self._by_stream.get(stream_id, 0)
+            mine = self._by_stream.get(key, 0)
             if self._open >= self.total:
                 self.refused += 1
                 raise TooManyRequestsError(
@@ -55,12 +61,12 @@ class LongLivedGate:
             if stream_id is not None and mine >= self.per_stream:
                 self.refused += 1
                 raise TooManyRequestsError(
-                    f"stream {stream_id!r} already has {mine} event readers and answers open, its maximum "
+                    f"stream {stream_id!r} already has {mine} {kind}s open, its maximum "
                     f"(serve.max_readers_per_stream={self.per_stream}); {what} refused. Fix: share one reader, or "
                     "retry after the Retry-After seconds."
                 )
             self._open += 1
-            self._by_stream[stream_id] = mine + 1
+            self._by_stream[key] = mine + 1
         released = threading.Event()
 
         def release() -> None:
@@ -69,11 +75,11 @@ class LongLivedGate:
             released.set()
             with self._lock:
                 self._open -= 1
-                left = self._by_stream.get(stream_id, 1) - 1
+                left = self._by_stream.get(key, 1) - 1
                 if left:
-                    self._by_stream[stream_id] = left
+                    self._by_stream[key] = left
                 else:
-                    self._by_stream.pop(stream_id, None)
+                    self._by_stream.pop(key, None)
 
         return release
 

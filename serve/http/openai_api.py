@@ -171,7 +171,7 @@ def add_openai_routes(app: FastAPI, backend: Any, settings: ServeSettings, gate:
         try:
             _check_request(body)
             question, url = _question_and_video(body.messages)
-            release = gate.acquire(url[len("stream://"):] if url.startswith("stream://") else None, "this answer")
+            release = gate.acquire(url[len("stream://"):] if url.startswith("stream://") else None, "answer")
         except RequestError as exc:
             return _as_openai(exc)
         try:

@@ -97,7 +97,7 @@ def add_watch_routes(app: FastAPI, backend: Any, settings: ServeSettings, gate: 
     async def events(stream_id: str, request: Request, since: int = 0) -> GatedStreamingResponse:
         """SSE of the stream's watch events (answer, alert, end), from sequence number ``since`` (429 past the
         readers one stream or this replica may have at once)."""
-        release = gate.acquire(stream_id, "this event reader")
+        release = gate.acquire(stream_id, "reader")
         try:
             await backend.watch_events(stream_id, since, 0.0)  # 404 now, before the stream starts
         except BaseException:
