@@ -77,6 +77,24 @@ def prefill_flops_per_token(shape: dict, context: int) -> float:
     return 2 * n["layer_params"] + 4 * n["attn_dim"] * context
 
 
+def decode_flops_per_token(shape: dict, context: int) -> float:
+    """One decoded token: 2 FLOPs per decoder and LM-head weight + attention over ``context`` earlier tokens."""
+    n = llm_numbers(shape)
+    return 2 * (n["layer_params"] + n["head_params"]) + 4 * n["attn_dim"] * context
+
+
+def vit_params(shape: dict) -> int:
+    """Encoder-layer weights of a SigLIP-style ViT (attention 4·D², MLP 2·D·MLP per layer; embeddings left out)."""
+    d, inter = shape["hidden_size"], shape["intermediate_size"]
+    return shape["num_hidden_layers"] * (4 * d * d + 2 * d * inter)
+
+
+def weight_bytes(llm: dict, vit: dict | None = None, bytes_per_elem: int = 2) -> float:
+    """Device bytes of the weights: decoder layers, input embedding and LM head (untied), plus the ViT's layers."""
+    n = llm_numbers(llm)
+    return (n["layer_params"] + 2 * n["head_params"] + (vit_params(vit) if vit else 0)) * bytes_per_elem
+
+
 def decode_bytes_per_step(shape: dict, batch: int, context: int, bytes_per_elem: int = 2) -> float:
     """HBM bytes one decode step reads: all weights once (decoder + LM head) + every row's KV."""
     n = llm_numbers(shape, bytes_per_elem)

@@ -17,6 +17,15 @@ Metrics per setting (all frames of the stream, reference encodes included):
 * ``fidelity_vs_prev``: the reused frames' error against a stricter baseline that does not depend on the
   reference schedule, the previous frame's full output (``1 - ||cached - full||^2 / ||full[i-1] - full||^2``).
 * ``cos_mean`` / ``cos_p5``: token cosine of cached vs full output, mean and 5th percentile over all tokens.
+* ``gate_skip_rate``: frames the frame gate (``gate.*`` keys, ``cache/gate.py``) kept from the ViT / frames. Its time
+  (thumbnails and decisions) counts in ``time_ratio``. A skipped frame is dropped as redundant; what the LLM last saw
+  of it is the last encoded frame's output, so that stands in for it in ``cos_mean``, and ``skipped_cos_mean`` is
+  its token cosine to the skipped frame's own full encode (a frame copy by design, so the copy-normalised
+  ``fidelity`` would score it 0: ``fidelity`` averages the encoded frames only).
+
+``--video still:PATH`` generates a still clip: PATH's first frame repeated ``--frames`` times at ``--fps`` as a fixed
+camera sees it, with sensor noise (sigma 6 grey levels), flicker (+-3 % light per frame) and a slow light change (25 %
+darker over the clip, with a left-right slope drifting up to 10 %).
 
 Before timing: ``ratio=1.0`` must reproduce the full encoder (correctness check), and one frame is encoded as
 warm-up. The last stdout line is one JSON object (primary setting's numbers at top level, every setting under
@@ -25,6 +34,8 @@ warm-up. The last stdout line is one JSON object (primary setting's numbers at t
 Example (about 10 min on a busy 2-core CPU; CPU-time clock on one thread so other load does not skew ratios)::
 
     python benchmarks/bench_cacher.py --video ../shared/media/vtest.avi --frames 12 --fps 1 --threads 1 --clock cpu
+    python benchmarks/bench_cacher.py --video still:../shared/media/vtest.avi --frames 24 --threads 1 --clock cpu \\
+        --setting "gate.enabled=true" --sweep "gate.enabled=false"
 """
 from __future__ import annotations
 
@@ -44,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import machine_info, progress  # noqa: E402
 from cache.cacher import StreamCacher  # noqa: E402
 from cache.config import CacherConfig  # noqa: E402
+from cache.gate import FrameGate  # noqa: E402
 from stream.models.preprocess import frames_to_pixel_values  # noqa: E402
 
 SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
@@ -61,15 +73,20 @@ SWEEP = [
 
 
 def parse_setting(text: str) -> CacherConfig:
-    """``"ratio=0.25,max_reuse=4"`` -> a validated :class:`CacherConfig` (``none`` for null)."""
+    """``"ratio=0.25,max_reuse=4,gate.enabled=false"`` -> a validated :class:`CacherConfig` (``none`` for null;
+    ``section.key`` for a nested section)."""
     data: dict[str, Any] = {}
     for item in filter(None, text.split(",")):
         key, _, value = item.partition("=")
+        *sections, name = key.strip().split(".")
+        target = data
+        for section in sections:
+            target = target.setdefault(section, {})
         value = value.strip()
         try:
-            data[key.strip()] = None if value.lower() == "none" else json.loads(value)
+            target[name] = None if value.lower() == "none" else json.loads(value)
         except json.JSONDecodeError:  # a bare word: a string setting (store_dtype=float16)
-            data[key.strip()] = value
+            target[name] = value
     return CacherConfig.parse(data, f"setting {text!r}")
 
 
@@ -89,7 +106,9 @@ def load_frames(video: str, frames: int, fps: float) -> np.ndarray:
 def load_clip(spec: str, frames: int, fps: float) -> np.ndarray:
     """``spec`` is a video path, or an edited clip of segments ``"PATH@START_S:N,PATH@START_S:N,..."`` (N frames at
     ``fps`` from START_S of each, concatenated: a film clip with shot changes) -> ``[frames, H, W, 3]`` uint8, every
-    segment resized to the first one's size."""
+    segment resized to the first one's size; ``"still:PATH"`` is :func:`still_clip` of PATH's first frame."""
+    if spec.startswith("still:"):
+        return still_clip(load_frames(spec[len("still:"):], 1, fps)[0], frames)
     if "@" not in spec:
         return load_frames(spec, frames, fps)
     import decord
@@ -112,6 +131,21 @@ def load_clip(spec: str, frames: int, fps: float) -> np.ndarray:
     if len(rgb) < frames:
         raise SystemExit(f"edited clip {spec!r} has {len(rgb)} frames, --frames asks {frames}. Fix: add segments")
     return rgb[:frames]
+
+
+def still_clip(frame: np.ndarray, frames: int, noise: float = 6.0, flicker: float = 0.03, dim: float = 0.25,
+               slope: float = 0.1, seed: int = 0) -> np.ndarray:
+    """``[frames, H, W, 3]`` uint8: ``frame`` ``[H, W, 3]`` as a fixed camera sees it over time: Gaussian sensor noise
+    of ``noise`` grey levels, a flicker of +-``flicker`` of the light per frame, the light falling by ``dim`` over
+    the clip with a left-right slope drifting up to ``slope``; rounded and clipped as a sensor would."""
+    rng = np.random.default_rng(seed)
+    x = np.linspace(-1.0, 1.0, frame.shape[1], dtype=np.float32)[None, :, None]  # [1, W, 1]
+    out = np.empty((frames, *frame.shape), np.uint8)
+    for i in range(frames):
+        t = i / max(1, frames - 1)
+        light = (1 - dim * t) * (1 + rng.uniform(-flicker, flicker)) * (1 + slope * t * x)
+        out[i] = np.clip(np.rint(frame * light + rng.normal(0, noise, frame.shape)), 0, 255).astype(np.uint8)
+    return out
 
 
 def build_tower(device: str, dtype: torch.dtype, layers: int) -> torch.nn.Module:
@@ -168,6 +202,7 @@ def _embed_and_layers(tower, pv: torch.Tensor):
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 _clock = time.perf_counter
+FPS = 1.0  # the clip's sampling rate (the gate reads frame times)
 
 
 def _sync(device: str) -> None:
@@ -204,20 +239,25 @@ def layer_flops(tokens: int, dim: int, inter: int, recomputed: float | None = No
 
 
 def flop_ratio(stats: dict[str, Any], tokens: int, dim: int, inter: int, layers: int,
-               sketch: int | None = None) -> float:
+               sketch: int | None = None, frames: int | None = None) -> float:
+    """Cached / full ViT layer FLOPs over ``frames`` frames (default: the frames the cacher saw; more when a gate
+    kept some from it)."""
     full = layers * layer_flops(tokens, dim, inter)
     cached = stats["frames_full"] * full
     reused = stats["frames_reused"]
     if reused:
         cached += sum(reused * layer_flops(tokens, dim, inter, r / reused, sketch) for r in stats["tokens_recomputed"])
-    return cached / (stats["frames"] * full)
+    return cached / ((frames or stats["frames"]) * full)
 
 
 def quality(cached: torch.Tensor, full: torch.Tensor, decisions: list[tuple[str, int]]) -> dict[str, float]:
     """Fidelity vs a frame-level copy, and token cosines (see the module docstring)."""
     source: dict[int, int] = {}  # reference id -> frame whose full encode it holds
-    fid, fid_reused, copy_cos, fid_prev = [], [], [], []
+    fid, fid_reused, copy_cos, fid_prev, skipped_cos = [], [], [], [], []
     for i, (kind, ref_id) in enumerate(decisions):
+        if kind == "skip":  # gated: ``cached[i]`` is the last encoded frame's output (see the module docstring)
+            skipped_cos.append(torch.nn.functional.cosine_similarity(cached[i], full[i], dim=-1).mean().item())
+            continue
         if kind != "reuse":
             source[ref_id] = i
             fid.append(1.0)
@@ -240,6 +280,7 @@ def quality(cached: torch.Tensor, full: torch.Tensor, decisions: list[tuple[str,
         "cos_mean": cos.mean().item(),
         "cos_p5": torch.quantile(cos, 0.05).item(),
         "copy_cos_mean": float(np.mean(copy_cos)) if copy_cos else 1.0,
+        "skipped_cos_mean": float(np.mean(skipped_cos)) if skipped_cos else None,
     }
 
 
@@ -255,26 +296,41 @@ def check_exact(tower: torch.nn.Module, pv: torch.Tensor, device: str, tol: floa
     return err
 
 
-def run_stream(tower, pv, configs, chunk, device, passes):
-    """Full and cached encodes, interleaved per chunk; per-chunk minimum over passes."""
+def run_stream(tower, pv, rgb, configs, chunk, device, passes):
+    """Full and cached encodes, interleaved per chunk; per-chunk minimum over passes. A setting with the gate on
+    times its decisions and encodes the passing frames only; a skipped frame's output is the last encoded one."""
     n = len(pv)
     starts = list(range(0, n, chunk))
     t_full = np.full(len(starts), np.inf)
     t_cached = np.full((len(configs), len(starts)), np.inf)
+    t_gate = np.zeros((len(configs), len(starts)))
     for _ in progress(range(passes), "passes"):
         cachers = [StreamCacher(c) for c in configs]
+        gates = [FrameGate(c.gate) if c.gate.enabled else None for c in configs]
         full_out, cached_out, decisions = [], [[] for _ in configs], [[] for _ in configs]
         for j, s in enumerate(starts):
             out, t = timed(tower, pv[s:s + chunk], None, device)
             full_out.append(out)
             t_full[j] = min(t_full[j], t)
-            for k, cacher in enumerate(cachers):
-                out, t = timed(tower, pv[s:s + chunk], cacher, device)
-                cached_out[k].append(out)
-                decisions[k] += cacher.last_chunk_decisions()
+            for k, (cacher, gate) in enumerate(zip(cachers, gates)):
+                t0 = _clock()
+                keep = gate.admit(rgb[s:s + chunk], np.arange(s, s + len(out)) / FPS) if gate else \
+                    np.ones(len(out), bool)
+                t = t_gate[k, j] = _clock() - t0
+                if keep.any():
+                    enc, t_enc = timed(tower, pv[s:s + chunk][torch.from_numpy(keep)], cacher, device)
+                    t += t_enc
+                    made = iter(zip(enc, cacher.last_chunk_decisions()))
+                for i, kept in enumerate(keep):
+                    frame_out, decision = next(made) if kept else (cached_out[k][-1], ("skip", -1))
+                    cached_out[k].append(frame_out)
+                    decisions[k].append(decision)
                 t_cached[k, j] = min(t_cached[k, j], t)
     full = torch.cat(full_out)
-    return full, [torch.cat(o) for o in cached_out], decisions, [c.stats() for c in cachers], t_full, t_cached
+    gate_stats = [{**g.stats(), "ms_per_frame": 1e3 * float(t_gate[k].sum()) / n} if g else None
+                  for k, g in enumerate(gates)]
+    return full, [torch.stack(o) for o in cached_out], decisions, [c.stats() for c in cachers], t_full, t_cached, \
+        gate_stats
 
 
 def plot(results: list[dict[str, Any]], path: str) -> None:
@@ -300,7 +356,8 @@ def plot(results: list[dict[str, Any]], path: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--video", default=str(Path(__file__).resolve().parents[2] / "shared/media/vtest.avi"),
-                   help="a video file, or an edited clip 'PATH@START_S:N,PATH@START_S:N,...' (segments at --fps)")
+                   help="a video file, an edited clip 'PATH@START_S:N,PATH@START_S:N,...' (segments at --fps), or "
+                        "'still:PATH' (PATH's first frame with sensor noise, flicker and a slow light change)")
     p.add_argument("--frames", type=int, default=12)
     p.add_argument("--fps", type=float, default=1.0)
     p.add_argument("--chunk", type=int, default=4, help="frames per encode call (a streaming chunk)")
@@ -314,7 +371,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="Qwen: smart-resize area cap per frame (the real default is larger; kept small for CPU)")
     p.add_argument("--all-full", action="store_true",
                    help="Qwen2.5-VL ablation: every block full attention (no windows), to measure what windows cost")
-    p.add_argument("--setting", default=PRIMARY, help="primary cacher setting, e.g. 'ratio=0.15,max_reuse=4'")
+    p.add_argument("--setting", default=PRIMARY, help="primary cacher setting, e.g. 'ratio=0.15,max_reuse=4' (nested: "
+                   "'gate.enabled=false')")
     p.add_argument("--sweep", default=";".join(SWEEP), help="';'-separated settings for the sweep ('' = primary only)")
     p.add_argument("--passes", type=int, default=1, help="replay the stream this many times, keep per-chunk minima")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
@@ -329,8 +387,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("--clock cpu measures CPU time, not GPU work. Fix: use --clock wall with --device cuda.")
     if args.threads:
         torch.set_num_threads(args.threads)
-    global _clock
-    _clock = CLOCKS[args.clock]
+    global _clock, FPS
+    _clock, FPS = CLOCKS[args.clock], args.fps
     dtype = getattr(torch, args.dtype)
 
     names = list(dict.fromkeys([args.setting, *filter(None, args.sweep.split(";"))]))
@@ -354,24 +412,31 @@ def main(argv: list[str] | None = None) -> None:
     print(f"correctness: ratio=1.0 vs full encoder max |diff| = {exact_err:.2e} (tol {tol})", flush=True)
     timed(tower, pv[:1], None, args.device)  # warm-up
 
-    full, cached, decisions, stats, t_full, t_cached = run_stream(tower, pv, configs, args.chunk, args.device,
-                                                                  args.passes)
+    if args.family != "llava_onevision" and any(c.gate.enabled for c in configs):
+        print("frame gate off: it is measured on the SigLIP tower here (a Qwen cacher frame is 2 video frames)")
+        configs = [c.model_copy(update={"gate": c.gate.model_copy(update={"enabled": False})}) for c in configs]
+    full, cached, decisions, stats, t_full, t_cached, gates = run_stream(tower, pv, rgb, configs, args.chunk,
+                                                                         args.device, args.passes)
     results = []
     for k, name in enumerate(names):
-        flops = flop_ratio(stats[k], *dims, args.layers, configs[k].sketch_width(dims[1]))
+        flops = flop_ratio(stats[k], *dims, args.layers, configs[k].sketch_width(dims[1]), len(full))
         row = {"setting": name, "time_ratio": float(t_cached[k].sum() / t_full.sum()),
-               "flop_ratio": flops, **quality(cached[k], full, decisions[k]),
+               "flop_ratio": flops, "gate_skip_rate": gates[k]["skip_rate"] if gates[k] else 0.0,
+               "gate_ms_per_frame": gates[k]["ms_per_frame"] if gates[k] else 0.0,
+               **quality(cached[k], full, decisions[k]),
                "reuse_rate": stats[k]["reuse_rate"], "frames_full": stats[k]["frames_full"],
                "recompute_fraction": stats[k]["recompute_fraction"], "refs_held": stats[k]["refs_held"],
                "store_mb": round(stats[k]["store_bytes"] / 2**20, 1)}
         results.append({k2: round(v, 4) if isinstance(v, float) else v for k2, v in row.items()})
-        print(f"{name:45s} time {row['time_ratio']:.3f} flops {row['flop_ratio']:.3f} fidelity {row['fidelity']:.3f} "
-              f"(reused {row['fidelity_reused']:.3f}, vs prev {row['fidelity_vs_prev']:.3f}) cos {row['cos_mean']:.4f} p5 {row['cos_p5']:.4f} "
-              f"reuse {row['reuse_rate']:.2f}", flush=True)
+        print(f"{name:45s} time {row['time_ratio']:.3f} flops {row['flop_ratio']:.3f} gate_skip_rate "
+              f"{row['gate_skip_rate']:.3f} fidelity {row['fidelity']:.3f} (reused {row['fidelity_reused']:.3f}, vs "
+              f"prev {row['fidelity_vs_prev']:.3f}) cos {row['cos_mean']:.4f} p5 {row['cos_p5']:.4f} reuse "
+              f"{row['reuse_rate']:.2f}", flush=True)
     if args.plot:
         plot(results, args.plot)
     summary = {**results[0], "frames": args.frames, "fps": args.fps, "chunk": args.chunk,
-               "video": Path(args.video).name, "family": args.family, "all_full": args.all_full,
+               "video": ("still:" if args.video.startswith("still:") else "")
+               + Path(args.video.removeprefix("still:")).name, "family": args.family, "all_full": args.all_full,
                "layers": args.layers, "dtype": args.dtype, "passes": args.passes,
                "clock": args.clock, "exact_max_diff": exact_err,
                "full_s_per_frame": round(float(t_full.sum()) / args.frames, 3), "sweep": results,

@@ -12,6 +12,64 @@ AUTO_CELL_REFRESH = 0.8  # refresh_cell_below='auto' without an adapter's own va
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+class GateConfig(StrictModel):
+    """Frame gate before the ViT (``cache/gate.py``): a frame whose thumbnail barely differs from the last frame the
+    ViT encoded is skipped (no ViT, no tokens); lighting changes are fitted out first."""
+
+    enabled: bool = Field(
+        True,
+        description="Gate frames before the ViT; a skipped frame is dropped as redundant (no visual tokens). "
+        "false: every frame is encoded (exactly as without a gate). Needs cacher.enabled.",
+    )
+    threshold: float = Field(
+        8.0,
+        gt=0.0,
+        le=255.0,
+        description="A frame passes when some window x window block of thumbnail cells differs from the last "
+        "passing frame by more than this mean absolute difference (0-255 scale), after its lighting is fitted. "
+        "Lower passes smaller or fainter changes (and more noise).",
+    )
+    cells: int = Field(
+        64,
+        ge=8,
+        le=512,
+        description="Thumbnail cells along the frame's longer side (64: 12-px cells on 768x576, about half a "
+        "SigLIP patch); more cells see smaller objects and more noise.",
+    )
+    sub: int = Field(
+        4,
+        ge=1,
+        le=16,
+        description="Blocks per cell side the lighting fit is applied at (clipped per block), so a brightening "
+        "that saturates a lamp is predicted, not taken for a change; 1: per cell.",
+    )
+    window: int = Field(
+        2, ge=1, le=16, description="Side, in cells, of the block whose mean change is compared with threshold."
+    )
+    trim: float = Field(
+        0.2,
+        ge=0.0,
+        le=0.5,
+        description="Share of cells left out of the lighting fit's second pass (the worst-fitting ones), so a "
+        "local change does not bend the fitted gain.",
+    )
+    max_skip_s: float | None = Field(
+        60.0,
+        gt=0.0,
+        description="Let one frame pass after this many seconds of skipping, whatever its score (the LLM sees a "
+        "still scene at least this often); null: only a change passes.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "GateConfig":
+        if self.window > self.cells:
+            raise ValueError(
+                f"window={self.window} cells is larger than the thumbnail ({self.cells} cells along the longer "
+                f"side); use window <= cells, e.g. window=2"
+            )
+        return self
+
+
 class CacherConfig(StrictModel):
     """STC-Cacher: reuse ViT features of similar frames (per stream), with a multi-reference store."""
 
@@ -80,6 +138,10 @@ class CacherConfig(StrictModel):
     max_refs: int = Field(8, ge=1, le=4096, description="References kept per stream (least recently used evicted).")
     signature_grid: int = Field(
         4, ge=1, le=64, description="Cells per side of the pooled patch-embedding signature used to find references."
+    )
+    gate: GateConfig = Field(
+        default_factory=GateConfig,
+        description="Frame gate before the ViT: near-identical frames skip it entirely (cache/gate.py).",
     )
     store_dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto",

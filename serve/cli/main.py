@@ -18,6 +18,8 @@ def _add_stream_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--chunk", type=int, help="frames per chunk prefilled into the LLM as they arrive (default 8)")
     g = p.add_argument_group("STC cacher (ViT feature reuse)")
     g.add_argument("--no-cache", action="store_true", help="encode every frame fully")
+    g.add_argument("--no-gate", action="store_true",
+                   help="encode every frame, also near-identical ones (frame gate off)")
     g.add_argument("--cache-ratio", type=float, help="fraction of tokens recomputed per layer (0 < r <= 1)")
     g.add_argument("--cache-threshold", type=float, help="frame-signature similarity needed to reuse a reference")
     g = p.add_argument_group("pruner (visual tokens before the LLM)")
@@ -58,6 +60,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
             o[section][key] = value
     if getattr(args, "no_cache", False):
         o["cacher"]["enabled"] = False
+    if getattr(args, "no_gate", False):
+        o["cacher"]["gate"] = {"enabled": False}
     if getattr(args, "no_prune", False):
         o["pruner"]["enabled"] = False
     return {k: v for k, v in o.items() if v}

@@ -54,6 +54,14 @@ class StreamOptions(StrictModel):
 
         return StreamCacher(self.cacher.resolved(cell_refresh))
 
+    def make_gate(self) -> Any | None:
+        """A fresh per-stream frame gate, or ``None`` when the gate or the whole cacher is off."""
+        if not (self.cacher.enabled and self.cacher.gate.enabled):
+            return None
+        from cache.gate import FrameGate
+
+        return FrameGate(self.cacher.gate)
+
     def make_pruner(self) -> Any | None:
         """A fresh per-stream pruner, or ``None`` when pruning is off."""
         if not self.pruner.enabled:

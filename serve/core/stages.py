@@ -22,7 +22,8 @@ from cache.kv.config import Sampling
 from cache.kv.stats import PromptUsage
 from serve.core.messages import AnswerItem, AnswerStats, EncodedChunk
 from serve.core.options import StreamOptions
-from serve.core.stats import AppendStats, CacheCounters, ChunkStats, KVStats, PrunerCounters, VisionStats
+from serve.core.stats import (AppendStats, CacheCounters, ChunkStats, GateCounters, KVStats, PrunerCounters,
+                              VisionStats)
 from stream.errors import RequestError, StreamExistsError, StreamNotFoundError
 from stream.frames import FrameBatch
 from stream.models.base import VLMAdapter
@@ -82,6 +83,7 @@ class _VisionState:
     options: StreamOptions
     cacher: Any | None
     pruner: Any | None
+    gate: Any | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     frames: int = 0
     tokens_in: int = 0
@@ -120,7 +122,7 @@ class VisionStage:
             except TypeError as exc:
                 raise RequestError(f"pruner.policy='attention': {exc} (model family {self.adapter.family}: choose "
                                    "another pruning policy, e.g. stc_context or uniform)") from None
-        self._streams.add(stream_id, _VisionState(opts, cacher, opts.make_pruner()))
+        self._streams.add(stream_id, _VisionState(opts, cacher, opts.make_pruner(), opts.make_gate()))
 
     def close(self, stream_id: str) -> None:
         self._streams.pop(stream_id)
@@ -130,10 +132,24 @@ class VisionStage:
 
     @torch.inference_mode()
     def encode(self, stream_id: str, batch: FrameBatch) -> EncodedChunk:
-        """Frames -> kept visual tokens: 1. preprocess, 2. ViT (cached layers), 3. project, 4. prune."""
+        """Frames -> kept visual tokens: 0. frame gate, 1. preprocess, 2. ViT (cached layers), 3. project, 4. prune.
+
+        A frame the gate skips (``cacher.gate``: it barely differs from the last encoded frame) is dropped as
+        redundant: the chunk holds only the passing frames, exactly as if the sampler had not taken the others, so
+        the LLM stage, the pruner and the cacher see a stream of fewer frames. A chunk with no passing frame is
+        empty (no tokens; the LLM stage appends nothing). With the gate off, or when every frame passes, the chunk is
+        what it was without a gate.
+        """
         st: _VisionState = self._streams.get(stream_id)
         with st.lock:
             t0 = time.perf_counter()
+            received = len(batch)
+            if st.gate is not None:
+                keep = st.gate.admit(batch.rgb, batch.pts)  # [F] bool
+                if not keep.all():
+                    batch = FrameBatch(batch.rgb[keep], batch.pts[keep], batch.indices[keep])
+            if len(batch) == 0:
+                return self._empty_chunk(stream_id, st, received, _ms(t0))
             pv = self.adapter.preprocess(batch.rgb)  # [F, 3, S, S]
             needs_attention = st.pruner is not None and st.options.pruner.policy == "attention"
             with self._model_lock:
@@ -154,14 +170,23 @@ class VisionStage:
                                                         if st.pruner is not None else None)
             prune_ms = _ms(t1)
             tokens_in, kept = int(vt.embeds.shape[:2].numel()), int(sum(counts))
-            st.frames += len(batch)
+            st.frames += received
             st.tokens_in += tokens_in
             st.tokens_kept += kept
             st.vit_ms += vit_ms
             st.prune_ms += prune_ms
             cache = CacheCounters.from_counters(st.cacher.last_chunk_stats()) if st.cacher is not None else None
-            stats = ChunkStats(vit_ms=vit_ms, prune_ms=prune_ms, tokens_in=tokens_in, tokens_kept=kept, cache=cache)
+            stats = ChunkStats(vit_ms=vit_ms, prune_ms=prune_ms, tokens_in=tokens_in, tokens_kept=kept, cache=cache,
+                               frames_skipped=received - len(batch))
             return EncodedChunk(stream_id, torch.cat(frames, 0), counts, pts, stats, positions, vt.grid, extras)
+
+    def _empty_chunk(self, stream_id: str, st: _VisionState, received: int, gate_ms: float) -> EncodedChunk:
+        """The chunk of a batch the gate skipped whole: no frames, no tokens (``embeds`` ``[0, d]``)."""
+        st.frames += received
+        st.vit_ms += gate_ms
+        d = self.adapter.llm.hidden_size
+        return EncodedChunk(stream_id, torch.zeros(0, d), [], [], ChunkStats(vit_ms=gate_ms, frames_skipped=received),
+                            torch.zeros(0, 2, dtype=torch.long))
 
     def stats(self, stream_id: str) -> VisionStats:
         st: _VisionState = self._streams.get(stream_id)
@@ -170,6 +195,7 @@ class VisionStage:
             prune_ms=round(st.prune_ms, 2),
             cache=CacheCounters.from_counters(st.cacher.stats()) if st.cacher is not None else None,
             pruner=PrunerCounters.from_counters(st.pruner.stats()) if st.pruner is not None else None,
+            gate=GateCounters.from_counters(st.gate.stats()) if st.gate is not None else None,
         )
 
 
@@ -225,6 +251,9 @@ class LLMStage:
         """Prefill one chunk (visual tokens with the family's per-frame text) into the stream's KV session."""
         if chunk.stream_id != stream_id:
             raise ValueError(f"chunk of stream {chunk.stream_id!r} appended to stream {stream_id!r}")
+        if not chunk.pts:  # every frame of the chunk was skipped by the frame gate: nothing to prefill
+            self.engine.stats(stream_id)  # an unknown stream still raises, as an append would
+            return AppendStats()
         t0 = time.perf_counter()
         embeds = self.adapter.chunk_embeds(chunk.frames(), chunk.pts, **chunk.llm_extras())  # [L, d] or LLMInput
         self.engine.append(stream_id, embeds, {"pts": chunk.pts, "frame_tokens": chunk.tokens_per_frame})

@@ -66,6 +66,17 @@ class PrunerCounters(_Stats):
     recent_chunks: list[PrunedChunk] = Field(default_factory=list, description="The last few chunks (bounded).")
 
 
+class GateCounters(_Stats):
+    """Frame-gate counters of a stream (``cache.gate.FrameGate.stats``)."""
+
+    frames: int = 0
+    passed: int = Field(0, description="Frames the ViT encoded.")
+    skipped: int = Field(0, description="Frames dropped as redundant: no ViT, no tokens.")
+    forced: int = Field(0, description="Frames that passed only because max_skip_s ran out.")
+    last_score: float = Field(0.0, description="The last frame's largest window change (0-255).")
+    skip_rate: float = Field(0.0, description="skipped / frames.")
+
+
 class ChunkStats(_Stats):
     """The vision stage's numbers for one encoded chunk."""
 
@@ -74,6 +85,7 @@ class ChunkStats(_Stats):
     tokens_in: int = 0
     tokens_kept: int = 0
     cache: CacheCounters | None = Field(None, description="The cacher's counters of this chunk (None: cache off).")
+    frames_skipped: int = Field(0, description="Frames of this chunk the frame gate dropped as redundant.")
 
 
 class AppendStats(_Stats):
@@ -100,6 +112,7 @@ class VisionStats(_Stats):
     prune_ms: float = 0.0
     cache: CacheCounters | None = None
     pruner: PrunerCounters | None = None
+    gate: GateCounters | None = Field(None, description="The frame gate's counters (None: gate off).")
     replica: str | None = Field(None, description="The replica holding the stream (Ray service).")
 
 
