@@ -1,7 +1,7 @@
 """The web console in a real headless browser (Debian chromium + chromedriver, driven by selenium) against the app
 served by uvicorn on 127.0.0.1 (LocalBackend + stage doubles, API key on): the page loads, a pushed stream appears
 with its frame, a question's streamed answer shows up in the DOM, a yes/no watch's alert appears. Saves a screenshot
-to docs/console.png (and $ARTIFACTS_DIR if set)."""
+to a temporary folder (and $ARTIFACTS_DIR if set); the screenshots in docs/ come from tests/console_scene.py."""
 from __future__ import annotations
 
 import os
@@ -21,7 +21,6 @@ from serve.core.local import LocalBackend
 from tests.service_doubles import FakeLLMStage, FakeVisionStage, frames
 
 CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-SHOT = Path(__file__).resolve().parents[1] / "docs" / "console.png"
 
 
 class _YesLLM(FakeLLMStage):
@@ -72,7 +71,7 @@ def _until(fn, timeout=15.0):
     raise AssertionError("condition not met in time")
 
 
-def test_console_shows_stream_streamed_answer_and_alert(server):
+def test_console_shows_stream_streamed_answer_and_alert(server, tmp_path):
     from selenium.webdriver.common.by import By  # noqa: PLC0415
 
     auth = {"Authorization": "Bearer secret"}
@@ -85,8 +84,8 @@ def test_console_shows_stream_streamed_answer_and_alert(server):
         rgb, pts = frames(8)
         httpx.post(server + "/streams/cam/frames?flush=true", content=encode_frames(rgb, pts, "raw"),
                    headers={**auth, "Content-Type": CONTENT_TYPE})
-        _until(lambda: drv.find_elements(By.CSS_SELECTOR, 'tr[data-stream="cam"]'))
-        _until(lambda: "8" in drv.find_element(By.CSS_SELECTOR, 'tr[data-stream="cam"] td:nth-child(5)').text)
+        _until(lambda: drv.find_elements(By.CSS_SELECTOR, '.tile[data-stream="cam"]'))
+        _until(lambda: "8" in drv.find_element(By.CSS_SELECTOR, '.tile[data-stream="cam"] .encoded').text)
         drv.find_element(By.ID, "question").send_keys("what happened?")
         drv.find_element(By.CSS_SELECTOR, "#ask button").click()
         _until(lambda: drv.find_element(By.ID, "answer").get_attribute("data-done") == "true")
@@ -98,13 +97,13 @@ def test_console_shows_stream_streamed_answer_and_alert(server):
         alert = _until(lambda: drv.find_elements(By.CSS_SELECTOR, "#alerts li"))
         assert "[alert]" in alert[0].text and "P(yes)=0.90" in alert[0].text
         _until(lambda: drv.execute_script(
-            "const i=document.querySelector('tr[data-stream=cam] img'); return i && i.complete && i.naturalWidth>0"))
+            "const i=document.querySelector('.tile[data-stream=cam] img'); return i && i.complete && i.naturalWidth>0"))
         time.sleep(1.5)  # a few chart samples
-        SHOT.parent.mkdir(exist_ok=True)
-        drv.save_screenshot(str(SHOT))
+        shot = tmp_path / "console.png"
+        drv.save_screenshot(str(shot))
         if os.environ.get("ARTIFACTS_DIR"):
-            shutil.copy(SHOT, Path(os.environ["ARTIFACTS_DIR"]) / "console.png")
-        assert SHOT.stat().st_size > 1000
+            shutil.copy(shot, Path(os.environ["ARTIFACTS_DIR"]) / "console.png")
+        assert shot.stat().st_size > 1000
         assert httpx.delete(server + "/streams/cam", headers=auth).status_code == 200  # watches end with it
         ended = _until(lambda: [li for li in drv.find_elements(By.CSS_SELECTOR, "#events li")
                                 if li.text.startswith("[end]")])

@@ -369,6 +369,31 @@ def _created_or_none(client, sid: str) -> str | None:
         return None
 
 
+def test_fleet_question_and_moments_fan_out_over_both_ingest_hosts(service):
+    client = service[0]
+    names = [f"fleet-{i}" for i in range(50)]
+    ids = [names[0], next(n for n in names if _host_of(n) != _host_of(names[0]))]  # one stream on each host
+    for k, sid in enumerate(ids):
+        client.create_stream(stream_id=sid, labels={"group": "fleet"})
+        rgb, pts = _frames(4, 10 * k)
+        client.push_frames(sid, rgb, pts, encoding="jpeg", flush=True)
+    try:
+        answers, done = client.fleet("Is there a square?", selector={"group": "fleet"}, mode="yes_no", wait_s=60)
+        assert sorted(a["stream_id"] for a in answers) == sorted(ids) and all(a["status"] == 200 for a in answers)
+        assert len(done["ranking"]) == 2 and all(a["frame_index"] == 3 for a in answers)
+        texts, _ = client.fleet("What moves?", streams=ids, max_new_tokens=3)
+        for a in texts:  # the same greedy answer as the stream's own question
+            assert a["answer"] == client.ask_text(a["stream_id"], "What moves?", max_new_tokens=3)[0]
+        found = client.fleet_moments("Is there a square?", selector={"group": "fleet"}, top_k=4)
+        assert found["errors"] == {} and {m["stream_id"] for m in found["moments"]} == set(ids)
+        best = found["moments"][0]
+        assert client.thumbnail(best["stream_id"], best["thumbnail"]["id"])[:2] == b"\xff\xd8"
+        assert {e["kind"] for e in client.timeline(best["stream_id"])["entries"]} == {"moment"}
+    finally:
+        for sid in ids:
+            client.close_stream(sid)
+
+
 # ---- faults: SIGKILL a replica, an ingress replica, an ingest host mid-stream --------------------------------------
 def _host_of(sid: str) -> str:
     from serve.core.slots import rendezvous_pick

@@ -33,7 +33,7 @@ from cache.kv.config import KVConfig, Sampling
 from cache.kv.errors import KVCapacityError, StreamExistsError, UnknownStreamError
 from cache.kv.scheduler import Scheduler, SchedulerStats, token_stream
 from cache.kv.session import KVSession, reserved_bytes
-from cache.kv.stats import PromptUsage, SessionStats
+from cache.kv.stats import BlockInfo, BlockScore, PromptUsage, SessionStats
 from stream.errors import ConfigError, RequestError
 from stream.models.inputs import LLMInput
 from stream.models.llm import TextLM
@@ -71,6 +71,7 @@ class LLMEngine:
         self._registry_lock = threading.Lock()
         self._sessions: dict[str, KVSession] = {}
         self._seq = itertools.count()
+        self._lanes = itertools.count()  # scheduler queues of block-scoring batches
 
     # ------------------------------------------------------------------ streams
     def open(self, stream_id: str, prefix_embeds: Piece) -> SessionStats:
@@ -213,6 +214,73 @@ class LLMEngine:
                                f"{self.config.reserve_tokens}; shorten the question or raise kv.reserve_tokens")
         self._check_open(session, stream_id)
         task = self.scheduler.submit(stream_id, "question", session.next_logits(question), answer=True)
+        out = list(token_stream(self.scheduler, task))
+        if len(out) != 1:
+            raise UnknownStreamError(f"stream {stream_id!r} was closed while scoring")
+        return out[0]
+
+    # ------------------------------------------------------------------ the history, block by block
+    def blocks(self, stream_id: str, since: float | None = None, until: float | None = None) -> list[BlockInfo]:
+        """The stream's retained blocks (offloaded, then the window) whose frame times meet ``[since, until]``."""
+        return [b for b in self._get(stream_id).block_infos() if b.overlaps(since, until)]
+
+    def block_relevance(self, stream_id: str, question_embeds: Piece, blocks: list[BlockInfo]) -> list[BlockScore]:
+        """Each block's retrieval score for a question (``None``: the block left the history meanwhile).
+
+        Cost: one unbatched forward of the question alone (its probe vector) plus one inner product per block;
+        runs in the stream's own queue of the step loop, so it sees the blocks appended before it.
+        """
+        session, question = self._question_of(stream_id, question_embeds)
+        work = session.block_relevance(question, [b.block_id for b in blocks])
+        scores = self._one(self.scheduler.submit(stream_id, "question", work, answer=True), stream_id)
+        return [BlockScore(b, scores.get(b.block_id)) for b in blocks]
+
+    def block_choices(self, stream_id: str, question_embeds: Piece, blocks: list[BlockInfo],
+                      choice_ids: list[list[int]]) -> list[BlockScore]:
+        """Each block's choice probabilities with only the sinks and that block as context; ``score`` is the first
+        choice's share of all choices (e.g. P(yes) / (P(yes) + P(no))); ``None``: the block left meanwhile.
+
+        Cost: one question prefill per block, batched: blocks go in batches of at most ``max_batch_rows`` rows and
+        one session budget of scratch tokens, one batch per step on a queue of their own, so the stream's ingest
+        and other streams' work run between the batches.
+        """
+        session, question = self._question_of(stream_id, question_embeds)
+        lane = f"{stream_id}\x00blocks{next(self._lanes)}"
+        tasks = [self.scheduler.submit(lane, "question", session.block_choices(question, ids, choice_ids), answer=True)
+                 for ids in self._probe_batches(session, blocks, question.tokens)]
+        probs: dict[int, list[float]] = {}
+        for task in tasks:
+            probs.update(self._one(task, stream_id))
+        out = []
+        for b in blocks:
+            p = probs.get(b.block_id)
+            out.append(BlockScore(b, p[0] / max(sum(p), 1e-12), tuple(p)) if p else BlockScore(b, None))
+        return out
+
+    def _probe_batches(self, session: KVSession, blocks: list[BlockInfo], question: int) -> list[list[int]]:
+        """Block ids in batches of at most ``max_batch_rows`` rows and ``budget_tokens`` scratch tokens."""
+        batches: list[list[int]] = [[]]
+        used, rows = 0, self.config.scheduler.max_batch_rows
+        for b in blocks:
+            need = session.sink_len + b.tokens + question
+            if batches[-1] and (len(batches[-1]) == rows or used + need > self.config.budget_tokens):
+                batches.append([])
+                used = 0
+            batches[-1].append(b.block_id)
+            used += need
+        return [ids for ids in batches if ids]
+
+    def _question_of(self, stream_id: str, question_embeds: Piece) -> tuple[KVSession, LLMInput]:
+        session = self._get(stream_id)
+        question = self._check_piece(question_embeds, "question_embeds")
+        if question.tokens + 1 > self.config.reserve_tokens:
+            raise RequestError(f"question ({question.tokens} tokens) exceeds kv.reserve_tokens="
+                               f"{self.config.reserve_tokens}; shorten the question or raise kv.reserve_tokens")
+        self._check_open(session, stream_id)
+        return session, question
+
+    def _one(self, task: Any, stream_id: str) -> Any:
+        """The single item a scoring task yields."""
         out = list(token_stream(self.scheduler, task))
         if len(out) != 1:
             raise UnknownStreamError(f"stream {stream_id!r} was closed while scoring")

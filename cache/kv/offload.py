@@ -160,6 +160,11 @@ class BlockStore:
             scores, ids = self._index.search(vec, k)
         return [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
 
+    def blocks(self) -> list[StoredBlock]:
+        """The stored blocks now, oldest first (a snapshot: the budget may drop some right after)."""
+        with self._lock:
+            return list(self._blocks.values())
+
     def get(self, block_id: int) -> StoredBlock | None:
         """The stored block, or ``None`` if it was dropped."""
         with self._lock:

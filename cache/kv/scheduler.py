@@ -160,7 +160,9 @@ class Scheduler:
         """(under the lock) start the loop thread if it is not running, else wake it."""
         if not self._running:
             self._running = True
-            self._thread = threading.Thread(target=self._loop, name=LOOP_THREAD, daemon=True)
+            # intra-op threads are per OS thread in torch: the loop uses as many as its starter was set to use
+            threads = torch.get_num_threads()
+            self._thread = threading.Thread(target=self._loop, args=(threads,), name=LOOP_THREAD, daemon=True)
             self._thread.start()
         self._cond.notify()
 
@@ -174,7 +176,8 @@ class Scheduler:
         return thread is None or not thread.is_alive()
 
     # ------------------------------------------------------------------ the loop
-    def _loop(self) -> None:
+    def _loop(self, threads: int) -> None:
+        torch.set_num_threads(threads)
         while True:
             with self._cond:
                 while self._held:

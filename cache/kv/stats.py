@@ -71,3 +71,37 @@ class SessionStats:
     def used_bytes(self) -> int:
         """Bytes its tokens fill: resident tokens + offloaded storage."""
         return self.resident_used_bytes + self.offloaded_bytes
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    """One block of a stream's retained history (resident in the window, or offloaded), in stream order.
+
+    ``pts_start`` / ``pts_end``: the first and last frame time of the block's chunk (the block's ``meta["pts"]``;
+    ``None`` when the caller gave none). Every part of a chunk appended as several blocks carries the chunk's times.
+    """
+
+    block_id: int
+    tokens: int
+    pts_start: float | None
+    pts_end: float | None
+    offloaded: bool
+
+    def overlaps(self, since: float | None, until: float | None) -> bool:
+        """The block's time range meets ``[since, until]`` (no bound given: always; no times known: only then)."""
+        if since is None and until is None:
+            return True
+        if self.pts_start is None or self.pts_end is None:
+            return False
+        return (since is None or self.pts_end >= since) and (until is None or self.pts_start <= until)
+
+
+@dataclass(frozen=True)
+class BlockScore:
+    """A block with its score for one query: the retrieval score (inner product of the question's probe vector and
+    the block's key summary), or the probability of each choice as the first answer token with only the sinks and
+    this block as context (``choices``; ``score`` is then the first choice's share of all of them)."""
+
+    block: BlockInfo
+    score: float | None
+    choices: tuple[float, ...] = ()

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cache.kv.config import Sampling
 from serve.core.stats import KVStats, VisionStats
 
 STREAM_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+LABEL_KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+MAX_LABELS, MAX_LABEL_VALUE = 16, 128
 SEED_MAX = 2**63 - 1  # the sampler's RNG takes a 64-bit seed
 StreamKind = Literal["file", "live", "push"]
 StreamState = Literal["starting", "running", "ended", "failed", "closed"]
@@ -39,6 +41,12 @@ class CreateStreamRequest(_Request):
     )
     fps: float | None = Field(None, gt=0, le=1000, description="Frames per second kept (default from the config).")
     frames_per_chunk: int | None = Field(None, ge=1, le=4096, description="Frames per encoder call (default: config).")
+    labels: dict[str, str] = Field(
+        default_factory=dict,
+        description=f"Up to {MAX_LABELS} labels (key: letters, digits, '_.-', up to 63 characters; value: up to "
+        f"{MAX_LABEL_VALUE} printable characters) to select streams by (GET /streams?selector=, fleet questions).",
+        examples=[{"site": "dock", "cam": "3"}],
+    )
     options: dict[str, Any] = Field(
         default_factory=dict,
         description="Per-stream overrides of the service config's `sampler`, `cacher` and `pruner` sections "
@@ -46,6 +54,33 @@ class CreateStreamRequest(_Request):
         "replica's and cannot differ per stream.",
         examples=[{"pruner": {"tokens_per_frame": 49, "policy": "stc"}, "cacher": {"ratio": 0.25}}],
     )
+
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, labels: dict[str, str]) -> dict[str, str]:
+        return check_labels(labels, "labels")
+
+
+def check_labels(labels: dict[str, str], what: str) -> dict[str, str]:
+    """Labels (or a selector) as allowed; raises ValueError naming the bad key or value, the rule and the fix."""
+    import re  # noqa: PLC0415
+
+    if len(labels) > MAX_LABELS:
+        raise ValueError(f"{what} has {len(labels)} entries, at most {MAX_LABELS} are allowed. Fix: drop some")
+    for key, value in labels.items():
+        if not re.match(LABEL_KEY_PATTERN, key):
+            raise ValueError(f"{what} key {key!r} is not allowed: use letters, digits and '_.-' (first a letter or "
+                             "digit), up to 63 characters. Fix: rename it")
+        if len(value) > MAX_LABEL_VALUE or not value.isprintable():
+            raise ValueError(f"{what}[{key!r}] = {value[:40]!r} is not allowed: up to {MAX_LABEL_VALUE} printable "
+                             "characters. Fix: shorten it or drop control characters")
+    return labels
+
+
+def matches(labels: dict[str, str], selector: dict[str, str]) -> bool:
+    """Every ``key: value`` of ``selector`` is one of ``labels`` (an empty selector matches every stream)."""
+    return all(labels.get(k) == v for k, v in selector.items())
 
 
 class QuestionRequest(_Request):
@@ -95,6 +130,7 @@ class StreamStats(BaseModel):
     kind: StreamKind
     source: str | None
     state: StreamState
+    labels: dict[str, str] = Field(default_factory=dict, description="The labels the stream was created with.")
     error: str | None = Field(None, description="Why the stream ended or failed, if it did.")
     created_at: float = Field(..., description="Unix time the stream was opened.")
     questions: int = Field(0, description="Questions answered.")

@@ -32,12 +32,15 @@ from serve.core.api import (
     StreamStats,
 )
 from serve.core.directory import StreamRecord
+from serve.core.fleet import FleetAnswer, FleetQuestion, StreamLabels, answer_one, fan_out, failed_answer
 from serve.core.flow import LLM, VISION, StageFlow, StageTransport
 from serve.core.messages import AnswerItem
+from serve.core.moments import BlockQuery, BlockScan, MomentsRequest, MomentsResult, rank_moments
 from serve.core.protocol import jpeg_bytes
 from serve.core.runner import StreamPlan, StreamRunner
-from serve.core.settings import IngestSettings, WatchSettings
+from serve.core.settings import IngestSettings, TimelineSettings, WatchSettings
 from serve.core.stats import HostMemory
+from serve.core.timeline import KINDS, Timeline, build_timeline
 from serve.core.watchset import EventsPage, FlowAsker, Watch, WatchHub, WatchRequest
 from serve.core.webhooks import WebhookSender, WebhookStats
 from stream.config import SourceConfig
@@ -72,12 +75,15 @@ class IngestHost:
         name: this host's name in the directory.
         trim_on_close: give a closed stream's freed buffers back to the OS (malloc_trim).
         max_waiters: watch-event long-polls that may wait at once (each holds a thread of the caller).
+        timeline: what each stream keeps of its past (thumbnails, moments) and how much a timeline shows.
     """
 
     def __init__(self, transport: StageTransport, source_config: SourceConfig, ingest: IngestSettings, ttl_s: float,
                  restarted: bool = False, watches: WatchSettings | None = None, directory: Any | None = None,
-                 name: str = "ingest", trim_on_close: bool = False, max_waiters: int = 32) -> None:
+                 name: str = "ingest", trim_on_close: bool = False, max_waiters: int = 32,
+                 timeline: TimelineSettings | None = None) -> None:
         self.transport = transport
+        self.timeline_settings = timeline or TimelineSettings()
         self.trim_on_close = trim_on_close
         self.source_config = source_config
         self.ingest = ingest
@@ -117,7 +123,8 @@ class IngestHost:
             self._starting.add(sid)
         flow = StageFlow(self.transport)
         flow.on_reopen = functools.partial(self._record, sid)  # a rebuilt stage state gets a new token
-        runner = StreamRunner(sid, plan.source, plan.resolved, plan.options, self.source_config, self.ingest, flow)
+        runner = StreamRunner(sid, plan.source, plan.resolved, plan.options, self.source_config, self.ingest, flow,
+                              plan.labels, self.timeline_settings)
         try:
             runner.start()
             with self._lock:
@@ -241,6 +248,72 @@ class IngestHost:
         frames = sum(runner.frame_bytes() for runner in runners)
         return HostMemory(streams=len(self.ids()), pid=os.getpid(), frames_mb=frames / 2**20,
                           rss_mb=psutil.Process().memory_info().rss / 2**20, **(heap_stats() or {}), **gc_stats())
+
+    # -- many streams at once, and the past of a stream --------------------------------------------------------------
+    def labels(self) -> list[StreamLabels]:
+        """Every open stream's id, labels and state (selecting streams: no stage is asked)."""
+        with self._lock:
+            runners = [e.runner for e in self._streams.values()]
+        return [StreamLabels(stream_id=r.stream_id, labels=r.labels, state=r.worker.state if r.worker else "starting")
+                for r in runners]
+
+    def fleet(self, stream_ids: list[str], request: FleetQuestion) -> Iterator[FleetAnswer]:
+        """Ask ``request`` on each of these streams at once (one thread each, so the LLM batches them); yields each
+        stream's answer as it finishes (an unknown or failed stream's answer is its error)."""
+        cancel, start = threading.Event(), time.perf_counter()
+
+        def one(sid: str) -> FleetAnswer:
+            return answer_one(self._get(sid).runner, request, cancel, start)
+
+        for item in fan_out(stream_ids, one, request.mode, cancel):  # a plain loop: Ray drives this generator
+            yield item
+
+    def moments(self, stream_id: str, request: MomentsRequest) -> MomentsResult:
+        """The stream's retained history scored block by block for ``request.query``: the top moments, each with
+        the thumbnail of its best block's chunk; they are kept for the stream's timeline too."""
+        runner = self._get(stream_id).runner
+        runner.check_answerable()
+        t0 = time.perf_counter()
+        query = BlockQuery(query=request.query, method=request.method, since=request.since, until=request.until,
+                           max_blocks=self.timeline_settings.max_scored_blocks)
+        scan: BlockScan = runner.flow.call(LLM, "score_blocks", stream_id, query)
+        found = [m.model_copy(update={"thumbnail": runner.timeline.thumbs.find(
+            m.best_pts if m.best_pts is not None else m.pts_start)}) for m in rank_moments(stream_id, request, scan)]
+        runner.timeline.add_moments(found)
+        return MomentsResult(stream_id=stream_id, query=request.query, method=request.method, moments=found,
+                             scored_blocks=sum(b.score is not None for b in scan.blocks), candidates=scan.candidates,
+                             shortlisted=scan.shortlisted, ms=(time.perf_counter() - t0) * 1000)
+
+    def moments_many(self, stream_ids: list[str], request: MomentsRequest) -> list[MomentsResult | FleetAnswer]:
+        """:meth:`moments` on each of these streams at once; a stream that failed gives its error (a
+        :class:`FleetAnswer` with ``status`` and ``error``) instead."""
+        out: dict[str, MomentsResult | FleetAnswer] = {}
+
+        def one(sid: str) -> None:
+            try:
+                out[sid] = self.moments(sid, request)
+            except Exception as exc:  # noqa: BLE001 - per stream
+                out[sid] = failed_answer(sid, "yes_no", exc)
+
+        threads = [threading.Thread(target=one, args=(sid,), name="stc-moments", daemon=True) for sid in stream_ids]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return [out[sid] for sid in stream_ids]
+
+    def timeline(self, stream_id: str, since: float | None = None, until: float | None = None,
+                 kinds: list[str] | None = None) -> Timeline:
+        """Watch events, captions and moments of the stream in pts order, with thumbnails (the newest
+        ``serve.timeline.max_entries``)."""
+        runner = self._runner(stream_id)
+        events, captions = self.watches.history(stream_id)
+        return build_timeline(stream_id, runner.timeline, events, captions, since, until, kinds or KINDS,
+                              self.timeline_settings.max_entries)
+
+    def thumbnail(self, stream_id: str, thumb_id: int) -> bytes | None:
+        """A chunk thumbnail's JPEG (None once the ring dropped it)."""
+        return self._runner(stream_id).timeline.thumbs.get(thumb_id)
 
     # -- watches (standing questions): owned here, with their streams ----------------------------------------------
     def add_watch(self, stream_id: str, request: WatchRequest) -> Watch:

@@ -14,7 +14,7 @@ import threading
 import time
 import urllib.parse
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import numpy as np
@@ -32,9 +32,10 @@ from serve.core.ingest import ChunkQueue, IngestWorker, queue_policy, stream_kin
 from serve.core.messages import AnswerItem
 from serve.core.options import StreamOptions
 from serve.core.protocol import FrameFormatError
-from serve.core.settings import IngestSettings, ServeSettings
+from serve.core.settings import IngestSettings, ServeSettings, TimelineSettings
 from serve.core.sources_policy import check_source_text, check_url_source
-from serve.core.stats import KVStats, VisionStats
+from serve.core.stats import ChunkResult, KVStats, VisionStats
+from serve.core.timeline import StreamTimeline
 from stream.config import SourceConfig
 from stream.errors import SourceError, SourceNotFoundError
 from stream.frames import FrameBatch
@@ -93,11 +94,16 @@ class StreamRunner:
         source_config: how sources are opened (timeouts, reconnects, queue size).
         ingest: chunk queue size and drop policy.
         flow: the stream's life on the model stages (over the backend's transport).
+        labels: the stream's labels (selected by fleet questions).
+        timeline: bounds of the thumbnails and moments the stream keeps.
     """
 
     def __init__(self, stream_id: str, source_spec: str | None, resolved: str, options: StreamOptions,
-                 source_config: SourceConfig, ingest: IngestSettings, flow: StageFlow) -> None:
+                 source_config: SourceConfig, ingest: IngestSettings, flow: StageFlow,
+                 labels: dict[str, str] | None = None, timeline: TimelineSettings | None = None) -> None:
         self.stream_id = stream_id
+        self.labels = dict(labels or {})
+        self.timeline = StreamTimeline(stream_id, timeline)
         self.source_spec = source_spec
         self.resolved = resolved
         self.options = options
@@ -121,9 +127,10 @@ class StreamRunner:
             source.close()
             raise
         queue = ChunkQueue(self.ingest.queue_chunks, queue_policy(self.kind, self.ingest.drop_policy))
-        # the sink is the flow's method, not one of this runner's: runner -> worker -> sink -> runner would be a
+        # the sink holds the flow and the timeline, not this runner: runner -> worker -> sink -> runner would be a
         # reference cycle, and a closed stream's frames would wait for a full garbage collection
-        self.worker = IngestWorker(self.stream_id, source, functools.partial(self.flow.encode_append, self.stream_id),
+        sink = functools.partial(_encode_and_keep, self.flow, self.timeline, self.stream_id)
+        self.worker = IngestWorker(self.stream_id, source, sink,
                                    FrameChunker.of(self.options.sampler), queue,
                                    functools.partial(self.flow.finish, self.stream_id))
         self.worker.start()
@@ -176,13 +183,17 @@ class StreamRunner:
         """Wait until every chunk queued so far reached the LLM; ``False`` on timeout."""
         return self._worker().wait_idle(timeout_s)
 
-    def ask(self, request: QuestionRequest) -> Iterator[AnswerItem]:
-        """Answer over what the stream showed so far (after waiting up to ``request.wait_s`` for the frames received
-        to reach the LLM): text pieces and :class:`serve.core.messages.AnswerStats` snapshots."""
+    def check_answerable(self) -> None:
+        """Raise :class:`StreamStateError` (409) when the stream failed: its model state is freed."""
         worker = self._worker()
         if worker.state == "failed":
             raise StreamStateError(f"stream {self.stream_id!r} failed: {worker.error}. Its model state is freed. Fix: "
                                    "DELETE it and create it again.")
+
+    def ask(self, request: QuestionRequest) -> Iterator[AnswerItem]:
+        """Answer over what the stream showed so far (after waiting up to ``request.wait_s`` for the frames received
+        to reach the LLM): text pieces and :class:`serve.core.messages.AnswerStats` snapshots."""
+        self.check_answerable()
         if request.wait_s > 0:
             self.wait_idle(request.wait_s)
         self.questions += 1
@@ -197,7 +208,7 @@ class StreamRunner:
         vision, llm, errors = self.flow.stage_stats(self.stream_id) if stages else (None, None, {})
         return StreamStats(
             stream_id=self.stream_id, kind=self.kind, source=self.source_spec, state=worker.state,
-            error=worker.error, created_at=self.created_at, questions=self.questions, ingest=ingest,
+            labels=self.labels, error=worker.error, created_at=self.created_at, questions=self.questions, ingest=ingest,
             **headline(vision, llm), vision=vision, llm=llm, stage_errors=errors,
         )
 
@@ -205,12 +216,24 @@ class StreamRunner:
         """Stop ingest and free the stage state (idempotent)."""
         if self.worker is not None:
             self.worker.close()
+        self.timeline.clear()
         self.flow.close(self.stream_id)
 
     def _worker(self) -> IngestWorker:
         if self.worker is None:
             raise StreamStateError(f"stream {self.stream_id!r} has not started. Fix: wait for POST /streams to return.")
         return self.worker
+
+
+def _encode_and_keep(flow: StageFlow, timeline: StreamTimeline, stream_id: str, batch: FrameBatch) -> ChunkResult:
+    """The ingest sink: encode and append the chunk, then keep its thumbnail (only chunks that reached the LLM; a
+    thumbnail that cannot be made is counted, never a reason to fail the stream)."""
+    result = flow.encode_append(stream_id, batch)
+    try:
+        timeline.add_chunk(batch)
+    except Exception:  # noqa: BLE001 - the timeline is best effort, the stream is not
+        timeline.thumbnail_errors += 1
+    return result
 
 
 def _renumber(batch: FrameBatch, worker: IngestWorker) -> FrameBatch:
@@ -238,6 +261,7 @@ class StreamPlan:
     source: str | None  # as the request wrote it (reported back)
     resolved: str  # the checked spec for open_source ("memory://" for a pushed stream)
     options: StreamOptions
+    labels: dict[str, str] = field(default_factory=dict)
 
 
 def plan_stream(request: CreateStreamRequest, settings: ServeSettings, defaults: StreamOptions) -> StreamPlan:
@@ -254,4 +278,5 @@ def plan_stream(request: CreateStreamRequest, settings: ServeSettings, defaults:
         sampler["frames_per_chunk"] = request.frames_per_chunk
     if sampler:
         overrides["sampler"] = sampler
-    return StreamPlan(request.stream_id or uuid.uuid4().hex[:12], request.source, resolved, defaults.merged(overrides))
+    return StreamPlan(request.stream_id or uuid.uuid4().hex[:12], request.source, resolved, defaults.merged(overrides),
+                      dict(request.labels))

@@ -184,6 +184,39 @@ class WatchSettings(StrictModel):
         64, ge=1, le=10_000, description="Events waiting per destination; past it new events are dropped (counted).")
     max_destinations: int = Field(
         16, ge=1, le=1024, description="Webhook destinations (scheme, host, port) with a delivery thread at once.")
+    captions_per_stream: int = Field(
+        256, ge=1, le=100_000,
+        description="Answers of text watches kept per stream as its caption track (GET /streams/{id}/timeline), "
+        "apart from the event ring, so fast yes/no ticks never push captions out.")
+
+
+class FleetSettings(StrictModel):
+    """Questions over many streams at once (``POST /questions``, ``POST /moments``, several ``stream://`` parts)."""
+
+    max_streams: int = Field(
+        64, ge=1, le=4096, description="Streams one fleet question or fleet moment search may name or select (413).")
+    max_concurrent: int = Field(
+        4, ge=1, le=1024,
+        description="Fleet questions and moment searches one ingress replica runs at once (429 with Retry-After).")
+    max_new_tokens: int = Field(64, ge=1, le=4096, description="Longest answer per stream of a text fleet question.")
+
+
+class TimelineSettings(StrictModel):
+    """What a stream keeps of its past for moments and its timeline: thumbnails per chunk and found moments."""
+
+    thumbnails_per_stream: int = Field(
+        512, ge=1, le=100_000,
+        description="Chunk thumbnails kept per stream (a ring, oldest dropped): at the default 8 frames per chunk "
+        "and 1 fps, 68 minutes. Each is one JPEG of at most thumbnail_side px.")
+    thumbnail_side: int = Field(160, ge=16, le=1024, description="Longer side of a thumbnail (pixels).")
+    thumbnail_quality: int = Field(70, ge=10, le=95, description="JPEG quality of a thumbnail.")
+    moments_kept: int = Field(64, ge=1, le=10_000, description="Moments found per stream kept for its timeline.")
+    max_top_k: int = Field(20, ge=1, le=1000, description="Largest top_k of a moment search (422 above).")
+    max_scored_blocks: int = Field(
+        256, ge=1, le=100_000,
+        description="Blocks a yes/no moment search scores per stream; when a stream holds more in the searched "
+        "range, the retrieval score picks which (a shortlist).")
+    max_entries: int = Field(500, ge=1, le=100_000, description="Entries of one timeline answer (the newest).")
 
 
 class ProcessSettings(StrictModel):
@@ -328,6 +361,9 @@ class ServeSettings(StrictModel):
     )
     max_new_tokens: int = Field(512, ge=1, le=65_536, description="Largest max_new_tokens a question may ask for.")
     watches: WatchSettings = Field(default_factory=WatchSettings, description="Standing questions and webhooks.")
+    fleet: FleetSettings = Field(default_factory=FleetSettings, description="Questions over many streams at once.")
+    timeline: TimelineSettings = Field(
+        default_factory=TimelineSettings, description="Thumbnails, moments and the timeline of each stream.")
     process: ProcessSettings = Field(default_factory=ProcessSettings, description="Memory of long-running processes.")
 
     @model_validator(mode="after")
@@ -352,6 +388,11 @@ class ServeSettings(StrictModel):
                 f"answers take more than {LONG_LIVED_SHARE:.0%} of ingress.max_ongoing_requests={slots}, starving "
                 f"health checks, pushes and creates. Fix: lower it to <= {int(LONG_LIVED_SHARE * slots)} or raise "
                 "ingress.max_ongoing_requests."
+            )
+        if self.fleet.max_new_tokens > self.max_new_tokens:
+            raise ConfigError(
+                f"fleet.max_new_tokens={self.fleet.max_new_tokens} exceeds max_new_tokens={self.max_new_tokens} (the "
+                "limit of one question). Fix: lower fleet.max_new_tokens."
             )
         if self.media_root is not None and not Path(self.media_root).is_dir():
             raise ConfigError(

@@ -21,6 +21,7 @@ import torch
 from cache.kv.config import Sampling
 from cache.kv.stats import PromptUsage
 from serve.core.messages import AnswerItem, AnswerStats, EncodedChunk
+from serve.core.moments import BlockQuery, BlockScan, choice_token_ids, score_blocks
 from serve.core.options import StreamOptions
 from serve.core.stats import (AppendStats, CacheCounters, ChunkStats, GateCounters, KVStats, PrunerCounters,
                               VisionStats)
@@ -306,12 +307,11 @@ class LLMStage:
         except ValueError as exc:
             raise RequestError(str(exc)) from None
         probs = torch.softmax(self.engine.next_logits(stream_id, q), dim=-1)  # [vocab]
-        out = []
-        for choice in choices:
-            ids = {self.adapter.tokenizer.encode(v, add_special_tokens=False)[0]
-                   for v in (choice, " " + choice, choice.capitalize(), " " + choice.capitalize())}
-            out.append(float(probs[sorted(ids)].sum()))
-        return out
+        return [float(probs[choice_token_ids(self.adapter.tokenizer, c)].sum()) for c in choices]
+
+    def score_blocks(self, stream_id: str, query: BlockQuery) -> BlockScan:
+        """The stream's retained history scored block by block (moment searches); the context is restored."""
+        return score_blocks(self, stream_id, query)
 
     def stats(self, stream_id: str) -> KVStats:
         """The stream's KV session numbers (tokens resident, evicted, offloaded, bytes)."""

@@ -46,10 +46,15 @@ class EventsPage(BaseModel):
 
 
 class EventRing:
-    """One stream's bounded event history; thread-safe; readers can wait for events after a sequence number."""
+    """One stream's bounded event history; thread-safe; readers can wait for events after a sequence number.
 
-    def __init__(self, size: int) -> None:
+    Text answers are also kept apart in ``captions`` (at most ``captions`` of them), the stream's caption track: a
+    fast yes/no watch's ticks never push them out of it.
+    """
+
+    def __init__(self, size: int, captions: int = 0) -> None:
         self.ring: collections.deque[WatchEvent] = collections.deque(maxlen=size)  # at most ``size`` events
+        self.captions: collections.deque[WatchEvent] = collections.deque(maxlen=captions)  # text answers
         self.seq = 0
         self.ended_at: float | None = None
         self.cond = threading.Condition()
@@ -62,6 +67,8 @@ class EventRing:
             self.seq += 1
             made = WatchEvent(seq=self.seq, time=time.time(), **event)
             self.ring.append(made)
+            if made.type == "answer" and made.answer is not None and self.captions.maxlen:
+                self.captions.append(made)
             self.cond.notify_all()
             return made
 
@@ -79,6 +86,11 @@ class EventRing:
     def since(self, seq: int) -> list[WatchEvent]:
         with self.cond:
             return [e for e in self.ring if e.seq > seq]
+
+    def history(self) -> tuple[list[WatchEvent], list[WatchEvent]]:
+        """Copies of the kept events and of the caption track."""
+        with self.cond:
+            return list(self.ring), list(self.captions)
 
     def wait(self, seq: int, timeout_s: float) -> None:
         """Block until an event after ``seq`` exists, the ring ended, or ``timeout_s`` passed."""

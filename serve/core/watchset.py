@@ -198,6 +198,12 @@ class WatchHub:
         return EventsPage(stream_id=stream_id, events=ring.since(since), last_seq=ring.seq,
                           ended=ring.ended_at is not None, waited=waited)
 
+    def history(self, stream_id: str) -> tuple[list[WatchEvent], list[WatchEvent]]:
+        """The stream's kept events and caption track (empty when it never had watches); creates nothing."""
+        with self._lock:
+            ring = self._rings.get(stream_id) or self._ended.get(stream_id)
+        return ring.history() if ring is not None else ([], [])
+
     def end_stream(self, stream_id: str, reason: str) -> int:
         """Stop the stream's watches and end its ring with ``{"type": "end", "reason": reason}``; returns how many
         watches stopped (0 and no event if they had ended already)."""
@@ -234,7 +240,8 @@ class WatchHub:
         ring = self._rings.get(stream_id)
         if ring is None:
             self._ended.pop(stream_id, None)
-            ring = self._rings[stream_id] = EventRing(self.settings.max_events_per_stream)
+            ring = self._rings[stream_id] = EventRing(self.settings.max_events_per_stream,
+                                                      self.settings.captions_per_stream)
             self._start()  # the scheduler also ends rings whose stream ended by itself
         return ring
 

@@ -82,11 +82,34 @@ class RayBackend(HostBackend):
                 num_cpus=ing.num_cpus, max_concurrency=ing.host_concurrency,
                 runtime_env=self.settings.process.runtime_env(host=True) or None,
             ).remote(self.settings.app_name, self.source_config, ing, self.settings.stream_ttl_s,
-                     self.settings.watches, self.settings.process.trim_on_close, self.settings.process.gc_freeze)
+                     self.settings.watches, self.settings.process.trim_on_close, self.settings.process.gc_freeze,
+                     self.settings.timeline)
         return self._hosts[name]
 
     def _host(self, stream_id: str) -> Any:
-        return self._host_by_name(rendezvous_pick(stream_id, self.host_names))
+        return self._host_by_name(self._host_key(stream_id))
+
+    def _host_key(self, stream_id: str) -> str:
+        return rendezvous_pick(stream_id, self.host_names)
+
+    async def _host_call(self, key: str, method: str, *args: Any) -> Any:
+        try:
+            return await getattr(self._host_by_name(key), method).remote(*args)
+        except Exception as exc:
+            raise self._host_error(key, exc) from None
+
+    async def _host_stream(self, key: str, method: str, *args: Any) -> AsyncIterator[Any]:
+        try:
+            async for ref in getattr(self._host_by_name(key), method).remote(*args):
+                yield await ref
+        except Exception as exc:
+            raise self._host_error(key, exc) from None
+
+    def _host_error(self, key: str, exc: BaseException) -> BaseException:
+        if isinstance(exc, ray.exceptions.RayActorError):
+            return StreamStateError(f"ingest host {key} died during this call ({type(exc).__name__}): its streams "
+                                    "failed. Fix: DELETE them and create them again.")
+        return unwrap(exc)
 
     def _error(self, stream_id: str, exc: BaseException) -> BaseException:
         if isinstance(exc, ray.exceptions.RayActorError):  # the host died mid-call: Ray restarts it, the stream failed

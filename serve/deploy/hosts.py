@@ -16,7 +16,7 @@ from ray import serve
 from serve.core.directory import StreamRecord
 from serve.core.flow import LLM, VISION
 from serve.core.hosts import IngestHost
-from serve.core.settings import IngestSettings, WatchSettings
+from serve.core.settings import IngestSettings, TimelineSettings, WatchSettings
 from serve.deploy.replicas import call_stream, stream_call
 from stream.config import SourceConfig
 from stream.memory import freeze_startup_objects
@@ -69,13 +69,14 @@ class IngestHostActor(IngestHost):
     """The Ray actor form of :class:`serve.core.hosts.IngestHost` (deployment handles looked up inside the actor)."""
 
     def __init__(self, app_name: str, source_config: SourceConfig, ingest: IngestSettings, ttl_s: float,
-                 watches: WatchSettings | None = None, trim_on_close: bool = False, gc_freeze: bool = False) -> None:
+                 watches: WatchSettings | None = None, trim_on_close: bool = False, gc_freeze: bool = False,
+                 timeline: TimelineSettings | None = None) -> None:
         handles = [serve.get_deployment_handle(kind, app_name=app_name) for kind in (VISION, LLM)]
         context = ray.get_runtime_context()
         directory = RemoteDirectory(ray.get_actor(directory_name(app_name), namespace=STREAM_NAMESPACE))
         super().__init__(ServeTransport(*handles, ingest), source_config, ingest, ttl_s,
                          context.was_current_actor_reconstructed, watches, directory, context.get_actor_name(),
-                         trim_on_close)
+                         trim_on_close, timeline=timeline)
         if gc_freeze:  # after start-up: torch, Ray and the handles are loaded (serve.process.gc_freeze)
             freeze_startup_objects()
 

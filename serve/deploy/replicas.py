@@ -28,6 +28,7 @@ from serve.core.config import ServiceConfig
 from serve.core.flow import started
 from serve.core.local import iterate_in_thread
 from serve.core.messages import AnswerItem, EncodedChunk
+from serve.core.moments import BlockQuery, BlockScan, with_moments
 from serve.core.slots import SlottedStage, StreamSlots
 from serve.core.stages import LLMStage, VisionStage
 from serve.core.stats import AppendStats, KVStats, ReplicaInfo, VisionStats
@@ -191,6 +192,11 @@ class LLMDeployment(_StreamStage):
         """Next-token probability of each choice over the stream's context (yes/no watches)."""
         self.slots.require(stream_id, token)
         return await asyncio.to_thread(self.stage.score_choices, stream_id, question, choices)
+
+    async def score_blocks(self, stream_id: str, token: str, query: BlockQuery) -> BlockScan:
+        """The stream's retained history scored block by block (moment searches); the context is unchanged."""
+        self.slots.require(stream_id, token)
+        return await asyncio.to_thread(with_moments(self.stage).score_blocks, stream_id, query)
 
 
 # ---- stream-routed calls --------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from serve.core.settings import ServeSettings
 from serve.http.backend import StreamBackend, answer_pieces
 from serve.http.console import add_console_routes
 from serve.http.docs_page import add_docs_routes
+from serve.http.fleet import add_fleet_routes, parse_selector
 from serve.http.limits import GatedStreamingResponse, LongLivedGate, PushDecoder
 from serve.http.metrics import Metrics
 from serve.http.openai_api import add_openai_routes
@@ -80,6 +81,7 @@ def make_api(backend: StreamBackend, settings: ServeSettings) -> FastAPI:
     _add_service_routes(app, backend, metrics, gate)
     add_openai_routes(app, backend, settings, gate)
     add_watch_routes(app, backend, settings, gate)
+    add_fleet_routes(app, backend, settings, gate, sse_event, error_event)
     add_console_routes(app, backend)
     add_docs_routes(app)
     return app
@@ -144,9 +146,10 @@ def _add_stream_routes(app: FastAPI, backend: StreamBackend, settings: ServeSett
         return await backend.create(body)
 
     @app.get("/streams", response_model=StreamList, responses=_ERRORS, tags=["streams"])
-    async def list_streams() -> StreamList:
-        """Every open stream with its stats."""
-        return StreamList(streams=await backend.list())
+    async def list_streams(selector: str | None = Query(
+            None, description="Only streams with these labels: 'key=value,key2=value2'.")) -> StreamList:
+        """Every open stream with its stats (or those whose labels match `selector`)."""
+        return StreamList(streams=await backend.list(parse_selector(selector)))
 
     @app.get("/streams/{stream_id}", response_model=StreamStats, responses=_ERRORS, tags=["streams"])
     async def stream_stats(stream_id: str) -> StreamStats:

@@ -8,7 +8,10 @@ from __future__ import annotations
 from typing import AsyncIterator, Protocol
 
 from serve.core.api import AnswerUsage, CreateStreamRequest, HealthResponse, PushResponse, QuestionRequest, StreamStats
+from serve.core.fleet import FleetAnswer, FleetGate, FleetQuestion, Targets
 from serve.core.messages import AnswerItem, AnswerStats
+from serve.core.moments import FleetMoments, FleetMomentsRequest, MomentsRequest, MomentsResult
+from serve.core.timeline import Timeline
 from serve.core.watchset import EventsPage, Watch, WatchRequest
 from serve.core.webhooks import WebhookStats
 from stream.frames import FrameBatch
@@ -28,7 +31,7 @@ class StreamBackend(Protocol):
 
     async def stats(self, stream_id: str) -> StreamStats: ...
 
-    async def list(self) -> list[StreamStats]: ...
+    async def list(self, selector: dict[str, str] | None = None) -> list[StreamStats]: ...
 
     async def close(self, stream_id: str) -> StreamStats: ...
 
@@ -44,6 +47,24 @@ class StreamBackend(Protocol):
     async def delete_watch(self, stream_id: str, watch_id: str) -> Watch: ...
 
     async def watch_events(self, stream_id: str, since: int, timeout_s: float) -> EventsPage: ...
+
+    # many streams at once and the past of a stream (serve/core/fleet.py, moments.py, timeline.py)
+    fleet_gate: FleetGate
+
+    async def targets(self, request: Targets) -> list[str]: ...
+
+    def fleet(self, stream_ids: list[str], request: FleetQuestion) -> AsyncIterator[FleetAnswer]:
+        """Each stream's answer as it finishes (all asked at once)."""
+        ...
+
+    async def moments(self, stream_id: str, request: MomentsRequest) -> MomentsResult: ...
+
+    async def fleet_moments(self, stream_ids: list[str], request: FleetMomentsRequest) -> FleetMoments: ...
+
+    async def timeline(self, stream_id: str, since: float | None, until: float | None,
+                       kinds: list[str] | None) -> Timeline: ...
+
+    async def thumbnail(self, stream_id: str, thumb_id: int) -> bytes | None: ...
 
     async def webhook_stats(self) -> list[WebhookStats]:
         """Webhook delivery counters per destination (``/metrics``)."""

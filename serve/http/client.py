@@ -68,10 +68,11 @@ class StcClient:
 
     # -- streams --
     def create_stream(self, source: str | None = None, *, stream_id: str | None = None, fps: float | None = None,
-                      frames_per_chunk: int | None = None, options: dict[str, Any] | None = None) -> dict[str, Any]:
+                      frames_per_chunk: int | None = None, options: dict[str, Any] | None = None,
+                      labels: dict[str, str] | None = None) -> dict[str, Any]:
         """Open a stream (``source`` None: a pushed stream). Returns its stats, including ``stream_id``."""
         body = {"source": source, "stream_id": stream_id, "fps": fps, "frames_per_chunk": frames_per_chunk,
-                "options": options or {}}
+                "options": options or {}, "labels": labels or None}
         return self._json("POST", "/streams", json={k: v for k, v in body.items() if v is not None})
 
     def push_frames(self, stream_id: str, rgb: np.ndarray, pts: Sequence[float], encoding: str = "jpeg",
@@ -85,9 +86,10 @@ class StcClient:
         """One stream's stats."""
         return self._json("GET", f"/streams/{_q(stream_id)}")
 
-    def list_streams(self) -> list[dict[str, Any]]:
-        """Every open stream's stats."""
-        return self._json("GET", "/streams")["streams"]
+    def list_streams(self, selector: dict[str, str] | None = None) -> list[dict[str, Any]]:
+        """Every open stream's stats (or those whose labels include all of ``selector``)."""
+        params = {"selector": ",".join(f"{k}={v}" for k, v in selector.items())} if selector else None
+        return self._json("GET", "/streams", params=params)["streams"]
 
     def close_stream(self, stream_id: str) -> dict[str, Any]:
         """Close a stream; returns its final stats."""
@@ -112,6 +114,52 @@ class StcClient:
         done: dict[str, Any] = {}
         text = "".join(self.ask(stream_id, question, done=done, **kwargs))
         return text, done
+
+    # -- many streams at once; when it happened --
+    def ask_fleet(self, question: str, streams: Sequence[str] | None = None, selector: dict[str, str] | None = None,
+                  mode: str = "text", max_new_tokens: int = 32, wait_s: float = 0.0
+                  ) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Ask many streams at once; yields ``("answer", answer)`` per stream as it finishes (``status`` 200 or the
+        stream's error), then ``("done", summary)`` with the yes/no ``ranking``."""
+        body = {"question": question, "mode": mode, "max_new_tokens": max_new_tokens, "wait_s": wait_s,
+                **({"streams": list(streams)} if streams is not None else {"selector": selector or {}})}
+        with self._sse("POST", "/questions", json=body) as events:
+            for event, data in events:
+                if event == "error":
+                    raise ServiceError(int(data.get("status", 500)), data.get("type", "Error"), data.get("message", ""))
+                yield event, data
+
+    def fleet(self, question: str, **kwargs: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """:meth:`ask_fleet` collected: every stream's answer (in the order they finished) and the ``done`` event."""
+        answers, done = [], {}
+        for event, data in self.ask_fleet(question, **kwargs):
+            if event == "answer":
+                answers.append(data)
+            elif event == "done":
+                done = data
+        return answers, done
+
+    def moments(self, stream_id: str, query: str, top_k: int = 5, **fields: Any) -> dict[str, Any]:
+        """When did it happen on one stream: ``moments`` (pts range, score, thumbnail), best first. ``fields``:
+        ``since``, ``until``, ``method`` (``yes_no`` / ``retrieval``), ``threshold``."""
+        return self._json("POST", f"/streams/{_q(stream_id)}/moments", json={"query": query, "top_k": top_k, **fields})
+
+    def fleet_moments(self, query: str, streams: Sequence[str] | None = None, selector: dict[str, str] | None = None,
+                      top_k: int = 5, **fields: Any) -> dict[str, Any]:
+        """Moments of many streams ranked together (each moment names its ``stream_id``)."""
+        target = {"streams": list(streams)} if streams is not None else {"selector": selector or {}}
+        return self._json("POST", "/moments", json={"query": query, "top_k": top_k, **target, **fields})
+
+    def timeline(self, stream_id: str, since: float | None = None, until: float | None = None,
+                 kinds: Sequence[str] | None = None) -> dict[str, Any]:
+        """The stream's alerts, yes/no scores, captions and moments in pts order, with thumbnails."""
+        params = {k: v for k, v in {"since": since, "until": until,
+                                    "kinds": ",".join(kinds) if kinds else None}.items() if v is not None}
+        return self._json("GET", f"/streams/{_q(stream_id)}/timeline", params=params)
+
+    def thumbnail(self, stream_id: str, thumb_id: int) -> bytes:
+        """One chunk thumbnail (JPEG bytes); ids come with moments and timeline entries."""
+        return self._send("GET", f"/streams/{_q(stream_id)}/thumbnails/{int(thumb_id)}.jpg").content
 
     # -- watches --
     def add_watch(self, stream_id: str, question: str, every_s: float, **fields: Any) -> dict[str, Any]:

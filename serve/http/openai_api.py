@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from serve.core.api import SEED_MAX, AnswerUsage, CreateStreamRequest, QuestionRequest
 from serve.core.settings import ServeSettings
 from serve.http.backend import answer_pieces
+from serve.http.openai_fleet import complete_fleet
 from serve.http.limits import GatedStreamingResponse, LongLivedGate
 from stream.errors import RequestError
 
@@ -82,8 +83,9 @@ def openai_error(status: int, message: str, kind: str, param: str | None = None)
                         status_code=status)
 
 
-def _question_and_video(messages: list[ChatMessage]) -> tuple[str, str]:
-    """The last user message's text and its one video URL; raises :class:`OpenAIError` naming the fix."""
+def _question_and_video(messages: list[ChatMessage]) -> tuple[str, list[str]]:
+    """The last user message's text and its video URLs (one, or several ``stream://`` ones); raises
+    :class:`OpenAIError` naming the fix."""
     users = [m for m in messages if m.role == "user"]
     if not users:
         raise OpenAIError("messages has no 'user' message. Fix: add {'role': 'user', 'content': [...]}.")
@@ -97,14 +99,18 @@ def _question_and_video(messages: list[ChatMessage]) -> tuple[str, str]:
                 urls = [str((p.video_url or {}).get("url", "")) for p in m.content if p.type == "video_url"]
                 if urls:
                     break
-    if len(urls) != 1 or not urls[0]:
+    if not urls or not all(urls):
         raise OpenAIError(
-            f"expected exactly one video_url content part, got {len(urls)}. Fix: add "
+            f"expected a video_url content part, got {len(urls)} (or an empty url). Fix: add "
             "{'type': 'video_url', 'video_url': {'url': 'stream://<stream id>'}} (or an rtsp/http URL or media file)."
         )
+    if len(urls) > 1 and not all(u.startswith("stream://") for u in urls):
+        raise OpenAIError(
+            f"several video_url parts must all be live streams (stream://<id>), got {urls[:4]}. Fix: ask about one "
+            "URL or media file per request, or name several streams as stream://<id> parts.")
     if not text:
         raise OpenAIError("the user message has no text part. Fix: add {'type': 'text', 'text': '<question>'}.")
-    return text, urls[0]
+    return text, urls
 
 
 def _stops(stop: str | list[str] | None) -> list[str]:
@@ -170,12 +176,19 @@ def add_openai_routes(app: FastAPI, backend: Any, settings: ServeSettings, gate:
             return openai_error(400, f"invalid request: {exc}", "invalid_request_error")
         try:
             _check_request(body)
-            question, url = _question_and_video(body.messages)
-            release = gate.acquire(url[len("stream://"):] if url.startswith("stream://") else None, "answer")
+            question, urls = _question_and_video(body.messages)
+            url = urls[0]
+            one_stream = len(urls) == 1 and url.startswith("stream://")
+            release = gate.acquire(url[len("stream://"):] if one_stream else None, "answer")
         except RequestError as exc:
             return _as_openai(exc)
         try:
-            answer = await _complete(backend, settings, body, question, url)
+            if len(urls) > 1:  # several streams: one fleet question (a fleet slot too, 429 past the cap)
+                stops, limit = check_answer(body, settings, question, settings.fleet.max_new_tokens)
+                release = _then(release, backend.fleet_gate.acquire())
+                answer = await complete_fleet(backend, body.model, body.stream, question, urls, stops, limit)
+            else:
+                answer = await _complete(backend, settings, body, question, url)
         except BaseException as exc:
             release()
             if isinstance(exc, RequestError):
@@ -190,6 +203,14 @@ def add_openai_routes(app: FastAPI, backend: Any, settings: ServeSettings, gate:
     app.include_router(router)
 
 
+def _then(first: Any, second: Any) -> Any:
+    """One release for two slots."""
+    def release() -> None:
+        second()
+        first()
+    return release
+
+
 def _as_openai(exc: RequestError) -> JSONResponse:
     kind = {404: "not_found_error", 429: "rate_limit_error", 503: "service_unavailable"}.get(
         exc.status, "invalid_request_error")
@@ -199,14 +220,21 @@ def _as_openai(exc: RequestError) -> JSONResponse:
     return resp
 
 
-async def _complete(backend: Any, settings: ServeSettings, body: ChatCompletionRequest, question: str,
-                    url: str) -> Any:
+def check_answer(body: ChatCompletionRequest, settings: ServeSettings, question: str, most: int) -> tuple[list[str],
+                                                                                                        int]:
+    """The request's stop strings and answer length, within the service limits (``most`` tokens)."""
     stops = _stops(body.stop)
     limit = body.max_completion_tokens or body.max_tokens or 64
-    if limit > settings.max_new_tokens:
-        raise OpenAIError(f"max_tokens={limit} exceeds the service limit {settings.max_new_tokens}. Fix: ask for fewer.")
+    if limit > most:
+        raise OpenAIError(f"max_tokens={limit} exceeds the service limit {most}. Fix: ask for fewer.")
     if len(question) > settings.max_question_chars:
         raise OpenAIError(f"question has {len(question)} characters, over {settings.max_question_chars}. Fix: shorten.")
+    return stops, limit
+
+
+async def _complete(backend: Any, settings: ServeSettings, body: ChatCompletionRequest, question: str,
+                    url: str) -> Any:
+    stops, limit = check_answer(body, settings, question, settings.max_new_tokens)
     owned = None
     if url.startswith("stream://"):
         sid, wait = url[len("stream://"):], body.wait_s
