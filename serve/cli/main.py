@@ -1,13 +1,14 @@
-"""``stc-serve`` command line: make-tiny-model, ask (in-process pipeline), and the service commands."""
+"""``stc-serve`` command line: make-tiny-model, ask (in-process pipeline), eval, make-bench, and the service commands."""
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from stream.errors import StcError
+from stream.errors import ConfigError, StcError
 
 RANDOM_WEIGHTS_NOTE = "NOTE: built-in tiny model with RANDOM weights -- the answer is meaningless (use --model for a real checkpoint)."
 
@@ -76,6 +77,17 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ask_options(text: str | None) -> list[str]:
+    """``--options "red,green,blue"`` -> the option texts (2-10 of them)."""
+    if text is None:
+        return []
+    options = [o.strip() for o in text.split(",") if o.strip()]
+    if not 2 <= len(options) <= 10:
+        raise ConfigError(f"--options {text!r} gives {len(options)} option(s); allowed: 2-10 comma-separated texts. "
+                          "Fix: e.g. --options \"red,green,blue\"")
+    return options
+
+
 def cmd_ask(args: argparse.Namespace) -> int:
     from serve.core.config import ServiceConfig
     from serve.core.pipeline import StreamPipeline
@@ -91,24 +103,33 @@ def cmd_ask(args: argparse.Namespace) -> int:
     sid = pipe.open("cli")
     from tqdm import tqdm  # noqa: PLC0415
 
+    question, options = args.question, _ask_options(args.options)
+    if options:
+        from serve.eval.bench import mc_prompt, parse_choice
+
+        question = mc_prompt(question, options)
     with open_source(args.video, cfg.source) as source:  # progress bar on stderr only when interactive, never with --json
         with tqdm(source, desc="frames decoded", unit="f", file=sys.stderr,
                   disable=args.json or not sys.stderr.isatty()) as frames:
-            stats = pipe.ingest(sid, frames)
+            upto = frames if args.until is None else itertools.takewhile(lambda f: f.pts <= args.until, frames)
+            stats = pipe.ingest(sid, upto)
     pieces = []
     if not args.json:
         print("answer: ", end="", flush=True)
-    for piece in pipe.ask(sid, args.question, cfg.model.max_new_tokens):
+    for piece in pipe.ask(sid, question, cfg.model.max_new_tokens):
         pieces.append(piece)
         if not args.json:
             print(piece, end="", flush=True)
     pipe.shutdown()  # the step loop's thread ends before the interpreter does
     out = {"answer": "".join(pieces), **stats.as_dict(), "model": adapter.source, "family": adapter.family,
            "random_weights": random_weights}
+    if options:
+        letter = parse_choice(out["answer"], len(options))
+        out["choice"] = None if letter is None else options["ABCDEFGHIJ".index(letter)]
     if args.json:
         print(json.dumps(out))
     else:
-        print()
+        print(f" ({out['choice']})" if options else "")
         keys = ("frames", "chunks", "visual_tokens", "visual_tokens_in", "vit_ms", "prune_ms", "prefill_ms",
                 "ttft_ms", "decode_ms", "new_tokens", "kv_tokens", "kv_bytes")
         print("stats: " + ", ".join(f"{k}={out[k]}" for k in keys))
@@ -154,6 +175,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_make_bench(args: argparse.Namespace) -> int:
+    from serve.eval.synth import make_bench
+
+    print(json.dumps(make_bench(args.out_dir, args.seed, args.videos, args.items, args.split)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stc-serve", description="Let a video-LLM watch live video cheaply.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -169,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("question")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streamed text")
     p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--options", metavar="A,B,...", help="ask a multiple-choice question: comma-separated options, "
+                   "lettered A, B, ... in the benchmarks' prompt; the chosen option is printed after the answer")
+    p.add_argument("--until", type=float, metavar="SECONDS", help="stream only the video's first SECONDS, then ask")
     _add_model_flags(p)
     _add_stream_flags(p)
     p.set_defaults(func=cmd_ask)
@@ -189,6 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(p)
     _add_stream_flags(p)
     p.set_defaults(func=cmd_eval)
+
+    from serve.eval.synth import build_parser as bench_parser
+
+    p = sub.add_parser("make-bench", parents=[bench_parser()], add_help=False, description=bench_parser().description,
+                       help="write a seeded synthetic streaming benchmark (clips + OVO-Bench/StreamingBench files)")
+    p.set_defaults(func=cmd_make_bench)
 
     try:
         from serve.cli.service import add_service_commands

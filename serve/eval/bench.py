@@ -21,7 +21,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from stream.errors import ConfigError
 
@@ -110,7 +110,8 @@ def _options(value: Any, where: str, strip_letters: bool) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _mc_prompt(question: str, options: tuple[str, ...]) -> str:
+def mc_prompt(question: str, options: Sequence[str]) -> str:
+    """The multiple-choice prompt every benchmark item and ``stc-serve ask --options`` use (options lettered A, B, ...)."""
     lines = "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(options))
     return MC_PROMPT.format(question=question.strip(), options=lines)
 
@@ -129,7 +130,7 @@ def _ovo_item(raw: Any, index: int) -> list[EvalItem]:
             raise _fail(where, f"field 'gt' must be a 0-based option index in [0, {len(options)}), got {gt}. "
                                "Fix: index the right option from 0")
         time_s = _seconds(raw.get("realtime"), where, "realtime")
-        return [EvalItem(item_id, task, video, time_s, _mc_prompt(question, options), LETTERS[gt], "mc_contains",
+        return [EvalItem(item_id, task, video, time_s, mc_prompt(question, options), LETTERS[gt], "mc_contains",
                          options)]
     if task not in OVO_FORWARD_TASKS:
         raise _fail(where, f"unknown task {task!r}; allowed: {', '.join(OVO_MC_TASKS + OVO_FORWARD_TASKS)}. "
@@ -182,7 +183,7 @@ def _streamingbench_items(raw: Any, index: int) -> list[EvalItem]:
                             f"{q['answer']!r}. Fix: give the right option's letter")
         time_s = parse_timestamp(q.get("time_stamp"), at)
         item_id = str(q.get("id", f"{index}:{j}"))
-        items.append(EvalItem(item_id, task, video, time_s, _mc_prompt(question, options), answer, "mc_first", options))
+        items.append(EvalItem(item_id, task, video, time_s, mc_prompt(question, options), answer, "mc_first", options))
     return items
 
 

@@ -13,7 +13,7 @@ import random
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -60,8 +60,10 @@ def _corpus(n: int, seed: int) -> list[str]:
     return lines
 
 
-def train_tokenizer(family: str, vocab_size: int = 1024, seed: int = 0) -> PreTrainedTokenizerFast:
-    """Byte-level BPE trained offline on a generated corpus, with the family's special tokens and chat template."""
+def train_tokenizer(family: str, vocab_size: int = 1024, seed: int = 0,
+                    extra_corpus: Sequence[str] = ()) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained offline on a generated corpus (plus ``extra_corpus``: a domain's own texts, so its
+    words become single tokens), with the family's special tokens and chat template."""
     specials = _SPECIALS[family]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -69,7 +71,7 @@ def train_tokenizer(family: str, vocab_size: int = 1024, seed: int = 0) -> PreTr
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    tok.train_from_iterator(_corpus(4000, seed), trainer=trainer)
+    tok.train_from_iterator(_corpus(4000, seed) + list(extra_corpus), trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token=_EOS[family], pad_token="<|endoftext|>", unk_token=None
     )

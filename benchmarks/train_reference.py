@@ -1,0 +1,501 @@
+"""Train the reference model (``stream/models/reference``) from scratch on the synthetic benchmark's train split.
+
+A test instrument, not a general VLM: LLaVA-OneVision's real architecture (SigLIP tower -> MLP projector -> 2x2
+pooling -> Qwen2) at a small size, trained on planted shapes over real footage (:mod:`serve.eval.synth`). It sees
+exactly the LLM input the service builds: the adapter's stream prefix, each frame's projected tokens as
+``chunk_embeds`` lays them out (frames sampled at the service's default ``SamplerConfig().fps``), then
+``question_embeds`` of the prompt ``serve.eval.bench.load_bench`` builds from the generated ``ovo.json``; the loss is
+on the answer tokens (+ end of turn) only. The input equivalence is checked against the adapter's own inference path
+before training starts. Held-out accuracy comes from greedy generation over that inference path on a test-split
+bench, with Wilson 95 % intervals.
+
+    python benchmarks/train_reference.py --seed 1 --out stream/models/reference --plot docs/reference_loss.png
+
+Runs on one torch thread (``--threads``). Prints one JSON line last.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from serve.eval.bench import EvalItem, load_bench, resolve_video, score  # noqa: E402
+from serve.eval.synth import make_bench  # noqa: E402
+from serve.eval.synth_scene import COLOURS, SHAPES, SIZES, PlantedObject  # noqa: E402
+from stream.config import SamplerConfig, SourceConfig  # noqa: E402
+from stream.models.base import PreprocessSpec, VLMAdapter, run_layers  # noqa: E402
+from stream.models.llava_onevision import LLAVA_OV_CHAT_TEMPLATE, LlavaOneVisionAdapter  # noqa: E402
+from stream.models.tiny import _preprocessor_config, build_tiny_model, train_tokenizer  # noqa: E402
+from stream.sampler import FpsSampler  # noqa: E402
+from stream.sources import open_source  # noqa: E402
+
+FAMILY = "llava_onevision"
+IMAGE, PATCH = 64, 8  # 8x8 = 64 patches -> 2x2 pooling -> 4x4 = 16 tokens per frame
+VISION = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+              image_size=IMAGE, patch_size=PATCH)
+TEXT = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6,
+            num_key_value_heads=6, rope_theta=10000.0)
+FPS = SamplerConfig().fps  # the service default (1 fps)
+CHUNK = SamplerConfig().frames_per_chunk  # the service default (8 frames per chunk)
+TEST_SEED = 0
+GRID = 4  # token grid side (IMAGE / PATCH / 2)
+
+
+def token_labels(objects: list[dict[str, Any]], t: float) -> tuple[list[list[int]], list[float]]:
+    """Ground truth of one frame from the bench's timeline: per token cell (row-major, ``GRID x GRID`` over the
+    frame) ``[colour, shape, size]`` of the object covering most of it (0 = none; else 1 + index in ``COLOURS`` /
+    ``SHAPES`` / ``SIZES``), then ``[count on screen (max 3), 0, 0]``; and a multi-hot frame summary: which
+    colour x shape x size objects are on screen (36), which colour x shape ones sit left / right of centre (2 x 18)."""
+    cells = [[0, 0, 0] for _ in range(GRID * GRID)]
+    best = [0.15] * (GRID * GRID)  # an object must cover at least 15 % of a cell
+    visible = [PlantedObject(**{**o, "start": tuple(o["start"]), "end": tuple(o["end"])}) for o in objects
+               if o["on"] <= t < o["off"]]
+    n_c, n_s, n_z = len(COLOURS), len(SHAPES), len(SIZES)
+    present = [0.0] * (n_c * n_s * (n_z + 2))
+    for o in visible:
+        (cx, cy), hw, hh = o.centre(t), o.half_width(), SIZES[o.size] / 2
+        ci, si, zi = list(COLOURS).index(o.colour), SHAPES.index(o.shape), list(SIZES).index(o.size)
+        present[(ci * n_s + si) * n_z + zi] = 1.0
+        present[n_c * n_s * (n_z + (cx >= 0.5)) + ci * n_s + si] = 1.0
+        for k in range(GRID * GRID):
+            r, c = divmod(k, GRID)
+            ox = max(0.0, min(cx + hw, (c + 1) / GRID) - max(cx - hw, c / GRID))
+            oy = max(0.0, min(cy + hh, (r + 1) / GRID) - max(cy - hh, r / GRID))
+            if ox * oy * GRID * GRID > best[k]:
+                best[k] = ox * oy * GRID * GRID
+                cells[k] = [1 + ci, 1 + si, 1 + zi]
+    return cells + [[min(3, len(visible)), 0, 0]], present
+
+
+@dataclass
+class Clip:
+    """One decoded training/test clip: ``pixels [F, 3, S, S]`` float32 at ``FPS``, and its questions."""
+
+    video: str
+    pixels: torch.Tensor
+    pts: list[float]
+    items: list[tuple[EvalItem, int, torch.Tensor, torch.Tensor]]  # (item, frames seen, prompt ids, answer ids)
+    labels: torch.Tensor  # [F, GRID * GRID + 1, 3] int64: per token cell colour/shape/size, last row: count
+    present: torch.Tensor  # [F, 72] float multi-hot frame summary (see token_labels)
+
+
+def early(clips: list[Clip], frames: int) -> list[Clip]:
+    """The curriculum's first stage: each clip's questions asked within its first ``frames`` sampled frames."""
+    out = [Clip(c.video, c.pixels[:frames], c.pts[:frames], [r for r in c.items if r[1] <= frames],
+                c.labels[:frames], c.present[:frames]) for c in clips]
+    return [c for c in out if c.items]
+
+
+def build_adapter(seed: int, prompts: list[str] = ()) -> VLMAdapter:
+    """A fresh LLaVA-OneVision of the reference size (random init from ``seed``) with the tiny byte-level BPE, its
+    merges also learnt from the benchmark's ``prompts`` so each word of the domain is one token."""
+    tok = train_tokenizer(FAMILY, extra_corpus=sorted(set(prompts)) * 3)
+    model = build_tiny_model(FAMILY, tok, TEXT, VISION, seed)
+    spec = PreprocessSpec(IMAGE, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")
+    return LlavaOneVisionAdapter(model, tok, spec, LLAVA_OV_CHAT_TEMPLATE)
+
+
+def decode(path: Path) -> tuple[np.ndarray, list[float]]:
+    """The frames the service samples from ``path``: ``[F, H, W, 3]`` uint8 and their pts."""
+    sampler, rgb, pts = FpsSampler(FPS), [], []
+    with open_source(path, SourceConfig()) as src:
+        for frame in src:
+            if sampler.accept(frame):
+                rgb.append(frame.rgb)
+                pts.append(frame.pts)
+    return np.stack(rgb), pts
+
+
+def load_clips(bench_dir: Path, adapter: VLMAdapter) -> list[Clip]:
+    """``bench_dir/ovo.json`` items grouped per video, frames decoded and preprocessed once."""
+    items = load_bench(bench_dir / "ovo.json", "ovo")
+    eos = adapter.tokenizer.convert_tokens_to_ids(adapter.end_of_turn_tokens[0])
+    meta = json.loads((bench_dir / "meta.json").read_text())
+    objects = {c["video"]: c["objects"] for c in meta["clips"]}
+    by_video: dict[str, list[EvalItem]] = {}
+    for it in items:
+        by_video.setdefault(it.video, []).append(it)
+    clips = []
+    for video, group in by_video.items():
+        rgb, pts = decode(resolve_video(group[0], bench_dir))
+        rows = []
+        for it in sorted(group, key=lambda i: i.time_s):
+            seen = sum(p <= it.time_s + 1e-9 for p in pts)
+            answer = torch.tensor(adapter.tokenizer(it.answer, add_special_tokens=False)["input_ids"] + [eos])
+            rows.append((it, seen, adapter.question_ids(it.prompt), answer))
+        cells, present = zip(*(token_labels(objects[video], t) for t in pts))
+        clips.append(Clip(video, adapter.preprocess(rgb).float(), pts, rows, torch.tensor(cells),
+                          torch.tensor(present)))
+    return clips
+
+
+def visual_tokens(adapter: VLMAdapter, pixels: torch.Tensor) -> torch.Tensor:
+    """Differentiable steps 2-5 of the adapter: ``[F, 3, S, S]`` -> ``[F, T, d]``."""
+    hidden = run_layers(adapter.vision_embed(pixels), adapter.vision_layers)
+    return adapter.project(adapter.vision_finish(hidden)).embeds
+
+
+def question_hidden(adapter: VLMAdapter, clip: Clip, rows: list[int]) -> tuple[torch.Tensor, list[int]]:
+    """Last hidden states of the question+answer blocks of ``clip.items[rows]``, each on its own stream context.
+
+    The stream (prefix + every frame up to the latest question) is prefilled once; the ``Q`` question blocks then
+    run as one batch on copies of that cache, each masked to the frames seen at its time and placed at the rotary
+    positions the service gives it (prefix + seen frames' tokens). Returns ``[Q, Lq, d]`` and each block's length
+    (``Lq`` = the longest; shorter blocks are padded and masked).
+    """
+    decoder, emb = adapter.llm.decoder, adapter.llm.decoder.get_input_embeddings()
+    items = [clip.items[r] for r in rows]
+    n_max = max(seen for _, seen, _, _ in items)
+    vis = visual_tokens(adapter, clip.pixels[:n_max])  # [F, T, d]
+    prefix = emb(adapter.stream_prefix_ids())  # [P, d]
+    stream = torch.cat([prefix, vis.flatten(0, 1)])[None]  # [1, P + F*T, d]
+    cache = DynamicCache(config=decoder.config)
+    decoder(inputs_embeds=stream, use_cache=True, **{adapter.llm.cache_argument: cache})
+    end = adapter.video_end_embeds()  # [1, d] image_newline
+    blocks = [torch.cat([end, emb(torch.cat([q, a[:-1]]))]) for _, _, q, a in items]  # teacher forcing
+    lens = [b.shape[0] for b in blocks]
+    lq, ls, q_n = max(lens), stream.shape[1], len(items)
+    x = torch.zeros(q_n, lq, stream.shape[-1])
+    mask = torch.zeros(q_n, 1, lq, ls + lq, dtype=torch.bool)
+    pos = torch.zeros(q_n, lq, dtype=torch.long)
+    causal = torch.tril(torch.ones(lq, lq, dtype=torch.bool))
+    for i, ((_, seen, _, _), block) in enumerate(zip(items, blocks)):
+        start = prefix.shape[0] + seen * vis.shape[1]
+        x[i, : lens[i]] = block
+        mask[i, 0, :, :start] = True
+        mask[i, 0, :, ls:] = causal
+        mask[i, 0, :, ls + lens[i]:] = False
+        pos[i] = start + torch.arange(lq)
+    cache.batch_repeat_interleave(q_n)
+    out = decoder(inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=True,
+                  **{adapter.llm.cache_argument: cache})
+    return out.last_hidden_state, lens
+
+
+def answer_logits(adapter: VLMAdapter, clip: Clip, rows: list[int]) -> list[torch.Tensor]:
+    """Per row of ``rows``: the logits predicting its answer tokens (answer + end of turn), ``[len(answer), vocab]``."""
+    hidden, lens = question_hidden(adapter, clip, rows)
+    return [adapter.llm.lm_head(hidden[i, lens[i] - len(clip.items[r][3]): lens[i]]) for i, r in enumerate(rows)]
+
+
+def clip_loss(adapter: VLMAdapter, clip: Clip, rows: list[int]) -> torch.Tensor:
+    """Mean cross-entropy over the answer tokens (answer + end of turn) of ``rows``."""
+    logits = answer_logits(adapter, clip, rows)
+    targets = torch.cat([clip.items[r][3] for r in rows])
+    return torch.nn.functional.cross_entropy(torch.cat(logits).float(), targets)
+
+
+@torch.inference_mode()
+def check_inference_path(adapter: VLMAdapter, clip: Clip, row: int) -> float:
+    """Max |logit difference| between :func:`answer_logits` and the adapter's inference path (prefix ids, one
+    ``chunk_embeds`` per ``CHUNK`` frames, ``question_embeds``) for item ``row``; raises above 1e-3."""
+    it, seen, _, answer = clip.items[row]
+    tokens = adapter.project(adapter.encode_vision(clip.pixels[:seen])).embeds
+    pieces = [adapter.llm.embed(adapter.stream_prefix_ids())]
+    for s in range(0, seen, CHUNK):
+        e = min(seen, s + CHUNK)
+        pieces.append(adapter.chunk_embeds(list(tokens[s:e]), clip.pts[s:e]))
+    pieces.append(adapter.question_embeds(it.prompt))
+    pieces.append(adapter.llm.embed(answer[:-1]))
+    ref = adapter.llm.forward(torch.cat(pieces)[None], logits_to_keep=len(answer))[0]
+    diff = float((ref - answer_logits(adapter, clip, [row])[0]).abs().max())
+    if diff > 1e-3:
+        raise RuntimeError(f"training input differs from the service's inference path (max |dlogit| {diff:.2e})")
+    return diff
+
+
+@torch.inference_mode()
+def evaluate(adapter: VLMAdapter, clips: list[Clip], max_new_tokens: int = 8) -> list[tuple[EvalItem, str, bool]]:
+    """Greedy answers over the inference path, as ``stc-serve eval`` feeds it with compression off: per clip the
+    prefix, then chunks of up to ``CHUNK`` frames (the partial chunk flushed at each question), then the question
+    on that context, rolled back after the answer. Returns ``(item, response, correct)`` in clip order."""
+    out = []
+    for clip in clips:
+        tokens = adapter.project(adapter.encode_vision(clip.pixels)).embeds  # [F, T, d]
+        cache = DynamicCache(config=adapter.llm.decoder.config)
+        adapter.llm.forward(adapter.llm.embed(adapter.stream_prefix_ids())[None], cache)
+        fed = 0
+        for it, seen, _, _ in clip.items:
+            while fed < seen:
+                end = min(seen, fed + CHUNK)
+                adapter.llm.forward(adapter.chunk_embeds(list(tokens[fed:end]), clip.pts[fed:end])[None], cache)
+                fed = end
+            context = cache.get_seq_length()
+            logits, ids = adapter.llm.forward(adapter.question_embeds(it.prompt)[None], cache), []
+            for _ in range(max_new_tokens):
+                nxt = int(logits[0, -1].argmax())
+                if nxt in adapter.eos_token_ids:
+                    break
+                ids.append(nxt)
+                logits = adapter.llm.forward(adapter.llm.embed(torch.tensor([[nxt]])), cache)
+            cache.crop(context - cache.get_seq_length())  # roll the question and answer back
+            response = adapter.tokenizer.decode(ids, skip_special_tokens=True)
+            out.append((it, response, score(it, response)))
+    return out
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score 95 % interval of ``k`` successes in ``n`` trials."""
+    if n == 0:
+        return 0.0, 1.0
+    p, d = k / n, 1 + z * z / n
+    c, h = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return round(c - h, 4), round(c + h, 4)
+
+
+def report(results: list[tuple[EvalItem, str, bool]], meta: dict[str, Any], window_s: int) -> dict[str, Any]:
+    """Accuracy with Wilson intervals per task, per task kind (real-time / backward / forward), EPM split at
+    ``T_s <= window_s``, and CRR alert latency (first "Yes" at or after the planted onset)."""
+    by_id = {m["id"]: m for m in meta["items"]}
+    groups: dict[str, list[bool]] = {}
+    latency: dict[str, int] = {}
+    for it, response, ok in results:
+        m = by_id[it.item_id.split("#")[0]]
+        kind = {"ATR": "realtime", "STU": "realtime", "OJR": "realtime", "EPM": "backward", "ASI": "backward",
+                "REC": "counting", "CRR": "forward_yes_no"}[it.task]
+        keys = [it.task, kind]
+        if it.task in ("EPM", "ASI"):
+            keys.append("backward_inside" if m["T_s"] <= window_s else "backward_beyond")
+        for key in keys:
+            groups.setdefault(key, []).append(ok)
+        if it.task == "CRR" and it.time_s >= m["onset_s"] and response.strip().startswith("Y"):
+            latency.setdefault(m["id"], int(it.time_s - m["onset_s"]))
+    acc = {k: {"n": len(v), "correct": sum(v), "accuracy": round(sum(v) / len(v), 4), "ci95": wilson(sum(v), len(v))}
+           for k, v in sorted(groups.items())}
+    n_watch = len({m["id"] for m in meta["items"] if m["task"] == "CRR"})
+    lat = sorted(latency.values())
+    acc["alert_latency_s"] = {"watches": n_watch, "alerted": len(lat), "median": lat[len(lat) // 2] if lat else None}
+    return acc
+
+
+def warm_vision(adapter: VLMAdapter, clips: list[Clip], steps: int, lr: float, seed: int, log: Any,
+                batch: int = 64) -> list[float]:
+    """Curriculum stage 0, single frames: the vision tower + projector learn what each visual token shows (colour,
+    shape, size of the object covering its cell, the cell itself; from the mean token: the frame's object count and
+    its multi-hot summary) through temporary linear probes on the ``[F, T, d]`` tokens the LLM will read; the probes
+    are discarded."""
+    d, cells = adapter.llm.hidden_size, GRID * GRID
+    probe = torch.nn.Linear(d, len(COLOURS) + 1 + len(SHAPES) + 1 + len(SIZES) + 1 + cells)
+    count = torch.nn.Linear(d, 4 + clips[0].present.shape[1])
+    mods = [adapter.model.model.vision_tower, adapter.model.model.multi_modal_projector, probe, count]
+    opt = torch.optim.AdamW([p for m in mods for p in m.parameters()], lr=lr, weight_decay=0.05)
+    frames = [(i, f) for i, c in enumerate(clips) for f in range(len(c.pts))]
+    rng, losses, ce = random.Random(seed), [], torch.nn.functional.cross_entropy
+    splits = (len(COLOURS) + 1, len(SHAPES) + 1, len(SIZES) + 1, cells)
+    for step in range(steps):
+        pick = rng.sample(frames, batch)
+        pixels = torch.stack([clips[i].pixels[f] for i, f in pick])
+        labels = torch.stack([clips[i].labels[f] for i, f in pick])  # [B, T + 1, 3]
+        present = torch.stack([clips[i].present[f] for i, f in pick])  # [B, 72]
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr, max(1, steps // 20))
+        tokens = visual_tokens(adapter, pixels)  # [B, T, d]
+        parts = probe(tokens).split(splits, dim=-1)
+        loss = sum(ce(p.flatten(0, 1), labels[:, :-1, j].flatten()) for j, p in enumerate(parts[:3]))
+        loss = loss + ce(parts[3].flatten(0, 1), torch.arange(cells).repeat(batch))  # where the token sits
+        frame = count(tokens.mean(1))  # [B, 4 + 72]
+        loss = loss + ce(frame[:, :4], labels[:, -1, 0])
+        loss = loss + 10 * torch.nn.functional.binary_cross_entropy_with_logits(frame[:, 4:], present)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        if step % 100 == 0 or step == steps - 1:
+            log(f"vision warm-up {step}/{steps} loss {np.mean(losses[-100:]):.4f}")
+    return losses
+
+
+def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10 % of ``peak``."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))))
+
+
+def train(adapter: VLMAdapter, stages: list[tuple[int, list[Clip]]], seed: int, lr: float, questions: int,
+          log: Any, vision_scale: float = 1.0) -> list[float]:
+    """The curriculum's answer-token stages: ``(steps, clips)`` each, one warm-up + cosine schedule over all of them;
+    the (warmed-up) vision tower and projector learn at ``vision_scale * lr``. Each step: one clip, ``questions``
+    random items of it. Returns the loss per step."""
+    rng, model = random.Random(seed), adapter.model.train()
+    vision = [p for n, p in model.named_parameters() if "vision_tower" in n or "multi_modal_projector" in n]
+    ids = {id(p) for p in vision}
+    groups = [{"params": [p for p in model.parameters() if id(p) not in ids], "scale": 1.0},
+              {"params": vision, "scale": vision_scale}]
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), weight_decay=0.05)
+    steps = sum(n for n, _ in stages)
+    plan = [clips for n, clips in stages for _ in range(n)]
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    for step, clips in enumerate(plan):
+        clip = clips[rng.randrange(len(clips))]
+        rows = sorted(rng.sample(range(len(clip.items)), min(questions, len(clip.items))))
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr, max(1, steps // 20)) * g["scale"]
+        loss = clip_loss(adapter, clip, rows)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(float(loss.detach()))
+        if step % 100 == 0 or step == steps - 1:
+            log(f"step {step}/{steps} loss {np.mean(losses[-100:]):.4f} ({(time.perf_counter() - t0) / 60:.1f} min)")
+    model.eval()
+    return losses
+
+
+def save(adapter: VLMAdapter, out: Path) -> None:
+    """``save_pretrained`` model (float32 safetensors) + tokenizer + ``preprocessor_config.json``."""
+    out.mkdir(parents=True, exist_ok=True)
+    adapter.model.save_pretrained(out)
+    adapter.tokenizer.save_pretrained(out)
+    (out / "preprocessor_config.json").write_text(json.dumps(_preprocessor_config(FAMILY, IMAGE), indent=2) + "\n")
+
+
+def plot(warm: list[float], losses: list[float], bounds: list[int], path: Path, title: str) -> None:
+    """Vision warm-up probe loss (left) and answer-token loss per step (right, curriculum stages dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [1, 2]})
+    for ax, ys, name in ((axes[0], warm, "probe loss (4 heads)"), (axes[1], losses, "answer-token cross-entropy")):
+        ax.plot(ys, lw=0.5, alpha=0.35, label="per step")
+        k = 50
+        if len(ys) > k:
+            ax.plot(range(k - 1, len(ys)), np.convolve(ys, np.ones(k) / k, mode="valid"), lw=1.5, label=f"mean of {k}")
+        ax.set(yscale="log", ylabel=name)
+        ax.legend(fontsize=8)
+    for b in bounds:
+        axes[1].axvline(b, color="gray", ls="--", lw=0.8)
+    axes[0].set(xlabel="vision warm-up step (64 frames)", title="stage 0: single frames")
+    axes[1].set(xlabel="step (one clip, its sampled questions)", title="stages 1-3: streams <= 8 s, 24-32 s, 40-96 s")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def model_card(f: dict[str, Any]) -> str:
+    """The model folder's README.md from the run's figures."""
+    acc = f["accuracy"]
+    rows = "\n".join(f"| {k} | {v['n']} | {v['accuracy']:.3f} | [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}] |"
+                     for k, v in acc.items() if "accuracy" in v)
+    lat = acc["alert_latency_s"]
+    return f"""# stc-serve reference model (a test instrument, not a general VLM)
+
+LLaVA-OneVision architecture (SigLIP tower -> MLP projector -> 2x2 pooling -> Qwen2) at a small size, trained
+**from scratch** on this CPU on the train split of the synthetic streaming benchmark (`serve.eval.synth`: planted
+squares / circles / triangles in 6 colours and 2 sizes over real footage). It answers questions about planted shapes
+in streams; on anything else its answers mean nothing. It exists so compression settings get accuracy figures.
+
+- Input it expects: frames sampled at **{f['fps']:g} fps**, chunks of **{f['frames_per_chunk']}** frames (the service
+  defaults), {IMAGE} px frames -> {(IMAGE // PATCH) ** 2} patches -> **{f['tokens_per_frame']} tokens per frame**;
+  the prompts of `serve.eval.bench` (`MC_PROMPT`, `REC_PROMPT`, `CRR_PROMPT`); answers are a letter, a number or
+  Yes/No.
+- Size: vision {VISION['num_hidden_layers']} layers x {VISION['hidden_size']}, LLM {TEXT['num_hidden_layers']} layers
+  x {TEXT['hidden_size']} ({TEXT['num_attention_heads']} heads, {TEXT['num_key_value_heads']} KV heads), byte-level
+  BPE of `stream.models.tiny` (vocab 1024), float32 safetensors.
+- Trained: seed {f['seed']}, {f['threads']} torch thread(s), {f['train_minutes']:.1f} min of training
+  ({f['total_minutes']:.1f} min with data generation and evaluation), {f['warmup_steps']} single-frame vision
+  warm-up steps then {f['steps']} answer-token steps ({f['stages']}), final answer loss {f['final_loss']}.
+- Reproduce: `python benchmarks/train_reference.py --seed {f['seed']} --out stream/models/reference --plot
+  docs/reference_loss.png` (see `docs/reference_model.md`).
+
+Held-out accuracy (test split: seed {f['test_bench']['seed']}, last 40 % of each background's frames,
+{f['test_bench']['questions']} timed questions, compression off, greedy; 95 % Wilson intervals):
+
+| task | n | accuracy | 95 % CI |
+|---|---|---|---|
+{rows}
+
+CRR watches: {lat['alerted']} of {lat['watches']} alerted at or after the planted onset, median latency
+{lat['median']} s. `backward_inside` / `backward_beyond`: EPM/ASI items with `T_s` <= / > 15 s.
+"""
+
+
+CURRICULUM = (("early", 0.7), ("short", 0.22), ("long", 0.08))  # share of --steps per answer-token stage
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seed", type=int, default=1, help="train bench seed and init seed (test bench: seed 0)")
+    p.add_argument("--out", type=Path, default=ROOT / "stream/models/reference", help="model folder to write")
+    p.add_argument("--steps", type=int, default=5600, help="answer-token steps (one clip each), all stages")
+    p.add_argument("--warmup-steps", type=int, default=800, help="single-frame vision warm-up steps (64 frames)")
+    p.add_argument("--plot", type=Path, help="write the loss curves PNG here")
+    p.add_argument("--data", type=Path, default=ROOT / "out/reference_data", help="generated benches go here")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW, warm-up + cosine)")
+    p.add_argument("--questions", type=int, default=32, help="questions per step (from one clip)")
+    p.add_argument("--train-clips", type=int, nargs=2, default=(240, 120), help="short and long training clips")
+    p.add_argument("--test-items", type=int, default=480, help="items of the held-out test bench (seed 0)")
+    p.add_argument("--vision-scale", type=float, default=1.0, help="learning-rate factor of the vision tower and "
+                   "projector in the answer-token stages (after their warm-up)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    t_start = time.perf_counter()
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    # 1. data: two train-split benches (short clips, long clips) and a test-split bench, all seeded
+    short, long_ = args.train_clips
+    specs = {"short": dict(seed=args.seed, split="train", items=short * 40, clip_seconds=(24, 32), items_per_clip=40),
+             "long": dict(seed=args.seed + 1000, split="train", items=long_ * 60, clip_seconds=(40, 96),
+                          items_per_clip=60),
+             "test": dict(seed=TEST_SEED, split="test", items=args.test_items)}
+    for name, spec in specs.items():
+        if not (args.data / name / "meta.json").is_file():
+            log(f"generating {name}: {make_bench(args.data / name, **spec)}")
+    prompts = [it.prompt for name in ("short", "long") for it in load_bench(args.data / name / "ovo.json", "ovo")]
+    adapter = build_adapter(args.seed, prompts)
+    data = {name: load_clips(args.data / name, adapter) for name in ("short", "long")}
+    data["early"] = early(data["short"], CHUNK)
+    log(f"{adapter}; {sum(p.numel() for p in adapter.model.parameters())} parameters; clips "
+        f"{ {k: len(v) for k, v in data.items()} } ({(time.perf_counter() - t_start) / 60:.1f} min)")
+    diff = check_inference_path(adapter, data["long"][0], len(data["long"][0].items) - 1)  # 2. the service's input
+    t_train = time.perf_counter()
+    warm = warm_vision(adapter, data["short"] + data["long"], args.warmup_steps, args.lr, args.seed, log)  # 3.
+    stages = [(round(args.steps * share), data[name]) for name, share in CURRICULUM]
+    losses = train(adapter, stages, args.seed, args.lr, args.questions, log, args.vision_scale)
+    train_min = (time.perf_counter() - t_train) / 60
+    save(adapter, args.out)  # 4. save, reload with the project's loader, evaluate held-out
+    from stream.models.loading import load_adapter
+
+    loaded = load_adapter(args.out)
+    results = evaluate(loaded, load_clips(args.data / "test", loaded))
+    acc = report(results, json.loads((args.data / "test" / "meta.json").read_text()), window_s=15)
+    figures = {"seed": args.seed, "warmup_steps": args.warmup_steps, "steps": args.steps,
+               "stages": {n: k for (n, _), (k, _) in zip(CURRICULUM, stages)}, "questions_per_step": args.questions, "vision_scale": args.vision_scale,
+               "lr": args.lr, "threads": args.threads, "train_minutes": round(train_min, 2),
+               "total_minutes": round((time.perf_counter() - t_start) / 60, 2),
+               "final_loss": round(float(np.mean(losses[-100:])), 4), "inference_path_max_dlogit": diff,
+               "fps": FPS, "frames_per_chunk": CHUNK, "tokens_per_frame": loaded.tokens_per_frame,
+               "test_bench": {"seed": TEST_SEED, "items": args.test_items, "questions": len(results)},
+               "accuracy": acc, "torch": torch.__version__, "cpu": platform.processor() or platform.machine()}
+    (args.out / "training.json").write_text(json.dumps(figures, indent=1) + "\n")
+    (args.out / "README.md").write_text(model_card(figures))
+    if args.plot:
+        bounds = np.cumsum([k for k, _ in stages])[:-1].tolist()
+        plot(warm, losses, bounds, args.plot, f"reference model, seed {args.seed}, {args.threads} thread(s), "
+             f"{train_min:.0f} min")
+    print(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

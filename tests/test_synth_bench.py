@@ -1,0 +1,156 @@
+"""The synthetic streaming benchmark (``serve.eval.synth``): deterministic, loadable in both formats, its planted
+objects are where its timeline says, train and test footage never overlap, bad input fails naming the fix; and the
+reference model's training input is the service's inference input."""
+from __future__ import annotations
+
+import json
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from serve.eval.bench import load_bench
+from serve.eval.synth import main, make_bench
+from serve.eval.synth_scene import CLIP_FPS, COLOURS, SIZES, load_footage, split_stretch
+from stream.errors import ConfigError, SourceNotFoundError
+from stream.sources import open_source
+
+SMALL = dict(items=12, clip_seconds=(24, 26), items_per_clip=12)
+
+
+@pytest.fixture(scope="module")
+def grey_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 12 s, 10 fps, 160x120 grey (R = G = B) textured background, so planted colours stand out."""
+    path = tmp_path_factory.mktemp("bg") / "grey.mp4"
+    yy, xx = np.mgrid[0:120, 0:160]
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 160, 120, "yuv420p"
+        stream.time_base = Fraction(1, 10)
+        for i in range(120):
+            grey = (100 + 60 * np.sin((xx + 2 * i) / 9.0) * np.cos(yy / 13.0)).astype(np.uint8)
+            frame = av.VideoFrame.from_ndarray(np.repeat(grey[..., None], 3, axis=2), format="rgb24")
+            frame.pts = i
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    return path
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory: pytest.TempPathFactory, grey_video: Path) -> Path:
+    out = tmp_path_factory.mktemp("bench")
+    make_bench(out, seed=3, videos=[grey_video], split="test", **SMALL)
+    return out
+
+
+def _frames(path: Path) -> np.ndarray:
+    with open_source(path) as src:
+        return np.stack([f.rgb for f in src])
+
+
+def test_same_seed_same_bytes_and_frames(tmp_path: Path, bench: Path, grey_video: Path) -> None:
+    again, other = tmp_path / "again", tmp_path / "other"
+    summary = make_bench(again, seed=3, videos=[grey_video], split="test", **SMALL)
+    make_bench(other, seed=4, videos=[grey_video], split="test", **SMALL)
+    assert summary["items"] == 12
+    for name in ("ovo.json", "streamingbench.json", "meta.json"):
+        assert (bench / name).read_bytes() == (again / name).read_bytes(), name
+    assert (bench / "ovo.json").read_bytes() != (other / "ovo.json").read_bytes()
+    a, b = _frames(bench / "videos/test_s3_c000.mp4"), _frames(again / "videos/test_s3_c000.mp4")
+    seconds = json.loads((bench / "meta.json").read_text())["clips"][0]["seconds"]
+    assert a.shape == (seconds * CLIP_FPS, 192, 256, 3)
+    np.testing.assert_array_equal(a, b)
+    c = _frames(other / "videos/test_s4_c000.mp4")
+    assert a.shape != c.shape or not np.array_equal(a, c)
+
+
+def test_both_formats_load_unchanged(bench: Path) -> None:
+    ovo = load_bench(bench / "ovo.json", "ovo")
+    sb = load_bench(bench / "streamingbench.json", "streamingbench")
+    tasks = {it.task for it in ovo}
+    assert {"ATR", "STU", "OJR", "EPM", "ASI", "REC", "CRR"} <= tasks
+    assert all(it.scorer == "count" for it in ovo if it.task == "REC")
+    crr = [it for it in ovo if it.task == "CRR"]
+    assert {it.answer for it in crr} == {"Yes", "No"}
+    mc = {it.item_id: it for it in ovo if it.scorer == "mc_contains"}
+    assert len(sb) == len(mc) and all(mc[q.item_id].prompt == q.prompt and mc[q.item_id].answer == q.answer
+                                      and mc[q.item_id].time_s == q.time_s for q in sb)
+    meta = json.loads((bench / "meta.json").read_text())
+    ids = {m["id"]: m for m in meta["items"]}
+    assert all(ids[it.item_id.split("#")[0]]["task"] == it.task for it in ovo)
+    assert all(ids[it.item_id]["T_s"] >= 2 for it in ovo if it.task in ("EPM", "ASI"))
+    assert all(ids[it.item_id.split("#")[0]]["onset_s"] >= 5 for it in crr)
+    assert all(it.video.startswith("videos/") and (bench / it.video).is_file() for it in ovo)
+
+
+def _clear(objs: list[dict], obj: dict, t: float) -> bool:
+    """No other object covers ``obj``'s box at time ``t``."""
+    def box(o: dict) -> tuple[float, float, float, float]:
+        a = (t - o["on"]) / max(1, o["off"] - o["on"])
+        x = o["start"][0] + a * (o["end"][0] - o["start"][0])
+        y = o["start"][1] + a * (o["end"][1] - o["start"][1])
+        hw, hh = SIZES[o["size"]] * 192 / 256 / 2, SIZES[o["size"]] / 2
+        return x - hw, y - hh, x + hw, y + hh
+
+    x0, y0, x1, y1 = box(obj)
+    for o in objs:
+        if o is not obj and o["on"] <= t < o["off"]:
+            a0, b0, a1, b1 = box(o)
+            if a0 < x1 + 0.02 and x0 < a1 + 0.02 and b0 < y1 + 0.02 and y0 < b1 + 0.02:
+                return False
+    return True
+
+
+def test_planted_pixels_at_onset_not_before(bench: Path) -> None:
+    meta = json.loads((bench / "meta.json").read_text())
+    clip = meta["clips"][0]
+    frames = _frames(bench / clip["video"]).astype(int)  # [N, 192, 256, 3]
+    checked = 0
+    for obj in clip["objects"]:
+        on = obj["on"]
+        if on < 1 or obj["covered"] or not (_clear(clip["objects"], obj, on) and _clear(clip["objects"], obj, on - .5)):
+            continue
+        x, y = int(obj["start"][0] * 256), int(obj["start"][1] * 192)
+        if obj["shape"] == "triangle":
+            y += int(SIZES[obj["size"]] * 192 / 4)  # the lower half of a triangle is the wide part
+        at = frames[on * CLIP_FPS, y - 2:y + 3, x - 2:x + 3].reshape(-1, 3).mean(0)
+        before = frames[on * CLIP_FPS - 1, y - 2:y + 3, x - 2:x + 3].reshape(-1, 3).mean(0)
+        assert np.abs(at - np.array(COLOURS[obj["colour"]])).max() < 60, (obj, at)
+        assert before.max() - before.min() < 40, (obj, before)  # grey background: no planted colour yet
+        checked += 1
+    assert checked >= 3
+
+
+def test_train_and_test_footage_disjoint(grey_video: Path) -> None:
+    train, test = load_footage(grey_video, "train"), load_footage(grey_video, "test")
+    assert train.stretch[1] <= test.stretch[0] and train.stretch[0] == 0 and test.stretch[1] == test.source_frames
+    assert set(train.source_index.tolist()).isdisjoint(test.source_index.tolist())
+    assert train.source_index.max() < train.stretch[1] <= test.source_index.min()
+    assert split_stretch(795, "train") == (0, 477) and split_stretch(795, "test") == (477, 795)
+
+
+def test_missing_video_and_bad_values_name_the_fix(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "nope.mp4"
+    with pytest.raises(SourceNotFoundError, match=r"nope\.mp4.*Fix: pass existing video files with --videos"):
+        make_bench(tmp_path / "b", seed=0, videos=[missing])
+    assert isinstance(SourceNotFoundError("x"), FileNotFoundError)
+    assert main([str(tmp_path / "b"), "--seed", "0", "--videos", str(missing)]) == 2
+    assert "nope.mp4" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"split='val'.*Fix"):
+        make_bench(tmp_path / "b", seed=0, split="val")
+    with pytest.raises(ConfigError, match=r"seed=-1.*Fix"):
+        make_bench(tmp_path / "b", seed=-1)
+
+
+def test_training_input_is_the_services_input(bench: Path) -> None:
+    """The reference trainer's batched question blocks give the logits of the adapter's inference path."""
+    torch = pytest.importorskip("torch")
+    from benchmarks.train_reference import build_adapter, check_inference_path, load_clips
+
+    torch.manual_seed(0)
+    adapter = build_adapter(0)
+    clip = load_clips(bench, adapter)[0]
+    for row in (0, len(clip.items) - 1):
+        assert check_inference_path(adapter, clip, row) < 1e-4
