@@ -39,7 +39,10 @@ from benchmarks.bench_cacher import SO400M, layer_flops  # noqa: E402
 from benchmarks.common import machine_info  # noqa: E402
 from cache.cacher import StreamCacher  # noqa: E402
 from cache.config import CacherConfig  # noqa: E402
-from cache.kv.kvcache import BoundedLayer  # noqa: E402
+from cache.kv.config import KVConfig  # noqa: E402
+from cache.kv.kvcache import BoundedLayer, KVPlane  # noqa: E402
+from cache.memory import MemoryReport, reference_bytes, session_bytes, stream_bytes  # noqa: E402
+from cache.stc import signature_dim  # noqa: E402
 from stream.models.base import run_layers  # noqa: E402
 from transformers.cache_utils import Cache, CacheLayerMixin  # noqa: E402
 
@@ -111,6 +114,34 @@ def bound(gpu: str, vit_ratio: float, kept: int, context: int, batch: int,
     return {"flops_per_frame": per_frame, "vit_flops_per_frame": vit_flops(vit, vit_ratio),
             "prefill_flops_per_token": prefill_flops_per_token(llm, context), "frames_per_s": flops / per_frame,
             "decode_bytes_per_step": step, "decode_tokens_per_s": batch * bw / step}
+
+
+def component_bytes_7b(kv: KVConfig, cacher: CacherConfig, refs_held: int, queued_tokens: int = 0,
+                       shape: dict = QWEN2_7B, vit: dict = SO400M, elem: int = 2) -> MemoryReport:
+    """(c)'s bytes per stream by component, from the formulas the service's accounting uses (``cache.memory``;
+    ``tests/test_device_bytes.py`` holds them equal to the tensors a session and a reference store hold): the KV
+    session in its steady state (sinks and window full) in ``kv.window_quant``, ``refs_held`` references placed as
+    ``cacher.reference_placement`` says (in the encoder's dtype, ``elem`` bytes), ``queued_tokens`` chunk tokens in
+    flight. Default shapes: Qwen2-7B + SigLIP-so400m in bf16."""
+    head_dim = shape["hidden_size"] // shape["num_attention_heads"]
+    session = session_bytes(shape["num_hidden_layers"], shape["num_key_value_heads"], head_dim, elem, kv.budget_tokens,
+                            kv.sink_tokens, kv.window_tokens, kv.window_quant)
+    d, tokens = vit["hidden_size"], (vit["image_size"] // vit["patch_size"]) ** 2
+    ref_elem = elem if cacher.store_dtype == "auto" else torch.finfo(getattr(torch, cacher.store_dtype)).bits // 8
+    ref = reference_bytes(vit["num_hidden_layers"], tokens, d, ref_elem, cacher.sketch_width(d),
+                          signature_dim(tokens, d, cacher.signature_grid))
+    return stream_bytes(session, refs_held, ref, cacher.reference_placement, queued_tokens, shape["hidden_size"], elem)
+
+
+def memory_bound(kv: KVConfig, cacher: CacherConfig, refs_held: int, queued_tokens: int) -> dict:
+    """Bytes per 7B / so400m stream by component (MiB, :func:`component_bytes_7b`) and the streams that fit per GPU
+    by memory: HBM after the weights (:func:`weight_bytes`) over a stream's device bytes."""
+    parts = component_bytes_7b(kv, cacher, refs_held, queued_tokens)
+    room = {g: hbm - weight_bytes(QWEN2_7B, SO400M) for g, (_, _, hbm) in GPUS.items()}
+    return {"window_quant": kv.window_quant, "reference_placement": cacher.reference_placement,
+            "refs_held": refs_held, "queued_tokens": queued_tokens,
+            "mib": {k: round(v / 2**20, 2) for k, v in parts.to_dict().items()},
+            "streams_by_memory": {g: int(r // parts.device_bytes) for g, r in room.items()}}
 
 
 class Timer:
@@ -211,9 +242,10 @@ class _RowsLayer(BoundedLayer):
                  device: str) -> None:
         CacheLayerMixin.__init__(self)
         shape = (batch, kv_heads, capacity, head_dim)
-        self.k_buf = torch.randn(shape, dtype=dtype, device=device)
-        self.v_buf = torch.randn(shape, dtype=dtype, device=device)
+        self.keys_plane = KVPlane(torch.randn(shape, dtype=dtype, device=device), dtype)
+        self.values_plane = KVPlane(torch.randn(shape, dtype=dtype, device=device), dtype)
         self.capacity, self.length, self.dtype, self.device = capacity, length, dtype, torch.device(device)
+        self.quant = "none"
         self.is_initialized = True
 
 
@@ -351,6 +383,10 @@ def main(argv: list[str] | None = None) -> None:
         "bound": {g: {k: round(v, 4 if v < 10 else 1) for k, v in b.items()} for g, b in paper.items()},
         "fraction_of_bound": round(measured["frames_per_s"] / paper[key]["frames_per_s"], 4) if key else None,
         "phases": {**{f"vit_{k}": v for k, v in vit.items()}, **llm},
+        # on paper at the 7B / so400m shape (any --device): one reference held, one chunk in flight
+        "memory_7b": memory_bound(KVConfig(), CacherConfig(), 1, args.chunk * args.kept),
+        "memory_7b_before": memory_bound(KVConfig(window_quant="none"), CacherConfig(reference_placement="device"),
+                                         1, args.chunk * args.kept),
         "machine": info,
     }
     print(json.dumps(result))

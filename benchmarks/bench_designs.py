@@ -27,8 +27,9 @@ random keys and values stands in for a context), and the answer's decode steps a
 before timing: the cacher at ratio 1.0 equals the full encoder; the preallocated cache equals a DynamicCache. FLOPs
 and bytes from the formulas of bench_bound.py. Projections per H100 / H200 (Qwen2-7B shape, bf16, 100 % of peak, as
 bench_bound.py): by compute, peak FLOP/s over a stream's FLOP/s; by memory, HBM after the weights over a stream's
-device bytes ((a), (b): the KV of the prompt in flight; (c): the preallocated KV budget plus the ViT references the
-footage held). The last stdout line is one JSON object (the first clip's figures at the top, every clip under
+device bytes ((a), (b): the KV of the prompt in flight; (c): :func:`component_bytes_7b`, the accounting's own
+formulas (``cache.memory``): the preallocated KV budget in ``kv.window_quant``, the ViT references the footage held
+where ``cacher.reference_placement`` puts them, one chunk in flight; host bytes printed beside). The last stdout line is one JSON object (the first clip's figures at the top, every clip under
 ``clips``).
 """
 from __future__ import annotations
@@ -49,8 +50,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_bound import (  # noqa: E402
-    GPUS, QWEN2_7B, TINY_LLM, TINY_VIT, check_rows_cache, decode_flops_per_token, llm_numbers, prefill_flops_per_token,
-    rows_cache, vit_flops, weight_bytes)
+    GPUS, QWEN2_7B, TINY_LLM, TINY_VIT, check_rows_cache, component_bytes_7b, decode_flops_per_token, llm_numbers,
+    prefill_flops_per_token, rows_cache, vit_flops, weight_bytes)
 from benchmarks.bench_cacher import SO400M, build_tower, check_exact, flop_ratio, load_clip  # noqa: E402
 from benchmarks.bench_pruner import QWEN2_05B  # noqa: E402
 from benchmarks.common import machine_info  # noqa: E402
@@ -58,7 +59,7 @@ from cache.cacher import StreamCacher  # noqa: E402
 from cache.config import CacherConfig  # noqa: E402
 from cache.gate import FrameGate  # noqa: E402
 from cache.kv.config import KVConfig  # noqa: E402
-from cache.stc import reference_nbytes  # noqa: E402
+from cache.memory import MemoryReport  # noqa: E402
 from pruner.config import PrunerConfig  # noqa: E402
 from stream.config import SamplerConfig  # noqa: E402
 from stream.models.preprocess import frames_to_pixel_values  # noqa: E402
@@ -216,16 +217,13 @@ def per_minute(args: argparse.Namespace, design: str, vision: dict, clip: dict, 
 
 def device_bytes(design: str, plan: dict[str, tuple[int, int]], kv: KVConfig, clip: dict, answer: int,
                  shape: dict, vit: dict, elem: int) -> float:
-    """A stream's device bytes: the KV of its prompt in flight ((a), (b)), or its preallocated KV budget plus the
-    ViT references held ((c), ``cache.stc.reference_nbytes`` in the store's dtype)."""
+    """A stream's device bytes: the KV of its prompt in flight ((a), (b)), or (c)'s :func:`component_bytes_7b` at
+    these shapes with one chunk in flight (``plan["stc_serve_chunk"]``) and the references the footage held."""
     per_token = llm_numbers(shape, elem)["kv_bytes_per_token"]
     if design != "stc_serve":
         return (plan[design][0] + answer) * per_token
-    dtype = {2: torch.bfloat16, 4: torch.float32}[elem]
-    d = vit["hidden_size"]
-    ref = reference_nbytes(vit["num_hidden_layers"], (vit["image_size"] // vit["patch_size"]) ** 2, d, dtype,
-                           CacherConfig().sketch_width(d))
-    return kv.budget_tokens * per_token + clip["refs_held"] * ref
+    return component_bytes_7b(kv, CacherConfig(), clip["refs_held"], plan["stc_serve_chunk"][0], shape, vit,
+                              elem).device_bytes
 
 
 def project(row: dict, mem_bytes: float, vit: dict) -> dict[str, float]:
@@ -290,6 +288,16 @@ def table(rows: dict[str, dict], mem: dict[str, float], proj: dict[str, dict]) -
     return "\n".join(lines)
 
 
+def memory_table(parts: MemoryReport, worst: MemoryReport, max_refs: int) -> str:
+    """(c)'s bytes per stream at the 7B shape by component (MiB), from the accounting's formulas."""
+    d = parts.to_dict()
+    dev = ", ".join(f"{k} {d[k] / 2**20:.1f}" for k in ("kv_window", "kv_sinks", "kv_reserve", "kv_retrieved",
+                                                         "references", "queued_chunks"))
+    return (f"(c) device MiB per stream, 7B shape: {parts.device_bytes / 2**20:.1f} ({dev}); host MiB: "
+            f"{parts.host_bytes / 2**20:.1f} with the references this footage held, {worst.host_bytes / 2**20:.1f} "
+            f"with max_refs={max_refs} (offloaded KV history comes on top, up to kv.offload_bytes)")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -313,10 +321,13 @@ def main(argv: list[str] | None = None) -> None:
         mem = {d: device_bytes(d, plan, kv, clip, args.answer_tokens, llm_shape, vit, elem) for d in DESIGNS}
         mem7 = {d: device_bytes(d, plan, kv, clip, args.answer_tokens, QWEN2_7B, vit, 2) for d in DESIGNS}
         proj = {d: project(rows[d], mem7[d], vit) for d in DESIGNS}
+        parts = component_bytes_7b(kv, CacherConfig(), clip["refs_held"], plan["stc_serve_chunk"][0], vit=vit)
+        worst = component_bytes_7b(kv, CacherConfig(), CacherConfig().max_refs, plan["stc_serve_chunk"][0], vit=vit)
         c, a, b = rows["stc_serve"], rows["chunked"], rows["resend"]
         print(f"\n{spec}: gate skip rate {clip['gate_skip_rate']:.3f}, ViT FLOP ratio {clip['flop_ratio']:.3f} over "
               f"{clip['frames']} frames; per stream-minute at {args.fps:g} fps, a question every {args.chunk_s:g} s")
         print(table(rows, mem7, proj))
+        print(memory_table(parts, worst, CacherConfig().max_refs))
         summary = {
             "compute_ratio_vs_chunked": c["total_tflop"] / a["total_tflop"],
             "compute_ratio_vs_resend": c["total_tflop"] / b["total_tflop"],
@@ -325,6 +336,11 @@ def main(argv: list[str] | None = None) -> None:
             "time_ratio_vs_chunked": c["total_s"] / a["total_s"], "time_ratio_vs_resend": c["total_s"] / b["total_s"],
             "ttft_ratio_vs_chunked": c["ttft_s"] / a["ttft_s"],
             "device_mb_per_stream_7b": mem7["stc_serve"] / 2**20, "kv_mb_per_stream": mem["stc_serve"] / 2**20,
+            "device_mb_per_stream_7b_by_component": {k: v / 2**20 for k, v in parts.to_dict().items()
+                                                     if k not in ("host_offloaded", "host_references", "host_bytes")},
+            "host_mb_per_stream_7b": parts.host_bytes / 2**20,
+            "host_mb_per_stream_7b_max_refs": worst.host_bytes / 2**20,
+            "window_quant": kv.window_quant, "reference_placement": CacherConfig().reference_placement,
             **{k: v for k, v in proj["stc_serve"].items()},
             "target_met": c["total_tflop"] <= 0.1 * a["total_tflop"], **clip,
             "designs": {d: {**rows[d], "device_mb_7b": mem7[d] / 2**20, "kv_mb": mem[d] / 2**20, **proj[d]}

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from cache.config import CacherConfig
+from cache.memory import MemoryReport, tensor_bytes
 from cache.stc import (
     ReferenceStates,
     check_layers,
@@ -55,7 +56,8 @@ class CacheStats:
     ``grid_changes``: chunks whose token grid differed from the previous chunk's (grid-bound layers only): the old
     grid's references were dropped.
     ``tokens_recomputed[l]`` / ``tokens_reusable[l]``: tokens recomputed in layer ``l`` over reused frames / the
-    tokens those frames have. ``refs_held`` and ``store_bytes`` are the state after the chunk.
+    tokens those frames have. ``refs_held``, ``store_bytes`` and its split ``reference_device_bytes`` /
+    ``reference_host_bytes`` (:meth:`StreamCacher.memory`) are the state after the chunk.
     """
 
     chunks: int = 0
@@ -71,6 +73,8 @@ class CacheStats:
     tokens_reusable: list[int] = field(default_factory=list)
     refs_held: int = 0
     store_bytes: int = 0
+    reference_device_bytes: int = 0
+    reference_host_bytes: int = 0
 
     @property
     def reuse_rate(self) -> float:
@@ -94,7 +98,8 @@ class CacheStats:
                 mine.extend([0] * (len(theirs) - len(mine)))
             for i, v in enumerate(theirs):
                 mine[i] += v
-        self.refs_held, self.store_bytes = other.refs_held, other.store_bytes
+        for name in ("refs_held", "store_bytes", "reference_device_bytes", "reference_host_bytes"):
+            setattr(self, name, getattr(other, name))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready counters plus ``reuse_rate`` and ``recompute_fraction``."""
@@ -174,9 +179,16 @@ class StreamCacher:
             fresh = self._encode_full_frames(hidden, layers, plan, out)  # 2
             stats = CacheStats(chunks=1, frames=len(hidden), frames_full=len(plan.full), hits=plan.hits)
             stats.misses, stats.refreshes, stats.grid_changes = plan.misses, plan.refreshes, int(new_grid)
-            stats.evictions = self._commit(store, plan, fresh)  # 3
-            self._encode_reused(hidden, layers, plan, fresh, out, stats)  # 4
+            host = self.config.reference_placement == "host"
+            copies: list[tuple[ReferenceStates, ReferenceStates]] = []  # (on the device, in the store), host only
+            stats.evictions = self._commit(store, plan, fresh, copies if host else None)  # 3
+            self._encode_reused(hidden, layers, plan, fresh, out, stats, copies if host else None)  # 4
+            if self.config.rolling:  # 5. host: rolling rows written on the device go back to the stored copy
+                for on_device, stored in copies:
+                    stored.copy_from(on_device)
+            memory = self._memory(store)
             stats.refs_held, stats.store_bytes = len(store), store.memory_bytes()
+            stats.reference_device_bytes, stats.reference_host_bytes = memory.references, memory.host_references
             self._record(stats)
             self._decisions = [(kind, slot.store_id) for kind, slot in plan.decisions]
             return out
@@ -271,12 +283,18 @@ class StreamCacher:
         return dict(zip(sorted(needed), refs))
 
     @staticmethod
-    def _commit(store: ReferenceStore[ReferenceStates], plan: _Plan, fresh: dict[int, ReferenceStates]) -> int:
-        """Step 3: store (re-)encoded references: refreshes replace theirs, new scenes are added. Returns evictions."""
+    def _commit(store: ReferenceStore[ReferenceStates], plan: _Plan, fresh: dict[int, ReferenceStates],
+                copies: list[tuple[ReferenceStates, ReferenceStates]] | None = None) -> int:
+        """Step 3: store (re-)encoded references: refreshes replace theirs, new scenes are added. Returns evictions.
+        ``copies`` (host placement): the store gets a host copy, and ``(device, host)`` is recorded."""
         evicted = 0
         ordered = sorted((s for s in plan.slots if s.frame is not None), key=lambda s: s.store_id is None)
         for slot in ordered:
             payload = fresh[slot.frame]
+            if copies is not None:
+                stored = payload.to("cpu", pin=torch.cuda.is_available())
+                copies.append((payload, stored))
+                payload = stored
             if slot.store_id is not None and slot.store_id in store.ids():
                 store.replace(slot.store_id, slot.signature, payload, payload.nbytes, slot.uses)
                 continue
@@ -292,13 +310,18 @@ class StreamCacher:
         fresh: dict[int, ReferenceStates],
         out: torch.Tensor,
         stats: CacheStats,
+        copies: list[tuple[ReferenceStates, ReferenceStates]] | None = None,
     ) -> None:
-        """Step 4: selective recompute of reusing frames, batched per reference."""
+        """Step 4: selective recompute of reusing frames, batched per reference (``copies``: host placement, a
+        stored reference is copied to the encoder's device for this chunk and the pair recorded)."""
         cfg, tokens = self.config, hidden.shape[1]
         stats.tokens_recomputed = [0] * len(layers)
         stats.tokens_reusable = [0] * len(layers)
         for (kind, src), frames in plan.reuse.items():
             ref = fresh[src] if kind == "frame" else plan.stored[src]
+            if kind == "ref" and copies is not None:
+                stored, ref = ref, ref.to(hidden.device)
+                copies.append((ref, stored))
             out[frames], counts = encode_selective(hidden[frames], layers, ref, cfg.ratio, cfg.threshold,
                                                    rolling=cfg.rolling)
             stats.frames_reused += len(frames)
@@ -339,9 +362,22 @@ class StreamCacher:
             self._last, self._total, self._decisions = CacheStats(), CacheStats(), []
 
     def memory_bytes(self) -> int:
-        """Bytes held by the reference store now."""
+        """Bytes held by the reference store now (device + host: :meth:`memory` splits them)."""
         with self._lock:
             return self._store.memory_bytes() if self._store is not None else 0
+
+    def memory(self) -> MemoryReport:
+        """The store's bytes measured on the tensors held, on the device or the host as
+        ``reference_placement`` says (the index's signatures and ids are host memory either way)."""
+        with self._lock:
+            return self._memory(self._store) if self._store is not None else MemoryReport()
+
+    def _memory(self, store: ReferenceStore[ReferenceStates]) -> MemoryReport:
+        refs = [store.get(i).payload for i in store.ids()]
+        held, index = tensor_bytes(t for r in refs for t in r.tensors()), len(refs) * store.entry_overhead(store.dim)
+        if self.config.reference_placement == "host":
+            return MemoryReport(host_references=held + index)
+        return MemoryReport(references=held, host_references=index)
 
     def memory_bound(self, num_layers: int, tokens: int, dim: int, dtype: torch.dtype = torch.float32) -> int:
         """Most bytes the store can hold for this config and encoder shape (``dtype``: the encoder's dtype)."""

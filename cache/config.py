@@ -143,6 +143,14 @@ class CacherConfig(StrictModel):
         default_factory=GateConfig,
         description="Frame gate before the ViT: near-identical frames skip it entirely (cache/gate.py).",
     )
+    reference_placement: Literal["device", "host"] = Field(
+        "host",
+        description="Where a stream's stored references live. host: in CPU memory (page-locked when CUDA is "
+        "present); the references a chunk reuses are copied to the encoder's device for that chunk (a transient of "
+        "the replica, not of the stream) and, with rolling, written back after it. device: on the encoder's device "
+        "(no copies; up to max_refs x ~141 MB per stream at SigLIP-so400m in bf16). The features are identical "
+        "either way.",
+    )
     store_dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto",
         description="Dtype of stored reference tensors; 'auto' keeps the encoder's dtype, float16/bfloat16 halve "

@@ -109,11 +109,31 @@ class ReferenceStates:
     def num_layers(self) -> int:
         return int(self.keys.shape[0])
 
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors held: keys, values, update (and sketches)."""
+        return [self.keys, self.values, self.update] + ([self.sketch] if self.sketch is not None else [])
+
+    def to(self, device: torch.device | str, pin: bool = False) -> "ReferenceStates":
+        """A copy on ``device`` (always a copy, also on the same device); ``pin``: page-locked host memory, so the
+        copy back to a CUDA device is a fast DMA."""
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            out = t.to(device, copy=True)
+            return out.pin_memory() if pin else out
+
+        return ReferenceStates(move(self.keys), move(self.values), move(self.update), move(self.sketch))
+
+    def copy_from(self, other: "ReferenceStates") -> None:
+        """Overwrite these tensors with ``other``'s (same shapes; any devices): a rolling reference's write-back."""
+        for dst, src in zip(self.tensors(), other.tensors()):
+            dst.copy_(src)
+
     @property
     def nbytes(self) -> int:
         """Bytes held: ``(3 * D + r) * L * P * element size``."""
-        held = [self.keys, self.values, self.update] + ([self.sketch] if self.sketch is not None else [])
-        return sum(t.numel() * t.element_size() for t in held)
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
 
 def reference_nbytes(num_layers: int, tokens: int, dim: int, dtype: torch.dtype, sketch_dim: int | None = None) -> int:

@@ -47,7 +47,7 @@ def stream(n_chunks: int, tokens: int, seed: int = 100) -> list[torch.Tensor]:
 
 def kv_config(**kw) -> KVConfig:
     base = dict(budget_tokens=256, sink_tokens=8, reserve_tokens=64, retrieve_tokens=32, quant="none",
-                rebase_position=4096)
+                window_quant="none", rebase_position=4096)
     base.update(kw)
     return KVConfig(**base)
 

@@ -83,7 +83,7 @@ def test_qwen_answers_are_the_same_with_chunks_split_or_whole(qwen):
     rgb = np.random.default_rng(3).integers(0, 255, (8, 320, 420, 3), dtype=np.uint8)  # [frames, H, W, 3]
 
     def answer(reserve: int) -> tuple[str, int]:
-        kv = KVConfig(budget_tokens=4096, reserve_tokens=reserve, retrieve_tokens=16, quant="none")
+        kv = KVConfig(budget_tokens=4096, reserve_tokens=reserve, retrieve_tokens=16, quant="none", window_quant="none")
         pipe = StreamPipeline(qwen, StreamOptions(kv=kv, pruner=PrunerConfig(enabled=False)), 1 << 30)
         sid = pipe.open("s")
         pipe.ingest(sid, [Frame(rgb[i], i / 2, i) for i in range(8)])

@@ -214,7 +214,7 @@ def test_engine_answer_equals_hf_generate(qwen) -> None:
     ref = out[0, inputs["input_ids"].shape[1]:].tolist()
     ref = ref[: next((i for i, t in enumerate(ref) if t in eos), len(ref))]
     vt = qwen.encode_frames(rgb)
-    cfg = KVConfig(policy="sink_window", budget_tokens=4096, sink_tokens=256, reserve_tokens=512)
+    cfg = KVConfig(policy="sink_window", budget_tokens=4096, sink_tokens=256, reserve_tokens=512, window_quant="none")
     extras = {name: list(x) for name, x in vt.extras.items()}
     piece = qwen.chunk_embeds(list(vt.embeds), qwen.patch_pts(_pts(4)), grid=vt.grid, extras=extras)
     got, _ = _engine_answer(qwen, cfg, [piece], eos)
@@ -227,7 +227,7 @@ def test_compact_rebase_under_mrope_is_a_uniform_shift(qwen) -> None:
     vts = [qwen.encode_frames(_frames(2, seed=s)) for s in range(4)]
     chunks = [qwen.chunk_embeds(list(vts[i % 4].embeds), [float(i)], grid=vts[0].grid) for i in range(120)]
     eos = sorted(qwen.eos_token_ids)
-    small = dict(policy="sink_window", budget_tokens=512, sink_tokens=64, reserve_tokens=128)
+    small = dict(policy="sink_window", budget_tokens=512, sink_tokens=64, reserve_tokens=128, window_quant="none")
     got, rebases = _engine_answer(qwen, KVConfig(**small, rebase_position=1024), chunks, eos)
     ref, none = _engine_answer(qwen, KVConfig(**small, rebase_position=1 << 16), chunks, eos)
     assert rebases > 0 and none == 0

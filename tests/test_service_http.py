@@ -266,5 +266,20 @@ def test_real_tiny_model_through_the_api(media):
         assert events[-1][1]["tokens"] >= 1
         stats = client.get("/streams/real").json()
         assert stats["ingest"]["frames_encoded"] == 4 and stats["kv_bytes"] > 0 and stats["tokens_kept"] > 0
+        # device / host bytes by component (tests/test_device_bytes.py holds them to the tensors): the KV session's
+        # slots add up to at most its reservation (which counts keys for all sink_tokens); references on the host
+        memory, cache = stats["llm"]["memory"], stats["vision"]["cache"]
+        parts = memory["kv_window"] + memory["kv_sinks"] + memory["kv_reserve"] + memory["kv_retrieved"]
+        assert memory["kv_window"] > 0 and memory["kv_bytes"] == parts <= llm.engine.bytes_per_stream()
+        assert cache["reference_device_bytes"] == 0 and cache["reference_host_bytes"] > 0
+        from prometheus_client.parser import text_string_to_metric_families
+
+        samples = {(m.name, tuple(sorted(m.labels.items()))): m.value
+                   for fam in text_string_to_metric_families(client.get("/metrics").text) for m in fam.samples}
+        assert samples["stc_stream_device_bytes", (("component", "kv_window"), ("stream", "real"))] == memory["kv_window"]
+        assert samples["stc_stream_host_bytes", (("component", "references"), ("stream", "real"))] \
+            == cache["reference_host_bytes"]
+        assert samples["stc_replica_device_bytes", (("component", "kv_reserve"), ("replica", "local"),
+                                                    ("stage", "llm"))] == memory["kv_reserve"]
     finally:
         backend.shutdown()

@@ -69,6 +69,14 @@ class KVConfig(StrictModel):
     quant: Literal["none", "int8", "int4"] = Field(
         "int8", description="offload: storage of offloaded blocks (none = model dtype)."
     )
+    window_quant: Literal["none", "int8"] = Field(
+        "int8",
+        description="Storage of the resident KV buffer (sinks, window, reserve) on the device. int8: one byte per "
+        "key/value element plus a float16 scale and minimum per token and head (about half of bf16: 28,672 + 896 "
+        "B per token at the Qwen2-7B shape instead of 57,344), quantized once when a token is written and "
+        "dequantized inside attention; canonical sink keys are int8 too. none: the model's dtype (answers exactly "
+        "those of a plain full cache under the budget).",
+    )
     position_mode: Literal["compact", "original"] = Field(
         "compact",
         description="compact: the model sees sinks, retrieved blocks, window and question at consecutive positions "

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+from collections import Counter
 from typing import Any, Iterable, Iterator, Mapping, Union
 
 import torch
@@ -34,6 +35,7 @@ from cache.kv.errors import KVCapacityError, StreamExistsError, UnknownStreamErr
 from cache.kv.scheduler import Scheduler, SchedulerStats, token_stream
 from cache.kv.session import KVSession, reserved_bytes
 from cache.kv.stats import BlockInfo, BlockScore, PromptUsage, SessionStats
+from cache.memory import MemoryReport, tensor_bytes, total
 from stream.errors import ConfigError, RequestError
 from stream.models.inputs import LLMInput
 from stream.models.llm import TextLM
@@ -63,8 +65,9 @@ class LLMEngine:
         if memory_budget_bytes < per_stream:
             raise ConfigError(
                 f"memory_budget_bytes={memory_budget_bytes} cannot hold one stream: a stream reserves {per_stream} "
-                f"bytes ((budget_tokens {config.budget_tokens} + sink_tokens {config.sink_tokens}) x "
-                f"{llm.kv_bytes_per_token()} bytes per token). Fix: raise it or lower kv.budget_tokens."
+                f"bytes (budget_tokens {config.budget_tokens} KV slots in window_quant={config.window_quant!r} + "
+                f"canonical keys of sink_tokens {config.sink_tokens}). Fix: raise it, lower kv.budget_tokens, or "
+                "set kv.window_quant: int8."
             )
         self.budget = ReplicaBudget(memory_budget_bytes)
         self.scheduler = Scheduler(llm, config.scheduler)
@@ -72,6 +75,7 @@ class LLMEngine:
         self._sessions: dict[str, KVSession] = {}
         self._seq = itertools.count()
         self._lanes = itertools.count()  # scheduler queues of block-scoring batches
+        self._queued, self._queued_lock = Counter(), threading.Lock()  # chunk bytes handed over, not prefilled yet
 
     # ------------------------------------------------------------------ streams
     def open(self, stream_id: str, prefix_embeds: Piece) -> SessionStats:
@@ -170,7 +174,12 @@ class LLMEngine:
                 "frames_per_chunk), keep fewer tokens per frame, or raise kv.budget_tokens"
             )
         self._check_open(session, stream_id)
-        self.scheduler.wait(self.scheduler.submit(stream_id, "chunk", session.append(piece, dict(meta or {}))))
+        nbytes = tensor_bytes([piece.embeds, *(v for v in piece.extras.values() if isinstance(v, torch.Tensor))])
+        self._count_queued(stream_id, nbytes)
+        try:
+            self.scheduler.wait(self.scheduler.submit(stream_id, "chunk", session.append(piece, dict(meta or {}))))
+        finally:
+            self._count_queued(stream_id, -nbytes)
 
     def ask(
         self,
@@ -295,8 +304,27 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ reports
     def stats(self, stream_id: str) -> SessionStats:
-        """Snapshot of one stream's KV state."""
-        return self._get(stream_id).stats(self.budget.dropped[stream_id])
+        """Snapshot of one stream's KV state (``memory``: its bytes by component, measured)."""
+        return self._get(stream_id).stats(self.budget.dropped[stream_id], self._queued_bytes(stream_id))
+
+    def memory_report(self, stream_id: str | None = None) -> MemoryReport:
+        """Bytes by component (:class:`cache.memory.MemoryReport`) of one stream, or summed over this replica's open
+        streams (``None``), measured on the tensors the sessions and the step loop's queue hold."""
+        if stream_id is not None:
+            return self._get(stream_id).memory(self._queued_bytes(stream_id))
+        with self._registry_lock:
+            sessions = list(self._sessions.items())
+        return total(session.memory(self._queued_bytes(sid)) for sid, session in sessions)
+
+    def _queued_bytes(self, stream_id: str) -> int:
+        with self._queued_lock:
+            return self._queued.get(stream_id, 0)
+
+    def _count_queued(self, stream_id: str, nbytes: int) -> None:
+        with self._queued_lock:
+            self._queued[stream_id] += nbytes
+            if self._queued[stream_id] <= 0:
+                del self._queued[stream_id]
 
     def memory_bytes(self) -> int:
         """KV bytes held by all open streams (reservations + offloaded storage); always <= the budget."""

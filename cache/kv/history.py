@@ -3,7 +3,7 @@ scorer ask of a stream (which blocks are held, each block's retrieval score, eac
 
 Mixed into :class:`cache.kv.session.KVSession`; it reads the session's ``window`` (window blocks in stream order),
 ``store`` (offloaded blocks or ``None``), ``cache`` (the resident keys and values), the sinks (``sink_len``,
-``sink_keys``, ``sink_rel``, ``sink_extent``), ``llm``, ``closed``, ``summary_layers`` and the helpers ``_rel``,
+``sink_canonical()``, ``sink_rel``, ``sink_extent``), ``llm``, ``closed``, ``summary_layers`` and the helpers ``_rel``,
 ``_shifted`` and ``_question_vector``; it never writes them.
 """
 from __future__ import annotations
@@ -55,10 +55,11 @@ class BlockHistory:
             return
         llm, q_rel = self.llm, self._rel(question)
         cap = self.sink_len + max(keys.shape[2] for _, keys, _, _, _ in held) + question.tokens
-        sinks = (llm.rotate_keys(self.sink_keys, self.sink_rel), self.cache.read(0, self.sink_len)[1]) \
+        sinks = (llm.rotate_keys(self.sink_canonical(), self.sink_rel), self.cache.read(0, self.sink_len)[1]) \
             if self.sink_len else None
         rows = []
         for _, keys, values, rel, extent in held:
+            # a transient float scratch per block (the stream's int8 window is read dequantized)
             scratch = BoundedCache(llm.num_layers, cap, llm.num_kv_heads, llm.head_dim, llm.dtype, llm.device)
             if sinks is not None:
                 scratch.write(0, *sinks)

@@ -76,3 +76,19 @@ def _round_to_storage(t: torch.Tensor, up: bool, like: torch.dtype | None = None
     direction = torch.full_like(h, float("inf") if up else float("-inf"))
     wrong_side = h.float() < t if up else h.float() > t
     return torch.where(wrong_side, torch.nextafter(h, direction), h)
+
+
+def quantize_tokens(x: torch.Tensor) -> QTensor:
+    """int8 codes of ``x [..., tokens, head_dim]`` with one range per token (and head): what a quantized KV window
+    slot holds (:class:`cache.kv.kvcache.BoundedLayer`), float16 scale and minimum ``[..., tokens, 1]``.
+
+    Raises:
+        ValueError: a value is too large for float16 statistics (|x| > 32752), which a window slot cannot store.
+    """
+    q = quantize(x, 8, dim=-1)
+    if q.scale.dtype != torch.float16 or q.minimum.dtype != torch.float16:
+        raise ValueError(
+            f"KV values reach {float(x.abs().max()):.4g}, beyond what an int8 window slot's float16 range holds "
+            "(32752). Fix: set kv.window_quant: none for this model."
+        )
+    return q

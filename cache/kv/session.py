@@ -42,8 +42,10 @@ from cache.kv.history import BlockHistory
 from cache.kv.kvcache import BoundedCache
 from cache.kv.offload import BlockStore, StoredBlock, pack_block, unpack_block
 from cache.kv.pieces import split_piece
+from cache.kv.quant import QTensor, dequantize, quantize_tokens
 from cache.kv.sampling import next_token
 from cache.kv.stats import PromptUsage, RetrievedBlock, SessionStats
+from cache.memory import MemoryReport, session_bytes, tensor_bytes
 from stream.models.inputs import LLMInput
 from stream.models.llm import TextLM
 
@@ -92,12 +94,12 @@ class KVSession(BlockHistory):
         self._store_block, self._next_seq = store_block, next_seq
         self.rows = llm.position_rows
         shape = (llm.num_layers, config.budget_tokens, llm.num_kv_heads, llm.head_dim)
-        self.cache = BoundedCache(shape[0], shape[1], shape[2], shape[3], llm.dtype, llm.device)
+        self.cache = BoundedCache(*shape, llm.dtype, llm.device, config.window_quant)
         offload = config.policy == "offload"
         self.store = BlockStore(len(summary_layers) * llm.num_kv_heads * llm.head_dim) if offload else None
         self.closed = False
         self.window: deque[WindowBlock] = deque()
-        self.sink_keys: torch.Tensor | None = None  # [layers, kv_heads, sinks, hd] without RoPE
+        self.sink_keys: torch.Tensor | QTensor | None = None  # [layers, kv_heads, sinks, hd] without RoPE
         self.sink_rel: torch.Tensor | None = None  # [R, sinks] relative positions of the prefix
         self.sink_len = self.sink_extent = self.sink_pos = 0
         self.next_pos = self.pos_offset = self.stream_tokens = 0
@@ -120,7 +122,9 @@ class KVSession(BlockHistory):
             rel = self._rel(piece)
             yield Forward(self, piece.embeds, rel, piece.extras)
             keys, _ = self.cache.read(0, n)  # [layers, kv_heads, n, hd]
-            self.sink_keys, self.sink_rel = self.llm.rotate_keys(keys, -rel), rel
+            canonical = self.llm.rotate_keys(keys, -rel)
+            quantized = self.cfg.window_quant == "int8"
+            self.sink_keys, self.sink_rel = quantize_tokens(canonical) if quantized else canonical, rel
         self.sink_len, self.sink_extent, self.next_pos, self.stream_tokens = n, piece.extent, piece.extent, n
 
     @torch.inference_mode()
@@ -172,8 +176,13 @@ class KVSession(BlockHistory):
             return
         start = policies.compact_sink_start(self.window_start, retrieved_extent, self.sink_extent)
         if start != self.sink_pos:
-            self.cache.write_keys(0, self.llm.rotate_keys(self.sink_keys, self._shifted(self.sink_rel, start)))
+            self.cache.write_keys(0, self.llm.rotate_keys(self.sink_canonical(), self._shifted(self.sink_rel, start)))
             self.sink_pos = start
+
+    def sink_canonical(self) -> torch.Tensor:
+        """The sinks' keys without RoPE ``[layers, kv_heads, sinks, hd]`` in the model dtype (dequantized when int8)."""
+        keys = self.sink_keys
+        return dequantize(keys, self.llm.dtype) if isinstance(keys, QTensor) else keys
 
     def _evict(self, room: int = 0) -> None:
         """Evict the oldest blocks until the window fits ``window_tokens`` -- or, with ``room``, until a new block of
@@ -328,9 +337,10 @@ class KVSession(BlockHistory):
         return policies.query_summary(x, self.llm.num_kv_heads)
 
     # ------------------------------------------------------------------ reports
-    def stats(self, dropped_blocks: int) -> SessionStats:
-        """A snapshot (read without the session lock; counts may be one call stale)."""
-        bpt = self.llm.kv_bytes_per_token()
+    def stats(self, dropped_blocks: int, queued_bytes: int = 0) -> SessionStats:
+        """A snapshot (read without the session lock; counts may be one call stale); ``queued_bytes``: this stream's
+        chunk embeddings the engine holds, not prefilled yet."""
+        bpt = self.cache.slot_bytes
         store, window = self.store, list(self.window)  # list(deque) is atomic under the GIL
         return SessionStats(
             stream_id=self.stream_id, policy=self.cfg.policy, stream_tokens=self.stream_tokens, blocks=self.blocks,
@@ -341,7 +351,24 @@ class KVSession(BlockHistory):
             offloaded_bytes=store.nbytes if store else 0, dropped_blocks=dropped_blocks,
             reserved_bytes=self.reserved_bytes(), resident_used_bytes=self.cache.length * bpt,
             next_position=self.next_pos, position_offset=self.pos_offset, rebases=self.rebases,
-            last_retrieval=self.last_retrieval,
+            last_retrieval=self.last_retrieval, memory=self.memory(queued_bytes, window),
+        )
+
+    def memory(self, queued_bytes: int = 0, window: list[WindowBlock] | None = None) -> MemoryReport:
+        """This session's bytes by component, measured on the tensors it holds (:mod:`cache.memory`): the buffer's
+        slots split by what they hold now, the canonical sink keys with the sinks, offloaded blocks on the host."""
+        if not self.cache.layers:  # freed
+            return MemoryReport(queued_chunks=queued_bytes)
+        window = list(self.window) if window is None else window
+        slot, length = self.cache.slot_bytes, self.cache.length
+        held = sum(b.tokens for b in window)
+        keys = self.sink_keys
+        sink_keys = [keys.data, keys.scale, keys.minimum] if isinstance(keys, QTensor) else [keys]
+        scratch = max(0, length - self.sink_len - held)
+        return MemoryReport(
+            kv_window=held * slot, kv_sinks=self.sink_len * slot + tensor_bytes(sink_keys),
+            kv_reserve=(self.cache.capacity - self.sink_len - held - scratch) * slot, kv_retrieved=scratch * slot,
+            queued_chunks=queued_bytes, host_offloaded=self.store.nbytes if self.store is not None else 0,
         )
 
     def reserved_bytes(self) -> int:
@@ -356,5 +383,13 @@ class KVSession(BlockHistory):
 
 
 def reserved_bytes(llm: TextLM, config: KVConfig) -> int:
-    """Bytes one session reserves at open: ``(budget_tokens + sink_tokens) * kv_bytes_per_token``."""
-    return (config.budget_tokens + config.sink_tokens) * llm.kv_bytes_per_token()
+    """Bytes one session reserves at open: its buffer (``budget_tokens`` slots of :func:`cache.memory.kv_slot_bytes`
+    in ``kv.window_quant``) + canonical keys for ``sink_tokens`` sinks (:func:`cache.memory.session_bytes`)."""
+    return session_memory(llm, config).kv_bytes
+
+
+def session_memory(llm: TextLM, config: KVConfig) -> MemoryReport:
+    """A session of ``config`` on ``llm`` in its steady state on paper: sinks and window full, scratch empty."""
+    element = torch.empty((), dtype=llm.dtype).element_size()
+    return session_bytes(llm.num_layers, llm.num_kv_heads, llm.head_dim, element, config.budget_tokens,
+                         config.sink_tokens, config.window_tokens, config.window_quant)

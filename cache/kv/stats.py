@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from cache.memory import MemoryReport
+
 
 @dataclass(frozen=True)
 class RetrievedBlock:
@@ -37,7 +39,8 @@ class SessionStats:
     """One stream's KV state. Token counts are KV-cache tokens; bytes include offloaded CPU storage.
 
     ``reserved_bytes`` is allocated at open and constant (attention buffer + canonical sinks); ``used_bytes`` is
-    what the stream's tokens actually fill (resident tokens + offloaded blocks + index).
+    what the stream's tokens actually fill (resident tokens + offloaded blocks + index). ``memory``: device and host
+    bytes by component, measured on the tensors held (:class:`cache.memory.MemoryReport`).
     """
 
     stream_id: str
@@ -61,6 +64,7 @@ class SessionStats:
     position_offset: int
     rebases: int
     last_retrieval: tuple[RetrievedBlock, ...] = ()
+    memory: MemoryReport = MemoryReport()
 
     @property
     def held_bytes(self) -> int:

@@ -39,6 +39,10 @@ class CacheCounters(_Stats):
     tokens_reusable: list[int] = Field(default_factory=list, description="Per ViT layer, tokens of reused frames.")
     refs_held: int = 0
     store_bytes: int = 0
+    reference_device_bytes: int = Field(0, description="Reference tensors on the encoder's device "
+                                        "(cacher.reference_placement: device).")
+    reference_host_bytes: int = Field(0, description="Reference tensors in host memory (reference_placement: host) "
+                                      "+ the signatures and ids of the store's index (always on the host).")
     reuse_rate: float = Field(0.0, description="frames_reused / frames.")
     recompute_fraction: float = Field(0.0, description="Recomputed / reusable tokens over all layers.")
 
@@ -116,6 +120,37 @@ class VisionStats(_Stats):
     replica: str | None = Field(None, description="The replica holding the stream (Ray service).")
 
 
+class MemoryBytes(_Stats):
+    """Bytes one stream (or a replica) holds, by component (``cache.memory.MemoryReport``): measured on the tensors
+    held, not estimated. Device: the KV buffer's slots by what they hold now, references on the device, chunks
+    queued for prefill. Host: offloaded KV blocks, references kept in host memory."""
+
+    kv_window: int = Field(0, description="KV slots holding window tokens.")
+    kv_sinks: int = Field(0, description="KV slots holding the attention sinks + their canonical keys.")
+    kv_reserve: int = Field(0, description="KV slots preallocated and empty now.")
+    kv_retrieved: int = Field(0, description="KV slots holding retrieved blocks, a question and its answer, or a "
+                              "chunk being prefilled, now.")
+    references: int = Field(0, description="The STC cacher's references on the device.")
+    queued_chunks: int = Field(0, description="Chunk embeddings waiting for prefill.")
+    host_offloaded: int = Field(0, description="Offloaded KV blocks and their index (host).")
+    host_references: int = Field(0, description="References and their index in host memory.")
+    kv_bytes: int = 0
+    device_bytes: int = 0
+    host_bytes: int = 0
+
+
+def stream_memory(vision: "VisionStats | None", llm: "KVStats | None") -> MemoryBytes:
+    """One stream's bytes by component across its stages: the LLM stage's KV session and queued chunks, the vision
+    stage's references (device or host, as ``cacher.reference_placement`` put them)."""
+    kv = llm.memory if llm is not None else MemoryBytes()
+    cache = vision.cache if vision is not None else None
+    refs, host_refs = (cache.reference_device_bytes, cache.reference_host_bytes) if cache is not None else (0, 0)
+    parts = {**kv.model_dump(exclude={"kv_bytes", "device_bytes", "host_bytes"}), "references": kv.references + refs,
+             "host_references": kv.host_references + host_refs}
+    return MemoryBytes(**parts, kv_bytes=kv.kv_bytes, device_bytes=kv.device_bytes + refs,
+                       host_bytes=kv.host_bytes + host_refs)
+
+
 class RetrievedBlockInfo(_Stats):
     """An offloaded KV block brought back for the last question."""
 
@@ -153,15 +188,17 @@ class KVStats(_Stats):
     used_bytes: int = Field(..., description="Resident tokens + offloaded storage.")
     kv_tokens: int = Field(..., description="Tokens resident now (= resident_tokens).")
     kv_bytes: int = Field(..., description="Bytes the stream's tokens fill now (= used_bytes).")
+    memory: MemoryBytes = Field(default_factory=MemoryBytes, description="Device and host bytes by component.")
     replica: str | None = Field(None, description="The replica holding the stream (Ray service).")
 
     @classmethod
     def of(cls, session: Any) -> "KVStats":
         """From a :class:`cache.kv.stats.SessionStats`."""
-        fields = {name: getattr(session, name) for name in cls.model_fields
-                  if name not in ("held_bytes", "used_bytes", "kv_tokens", "kv_bytes", "last_retrieval", "replica")}
+        skip = ("held_bytes", "used_bytes", "kv_tokens", "kv_bytes", "last_retrieval", "replica", "memory")
+        fields = {name: getattr(session, name) for name in cls.model_fields if name not in skip}
         return cls(**fields, held_bytes=session.held_bytes, used_bytes=session.used_bytes,
                    kv_tokens=session.resident_tokens, kv_bytes=session.used_bytes,
+                   memory=MemoryBytes.model_validate(session.memory.to_dict()),
                    last_retrieval=[RetrievedBlockInfo.from_counters(b) for b in session.last_retrieval])
 
 

@@ -68,8 +68,9 @@ class _Until:
 
 
 def compression_off(options: StreamOptions) -> StreamOptions:
-    """``options`` with the STC cacher and the pruner switched off (sampling and KV unchanged)."""
-    return options.merged({"cacher": {"enabled": False}, "pruner": {"enabled": False}})
+    """``options`` with every lossy step off: the STC cacher (and its frame gate), the pruner, and the int8 KV window
+    (the window in the model's dtype). Sampling and the KV budget and policy are unchanged."""
+    return options.merged({"cacher": {"enabled": False}, "pruner": {"enabled": False}, "kv": {"window_quant": "none"}})
 
 
 class EvalRunner:

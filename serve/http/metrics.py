@@ -1,5 +1,7 @@
 """``/metrics`` in Prometheus' text format: the ingress's own series, and per-stream gauges and webhook counters read
-from the backend at scrape time."""
+from the backend at scrape time. Memory: ``stc_stream_device_bytes`` / ``stc_stream_host_bytes`` per stream and
+component (measured on the tensors held, ``cache.memory.MemoryReport``), ``stc_replica_device_bytes`` their sum per
+replica (stage ``llm``: the KV sessions and queued chunks; ``vision``: references on the device)."""
 from __future__ import annotations
 
 from typing import Any, Iterator
@@ -8,6 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from serve.core.api import StreamStats
+from serve.core.stats import stream_memory
 from serve.core.webhooks import WebhookStats
 
 
@@ -51,6 +54,7 @@ class _Collector:
                           ("cache_reuse", "Share of frames reusing cached ViT states (0..1).")):
             rows = [((s.stream_id,), getattr(s, name)) for s in self.streams if getattr(s, name) is not None]
             yield _gauge(f"stc_stream_{name}", doc, rows, ["stream"])
+        yield from self._memory()
         events = CounterMetricFamily("stc_webhook_events", "Webhook events by destination and outcome (delivered, "
                                      "failed after every retry, dropped from a full queue).",
                                      labels=["destination", "outcome"])
@@ -66,6 +70,33 @@ class _Collector:
                                       "(this ingress replica).")
         refused.add_metric([], float(self.gate.get("refused", 0)))
         yield refused
+
+
+    _DEVICE = ("kv_window", "kv_sinks", "kv_reserve", "kv_retrieved", "references", "queued_chunks")
+    _HOST = (("kv_offloaded", "host_offloaded"), ("references", "host_references"))
+
+    def _memory(self) -> Iterator[Any]:
+        """Device and host bytes per stream and component; device bytes summed per replica."""
+        device, host, replicas = [], [], {}
+        for s in self.streams:
+            if s.llm is None and s.vision is None:
+                continue
+            mem = stream_memory(s.vision, s.llm)
+            device += [((s.stream_id, c), getattr(mem, c)) for c in self._DEVICE]
+            host += [((s.stream_id, c), getattr(mem, field)) for c, field in self._HOST]
+            for stage, stats, parts in (("llm", s.llm, self._DEVICE[:4] + ("queued_chunks",)),
+                                        ("vision", s.vision, ("references",))):
+                if stats is None:
+                    continue
+                for c in parts:
+                    key = (stage, stats.replica or "local", c)
+                    replicas[key] = replicas.get(key, 0) + getattr(mem, c)
+        yield _gauge("stc_stream_device_bytes", "Device bytes a stream holds, by component (measured).", device,
+                     ["stream", "component"])
+        yield _gauge("stc_stream_host_bytes", "Host bytes a stream holds, by component (measured).", host,
+                     ["stream", "component"])
+        yield _gauge("stc_replica_device_bytes", "Device bytes of a replica's streams, by component.",
+                     list(replicas.items()), ["stage", "replica", "component"])
 
 
 def _gauge(name: str, doc: str, rows: list[tuple[tuple[Any, ...], float]],
