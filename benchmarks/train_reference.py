@@ -440,7 +440,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup-steps", type=int, default=800, help="single-frame vision warm-up steps (64 frames)")
     p.add_argument("--plot", type=Path, help="write the loss curves PNG here")
     p.add_argument("--data", type=Path, default=ROOT / "out/reference_data", help="generated benches go here")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW, warm-up + cosine)")
+    p.add_argument("--lr", type=float, default=4e-4, help="peak learning rate of the answer-token stages (AdamW, "
+                   "warm-up + cosine)")
+    p.add_argument("--warmup-lr", type=float, default=1e-3, help="peak learning rate of the vision warm-up")
     p.add_argument("--questions", type=int, default=32, help="questions per step (from one clip)")
     p.add_argument("--train-clips", type=int, nargs=2, default=(240, 120), help="short and long training clips")
     p.add_argument("--test-items", type=int, default=480, help="items of the held-out test bench (seed 0)")
@@ -469,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{ {k: len(v) for k, v in data.items()} } ({(time.perf_counter() - t_start) / 60:.1f} min)")
     diff = check_inference_path(adapter, data["long"][0], len(data["long"][0].items) - 1)  # 2. the service's input
     t_train = time.perf_counter()
-    warm = warm_vision(adapter, data["short"] + data["long"], args.warmup_steps, args.lr, args.seed, log)  # 3.
+    warm = warm_vision(adapter, data["short"] + data["long"], args.warmup_steps, args.warmup_lr, args.seed, log)  # 3.
     stages = [(round(args.steps * share), data[name]) for name, share in CURRICULUM]
     losses = train(adapter, stages, args.seed, args.lr, args.questions, log, args.vision_scale)
     train_min = (time.perf_counter() - t_train) / 60
@@ -481,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     acc = report(results, json.loads((args.data / "test" / "meta.json").read_text()), window_s=15)
     figures = {"seed": args.seed, "warmup_steps": args.warmup_steps, "steps": args.steps,
                "stages": {n: k for (n, _), (k, _) in zip(CURRICULUM, stages)}, "questions_per_step": args.questions, "vision_scale": args.vision_scale,
-               "lr": args.lr, "threads": args.threads, "train_minutes": round(train_min, 2),
+               "lr": args.lr, "warmup_lr": args.warmup_lr, "threads": args.threads, "train_minutes": round(train_min, 2),
                "total_minutes": round((time.perf_counter() - t_start) / 60, 2),
                "final_loss": round(float(np.mean(losses[-100:])), 4), "inference_path_max_dlogit": diff,
                "fps": FPS, "frames_per_chunk": CHUNK, "tokens_per_frame": loaded.tokens_per_frame,

@@ -10,6 +10,8 @@ from typing import Any, Sequence
 
 from stream.errors import ConfigError, StcError
 
+REFERENCE_NOTE = ("NOTE: the reference model, trained here on planted shapes only: a test instrument, not a general "
+                  "VLM (docs/reference_model.md).")
 RANDOM_WEIGHTS_NOTE = "NOTE: built-in tiny model with RANDOM weights -- the answer is meaningless (use --model for a real checkpoint)."
 
 
@@ -36,7 +38,8 @@ FAMILY_CHOICES = ["llava_onevision", "smolvlm", "qwen2_5_vl", "qwen3_vl"]  # == 
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="tiny-model folder, checkpoint path or hub id (default: built-in tiny model)")
+    p.add_argument("--model", help="tiny-model folder, checkpoint path or hub id (default: built-in tiny model); "
+                   "'reference': the small model trained here on planted shapes (a test instrument)")
     p.add_argument("--family", default="llava_onevision", choices=FAMILY_CHOICES,
                    help="family of the built-in tiny model when --model is not given")
     p.add_argument("--device", help="cpu, cuda, cuda:N")
@@ -99,6 +102,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
     random_weights = bool(getattr(adapter, "random_weights", False))
     if random_weights and not args.json:
         print(RANDOM_WEIGHTS_NOTE, file=sys.stderr)
+    if getattr(adapter, "reference", False) and not args.json:
+        print(REFERENCE_NOTE, file=sys.stderr)
     pipe = StreamPipeline(adapter, cfg.stream_options(), cfg.kv_replica_budget_bytes())
     sid = pipe.open("cli")
     from tqdm import tqdm  # noqa: PLC0415

@@ -107,8 +107,19 @@ def _preprocess_spec(model: str, local: bool, image_size: int, cache_only: bool 
     return PreprocessSpec(size=image_size, mean=mean, std=std, resample=name)  # type: ignore[arg-type]
 
 
+REFERENCE_MODEL = Path(__file__).with_name("reference")
+"""The reference model trained here on planted shapes (``--model reference``): a test instrument, not a general VLM."""
+
+
 def resolve_model(model: str | Path | None, family: str = "llava_onevision") -> tuple[str, bool]:
-    """``None`` -> the cached tiny model of ``family`` (built on first use); a folder -> itself; else a hub id."""
+    """``None`` -> the cached tiny model of ``family`` (built on first use); ``reference`` -> the committed reference
+    model; a folder -> itself; else a hub id."""
+    if str(model) == "reference":
+        if not (REFERENCE_MODEL / "config.json").is_file():
+            raise ConfigError(f"model='reference': the reference model's folder {REFERENCE_MODEL} holds no "
+                              "config.json. Fix: reinstall the package (pip install -e .), or retrain it with "
+                              "python benchmarks/train_reference.py.")
+        return str(REFERENCE_MODEL), True
     if model is None or str(model) in ("", "tiny", f"tiny-{family}"):
         return str(ensure_tiny_model(family)), True
     if str(model).startswith("tiny-"):
@@ -157,7 +168,8 @@ def load_adapter(model: str | Path | None = None, device: str = "cpu", dtype: st
     if hasattr(adapter, "configure_preprocessing"):  # families whose resize reads more of preprocessor_config
         adapter.configure_preprocessing(_read_json(name, "preprocessor_config.json", local, cache_only) or {})
     adapter.random_weights = local and is_tiny(name)
-    adapter.source = name
+    adapter.reference = local and Path(name).resolve() == REFERENCE_MODEL.resolve()
+    adapter.source = "reference" if adapter.reference else name
     return adapter
 
 
