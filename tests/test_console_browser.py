@@ -18,6 +18,7 @@ from serve.core.config import ServiceConfig
 from serve.http.app import make_api
 from serve.core.protocol import CONTENT_TYPE, encode_frames
 from serve.core.local import LocalBackend
+from tests.console_scene import _until
 from tests.service_doubles import FakeLLMStage, FakeVisionStage, frames
 
 CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -59,16 +60,6 @@ def _driver():
     from selenium.webdriver.chrome.service import Service  # noqa: PLC0415
 
     return webdriver.Chrome(service=Service(DRIVER), options=opts)
-
-
-def _until(fn, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = fn()
-        if got:
-            return got
-        time.sleep(0.1)
-    raise AssertionError("condition not met in time")
 
 
 def test_console_shows_stream_streamed_answer_and_alert(server, tmp_path):

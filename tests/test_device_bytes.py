@@ -117,21 +117,21 @@ def test_a_chunk_counts_as_queued_until_it_is_prefilled() -> None:
 
 
 def test_kv_bytes_stay_bounded_over_10000_frames() -> None:
-    """10,000 single-frame chunks (3 tokens each) on one int8 stream with an offload cap: device bytes never move
-    from the reservation, host bytes stay under kv.offload_bytes, the report equals the tensors throughout."""
+    """10,000 frames (3 tokens each, 4 frames per chunk) on one int8 stream with an offload cap: device bytes never
+    move from the reservation, host bytes stay under kv.offload_bytes, the report equals the tensors throughout."""
     llm = tiny_lm(layers=1)
     cfg = kv_config(window_quant="int8", **{**CFG, "offload_bytes": 60_000})
     engine = LLMEngine(llm, cfg, 1 << 30)
     engine.open("a", PREFIX)
-    session, frame = engine._sessions["a"], embeds(3, 7)
+    session, chunk = engine._sessions["a"], embeds(4 * 3, 7)  # [4 frames x 3 tokens, d]
     reserved = engine.bytes_per_stream()
-    for i in range(10_000):
-        engine.append("a", frame + 0.01 * (i % 17), {"frame": i})
-        if i % 1000 == 999:
+    for i in range(10_000 // 4):
+        engine.append("a", chunk + 0.01 * (i % 17), {"frames": [4 * i + k for k in range(4)]})
+        if i % 250 == 249:
             rep = engine.memory_report("a")
             assert rep.device_bytes == reserved == _storages(session.cache.tensors() + _sink_tensors(session))
             assert 0 < rep.host_offloaded <= cfg.offload_bytes
-    assert engine.stats("a").evicted_blocks > 9_900
+    assert engine.stats("a").evicted_blocks > 2_400
 
 
 # -- the reference store --------------------------------------------------------------------------------------------

@@ -216,12 +216,7 @@ class LLMEngine:
         Runs through the step loop like :meth:`ask` (same placement: retrieval, sinks, question prefill) and sees
         the same chunks an answer asked now would see.
         """
-        session = self._get(stream_id)
-        question = self._check_piece(question_embeds, "question_embeds")
-        if question.tokens + 1 > self.config.reserve_tokens:
-            raise RequestError(f"question ({question.tokens} tokens) exceeds kv.reserve_tokens="
-                               f"{self.config.reserve_tokens}; shorten the question or raise kv.reserve_tokens")
-        self._check_open(session, stream_id)
+        session, question = self._question_of(stream_id, question_embeds)
         task = self.scheduler.submit(stream_id, "question", session.next_logits(question), answer=True)
         out = list(token_stream(self.scheduler, task))
         if len(out) != 1:
