@@ -28,7 +28,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -282,21 +282,27 @@ def check_rows_cache(model, cache: Cache, chunk: torch.Tensor, pos: torch.Tensor
     return err
 
 
-@torch.inference_mode()
-def llm_phases(args: argparse.Namespace, shape: dict, timer: Timer) -> dict:
-    """Prefill of one pruned chunk over a filled context, and batched decode steps."""
+def random_qwen2(shape: dict, dtype: torch.dtype, device: str) -> Any:
+    """A Qwen2 causal LM of ``shape`` with random weights (seed 0), built directly on ``device`` in ``dtype``."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     cfg = Qwen2Config(**shape, max_position_embeddings=1 << 17)
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device(args.device):
-            model = Qwen2ForCausalLM(cfg).eval()
+        with torch.device(device):
+            return Qwen2ForCausalLM(cfg).eval()
     finally:
         torch.set_default_dtype(old)
+
+
+@torch.inference_mode()
+def llm_phases(args: argparse.Namespace, shape: dict, timer: Timer) -> dict:
+    """Prefill of one pruned chunk over a filled context, and batched decode steps."""
+    dtype = getattr(torch, args.dtype)
+    model = random_qwen2(shape, dtype, args.device)
+    cfg = model.config
     peak_mib(args.device)
     n_new = args.chunk * args.kept
     chunk = torch.randn(1, n_new, cfg.hidden_size, device=args.device, dtype=dtype) * 0.02  # [1, L, d]

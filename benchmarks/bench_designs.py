@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_bound import (  # noqa: E402
     GPUS, QWEN2_7B, TINY_LLM, TINY_VIT, check_rows_cache, component_bytes_7b, decode_flops_per_token, llm_numbers,
-    prefill_flops_per_token, rows_cache, vit_flops, weight_bytes)
+    prefill_flops_per_token, random_qwen2, rows_cache, vit_flops, weight_bytes)
 from benchmarks.bench_cacher import SO400M, build_tower, check_exact, flop_ratio, load_clip  # noqa: E402
 from benchmarks.bench_pruner import QWEN2_05B  # noqa: E402
 from benchmarks.common import machine_info  # noqa: E402
@@ -136,18 +136,9 @@ def prompts(args: argparse.Namespace, kv: KVConfig, kept: int) -> dict[str, tupl
 @torch.inference_mode()
 def measure_llm(args: argparse.Namespace, shape: dict, plan: dict[str, tuple[int, int]]) -> dict[str, Any]:
     """Seconds of each prefill in ``plan`` (and of the answer's decode steps after it), measured once each."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     dtype, now = getattr(torch, args.dtype), clock(args.device)
-    torch.manual_seed(0)
-    cfg = Qwen2Config(**shape, max_position_embeddings=1 << 17)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(args.device):
-            model = Qwen2ForCausalLM(cfg).eval()
-    finally:
-        torch.set_default_dtype(old)
+    model = random_qwen2(shape, dtype, args.device)
+    cfg = model.config
     kw = "cache" if "cache" in inspect.signature(model.model.forward).parameters else "past_key_values"
     probe = torch.randn(1, 16, cfg.hidden_size, device=args.device, dtype=dtype) * 0.02  # [1, 16, d]
     err = check_rows_cache(model, rows_cache(cfg, 1, 64, 16, args.device, dtype), probe,

@@ -8,6 +8,7 @@ and a single-process deployment), ``serve.deploy.app.RayBackend`` calls the host
 from __future__ import annotations
 
 import asyncio
+from abc import ABC, abstractmethod
 from typing import Any, AsyncIterator, Callable, Iterator
 
 from serve.core.api import (
@@ -49,7 +50,7 @@ async def iterate_in_thread(make: Callable[[], Iterator[Any]]) -> AsyncIterator[
             await asyncio.to_thread(close)
 
 
-class HostBackend:
+class HostBackend(ABC):
     """The stream backend over ingest hosts; subclasses say how a host method is reached.
 
     Args:
@@ -63,36 +64,37 @@ class HostBackend:
         self.fleet_gate = FleetGate(settings.fleet.max_concurrent)
 
     # -- how a host is reached (subclasses) ----------------------------------------------------------------------------
+    @abstractmethod
     async def _call(self, stream_id: str, method: str, *args: Any) -> Any:
         """``method(stream_id, *args)`` on the stream's host."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _stream(self, stream_id: str, method: str, *args: Any) -> AsyncIterator[Any]:
         """The items of the generator ``method(stream_id, *args)`` on the stream's host."""
-        raise NotImplementedError
 
+    @abstractmethod
     async def _create(self, plan: StreamPlan) -> StreamStats:
         """Open the planned stream on its host (with the service's stream cap)."""
-        raise NotImplementedError
 
+    @abstractmethod
     async def _every_host(self, method: str) -> list[Any]:
         """``method()`` on every host (results of hosts that answered)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _host_key(self, stream_id: str) -> str:
         """The name of the host that holds ``stream_id``."""
-        raise NotImplementedError
 
+    @abstractmethod
     async def _host_call(self, key: str, method: str, *args: Any) -> Any:
         """``method(*args)`` on the host named ``key``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _host_stream(self, key: str, method: str, *args: Any) -> AsyncIterator[Any]:
         """The items of the generator ``method(*args)`` on the host named ``key``."""
-        raise NotImplementedError
 
+    @abstractmethod
     async def health(self) -> HealthResponse:
-        raise NotImplementedError
+        """The service's health as this backend sees its hosts."""
 
     # -- the backend API ---------------------------------------------------------------------------------------------
     async def create(self, request: CreateStreamRequest) -> StreamStats:
