@@ -11,7 +11,7 @@ bench, with Wilson 95 % intervals.
 
     python benchmarks/train_reference.py --seed 1 --out stream/models/reference --plot docs/reference_loss.png
 
-Runs on one torch thread (``--threads``). Prints one JSON line last.
+Runs on two torch threads (``--threads``; the CPU machine has 2 cores). Prints one JSON line last.
 """
 from __future__ import annotations
 
@@ -149,7 +149,7 @@ def visual_tokens(adapter: VLMAdapter, pixels: torch.Tensor) -> torch.Tensor:
     return adapter.project(adapter.vision_finish(hidden)).embeds
 
 
-def question_hidden(adapter: VLMAdapter, clip: Clip, rows: list[int]) -> tuple[torch.Tensor, list[int]]:
+def question_hidden(adapter: VLMAdapter, clip: Clip, rows: list[int]) -> tuple[torch.Tensor, list[int], torch.Tensor]:
     """Last hidden states of the question+answer blocks of ``clip.items[rows]``, each on its own stream context.
 
     The stream (prefix + every frame up to the latest question) is prefilled once; the ``Q`` question blocks then
@@ -183,20 +183,22 @@ def question_hidden(adapter: VLMAdapter, clip: Clip, rows: list[int]) -> tuple[t
     cache.batch_repeat_interleave(q_n)
     out = decoder(inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=True,
                   **{adapter.llm.cache_argument: cache})
-    return out.last_hidden_state, lens
+    return out.last_hidden_state, lens, vis
 
 
-def answer_logits(adapter: VLMAdapter, clip: Clip, rows: list[int]) -> list[torch.Tensor]:
-    """Per row of ``rows``: the logits predicting its answer tokens (answer + end of turn), ``[len(answer), vocab]``."""
-    hidden, lens = question_hidden(adapter, clip, rows)
-    return [adapter.llm.lm_head(hidden[i, lens[i] - len(clip.items[r][3]): lens[i]]) for i, r in enumerate(rows)]
+def answer_logits(adapter: VLMAdapter, clip: Clip, rows: list[int]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Per row of ``rows``: the logits predicting its answer tokens (answer + end of turn), ``[len(answer), vocab]``;
+    and the visual tokens ``[F, T, d]`` of the frames they read."""
+    hidden, lens, vis = question_hidden(adapter, clip, rows)
+    return [adapter.llm.lm_head(hidden[i, lens[i] - len(clip.items[r][3]): lens[i]]) for i, r in enumerate(rows)], vis
 
 
-def clip_loss(adapter: VLMAdapter, clip: Clip, rows: list[int]) -> torch.Tensor:
-    """Mean cross-entropy over the answer tokens (answer + end of turn) of ``rows``."""
-    logits = answer_logits(adapter, clip, rows)
+def clip_loss(adapter: VLMAdapter, clip: Clip, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy over the answer tokens (answer + end of turn) of ``rows``, and the visual tokens
+    ``[F, T, d]`` they read."""
+    logits, vis = answer_logits(adapter, clip, rows)
     targets = torch.cat([clip.items[r][3] for r in rows])
-    return torch.nn.functional.cross_entropy(torch.cat(logits).float(), targets)
+    return torch.nn.functional.cross_entropy(torch.cat(logits).float(), targets), vis
 
 
 @torch.inference_mode()
@@ -212,7 +214,7 @@ def check_inference_path(adapter: VLMAdapter, clip: Clip, row: int) -> float:
     pieces.append(adapter.question_embeds(it.prompt))
     pieces.append(adapter.llm.embed(answer[:-1]))
     ref = adapter.llm.forward(torch.cat(pieces)[None], logits_to_keep=len(answer))[0]
-    diff = float((ref - answer_logits(adapter, clip, [row])[0]).abs().max())
+    diff = float((ref - answer_logits(adapter, clip, [row])[0][0]).abs().max())
     if diff > 1e-3:
         raise RuntimeError(f"training input differs from the service's inference path (max |dlogit| {diff:.2e})")
     return diff
@@ -282,20 +284,43 @@ def report(results: list[tuple[EvalItem, str, bool]], meta: dict[str, Any], wind
     return acc
 
 
-def warm_vision(adapter: VLMAdapter, clips: list[Clip], steps: int, lr: float, seed: int, log: Any,
+class Probes(torch.nn.Module):
+    """Linear probes on the visual tokens ``[B, T, d]`` the LLM reads: per token the colour, shape and size of the
+    object covering its cell (0 = none) and which cell it is; from the mean token the frame's object count and its
+    multi-hot summary (see :func:`token_labels`). Cells an object covers weigh ``occupied_weight`` x an empty cell's
+    (most cells are empty), the shape term ``shape_weight`` x (shape needs the neighbouring patches and is learnt
+    last), the summary ``present_weight``."""
+
+    def __init__(self, d: int, n_present: int, occupied_weight: float, shape_weight: float, present_weight: float):
+        super().__init__()
+        self.cells = GRID * GRID
+        self.splits = (len(COLOURS) + 1, len(SHAPES) + 1, len(SIZES) + 1, self.cells)
+        self.token = torch.nn.Linear(d, sum(self.splits))
+        self.frame = torch.nn.Linear(d, 4 + n_present)
+        self.weights = (occupied_weight, (1.0, shape_weight, 1.0), present_weight)
+
+    def loss(self, tokens: torch.Tensor, labels: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """``tokens [B, T, d]``, ``labels [B, T + 1, 3]``, ``present [B, P]`` -> the weighted probe loss."""
+        occupied_w, part_w, present_w = self.weights
+        ce = torch.nn.functional.cross_entropy
+        parts = self.token(tokens).split(self.splits, dim=-1)
+        w = 1 + (occupied_w - 1) * (labels[:, :-1, 0] > 0).float().flatten()  # [B*T]
+        loss = sum(part_w[j] * (ce(p.flatten(0, 1), labels[:, :-1, j].flatten(), reduction="none") * w).sum() / w.sum()
+                   for j, p in enumerate(parts[:3]))
+        loss = loss + ce(parts[3].flatten(0, 1), torch.arange(self.cells).repeat(tokens.shape[0]))  # where it sits
+        frame = self.frame(tokens.mean(1))  # [B, 4 + P]
+        loss = loss + ce(frame[:, :4], labels[:, -1, 0])
+        return loss + present_w * torch.nn.functional.binary_cross_entropy_with_logits(frame[:, 4:], present)
+
+
+def warm_vision(adapter: VLMAdapter, clips: list[Clip], probes: Probes, steps: int, lr: float, seed: int, log: Any,
                 batch: int = 64) -> list[float]:
-    """Curriculum stage 0, single frames: the vision tower + projector learn what each visual token shows (colour,
-    shape, size of the object covering its cell, the cell itself; from the mean token: the frame's object count and
-    its multi-hot summary) through temporary linear probes on the ``[F, T, d]`` tokens the LLM will read; the probes
-    are discarded."""
-    d, cells = adapter.llm.hidden_size, GRID * GRID
-    probe = torch.nn.Linear(d, len(COLOURS) + 1 + len(SHAPES) + 1 + len(SIZES) + 1 + cells)
-    count = torch.nn.Linear(d, 4 + clips[0].present.shape[1])
-    mods = [adapter.model.model.vision_tower, adapter.model.model.multi_modal_projector, probe, count]
+    """Curriculum stage 0, single frames: the vision tower + projector learn what each visual token shows through
+    the :class:`Probes` on the ``[F, T, d]`` tokens the LLM will read (the probes are not part of the model)."""
+    mods = [adapter.model.model.vision_tower, adapter.model.model.multi_modal_projector, probes]
     opt = torch.optim.AdamW([p for m in mods for p in m.parameters()], lr=lr, weight_decay=0.05)
     frames = [(i, f) for i, c in enumerate(clips) for f in range(len(c.pts))]
-    rng, losses, ce = random.Random(seed), [], torch.nn.functional.cross_entropy
-    splits = (len(COLOURS) + 1, len(SHAPES) + 1, len(SIZES) + 1, cells)
+    rng, losses = random.Random(seed), []
     for step in range(steps):
         pick = rng.sample(frames, batch)
         pixels = torch.stack([clips[i].pixels[f] for i, f in pick])
@@ -303,13 +328,7 @@ def warm_vision(adapter: VLMAdapter, clips: list[Clip], steps: int, lr: float, s
         present = torch.stack([clips[i].present[f] for i, f in pick])  # [B, 72]
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, max(1, steps // 20))
-        tokens = visual_tokens(adapter, pixels)  # [B, T, d]
-        parts = probe(tokens).split(splits, dim=-1)
-        loss = sum(ce(p.flatten(0, 1), labels[:, :-1, j].flatten()) for j, p in enumerate(parts[:3]))
-        loss = loss + ce(parts[3].flatten(0, 1), torch.arange(cells).repeat(batch))  # where the token sits
-        frame = count(tokens.mean(1))  # [B, 4 + 72]
-        loss = loss + ce(frame[:, :4], labels[:, -1, 0])
-        loss = loss + 10 * torch.nn.functional.binary_cross_entropy_with_logits(frame[:, 4:], present)
+        loss = probes.loss(visual_tokens(adapter, pixels), labels, present)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -317,6 +336,23 @@ def warm_vision(adapter: VLMAdapter, clips: list[Clip], steps: int, lr: float, s
         if step % 100 == 0 or step == steps - 1:
             log(f"vision warm-up {step}/{steps} loss {np.mean(losses[-100:]):.4f}")
     return losses
+
+
+@torch.inference_mode()
+def probe_accuracy(adapter: VLMAdapter, probes: Probes, clips: list[Clip], frames: int = 1024,
+                   seed: int = 5) -> dict[str, float]:
+    """Held-out probe accuracy on ``frames`` random frames of ``clips``: colour / shape / size of the object on the
+    token cells an object covers, and the frame's object count."""
+    pool = [(i, f) for i, c in enumerate(clips) for f in range(len(c.pts))]
+    pick = random.Random(seed).sample(pool, min(frames, len(pool)))
+    labels = torch.stack([clips[i].labels[f] for i, f in pick])
+    tokens = torch.cat([visual_tokens(adapter, torch.stack([clips[i].pixels[f] for i, f in pick[k:k + 128]]))
+                        for k in range(0, len(pick), 128)])
+    parts, occ = probes.token(tokens).split(probes.splits, dim=-1), labels[:, :-1, 0] > 0
+    acc = {n: float((parts[j].argmax(-1) == labels[:, :-1, j])[occ].float().mean())
+           for j, n in enumerate(("colour", "shape", "size"))}
+    acc["count"] = float((probes.frame(tokens.mean(1))[:, :4].argmax(-1) == labels[:, -1, 0]).float().mean())
+    return {k: round(v, 4) for k, v in acc.items()}
 
 
 def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
@@ -327,15 +363,16 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
 
 
 def train(adapter: VLMAdapter, stages: list[tuple[int, list[Clip]]], seed: int, lr: float, questions: int,
-          log: Any, vision_scale: float = 1.0) -> list[float]:
+          log: Any, vision_scale: float = 1.0, probes: Probes | None = None, aux_weight: float = 0.0) -> list[float]:
     """The curriculum's answer-token stages: ``(steps, clips)`` each, one warm-up + cosine schedule over all of them;
-    the (warmed-up) vision tower and projector learn at ``vision_scale * lr``. Each step: one clip, ``questions``
-    random items of it. Returns the loss per step."""
+    the (warmed-up) vision tower and projector learn at ``vision_scale * lr``, with the warm-up's ``probes`` kept on
+    as an auxiliary loss (``aux_weight``). Each step: one clip, ``questions`` random items of it. Returns the answer
+    loss per step."""
     rng, model = random.Random(seed), adapter.model.train()
     vision = [p for n, p in model.named_parameters() if "vision_tower" in n or "multi_modal_projector" in n]
     ids = {id(p) for p in vision}
     groups = [{"params": [p for p in model.parameters() if id(p) not in ids], "scale": 1.0},
-              {"params": vision, "scale": vision_scale}]
+              {"params": vision + (list(probes.parameters()) if probes is not None else []), "scale": vision_scale}]
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), weight_decay=0.05)
     steps = sum(n for n, _ in stages)
     plan = [clips for n, clips in stages for _ in range(n)]
@@ -346,12 +383,15 @@ def train(adapter: VLMAdapter, stages: list[tuple[int, list[Clip]]], seed: int, 
         rows = sorted(rng.sample(range(len(clip.items)), min(questions, len(clip.items))))
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, max(1, steps // 20)) * g["scale"]
-        loss = clip_loss(adapter, clip, rows)
+        answer, vis = clip_loss(adapter, clip, rows)
+        loss = answer
+        if probes is not None and aux_weight > 0:  # what each token shows stays decodable while the LLM learns
+            loss = loss + aux_weight * probes.loss(vis, clip.labels[: len(vis)], clip.present[: len(vis)])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        losses.append(float(loss.detach()))
+        losses.append(float(answer.detach()))
         if step % 100 == 0 or step == steps - 1:
             log(f"step {step}/{steps} loss {np.mean(losses[-100:]):.4f} ({(time.perf_counter() - t0) / 60:.1f} min)")
     model.eval()
@@ -429,15 +469,15 @@ CRR watches: {lat['alerted']} of {lat['watches']} alerted at or after the plante
 """
 
 
-CURRICULUM = (("early", 0.7), ("short", 0.22), ("long", 0.08))  # share of --steps per answer-token stage
+CURRICULUM = (("early", 0.6), ("short", 0.25), ("long", 0.15))  # share of --steps per answer-token stage
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seed", type=int, default=1, help="train bench seed and init seed (test bench: seed 0)")
     p.add_argument("--out", type=Path, default=ROOT / "stream/models/reference", help="model folder to write")
-    p.add_argument("--steps", type=int, default=5600, help="answer-token steps (one clip each), all stages")
-    p.add_argument("--warmup-steps", type=int, default=800, help="single-frame vision warm-up steps (64 frames)")
+    p.add_argument("--steps", type=int, default=7000, help="answer-token steps (one clip each), all stages")
+    p.add_argument("--warmup-steps", type=int, default=2000, help="single-frame vision warm-up steps (64 frames)")
     p.add_argument("--plot", type=Path, help="write the loss curves PNG here")
     p.add_argument("--data", type=Path, default=ROOT / "out/reference_data", help="generated benches go here")
     p.add_argument("--lr", type=float, default=4e-4, help="peak learning rate of the answer-token stages (AdamW, "
@@ -448,7 +488,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test-items", type=int, default=480, help="items of the held-out test bench (seed 0)")
     p.add_argument("--vision-scale", type=float, default=1.0, help="learning-rate factor of the vision tower and "
                    "projector in the answer-token stages (after their warm-up)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--occupied-weight", type=float, default=5.0, help="probe loss weight of a token cell an object "
+                   "covers, relative to an empty one")
+    p.add_argument("--shape-weight", type=float, default=5.0, help="probe loss weight of the shape term")
+    p.add_argument("--present-weight", type=float, default=10.0, help="probe loss weight of the frame summary")
+    p.add_argument("--aux-weight", type=float, default=0.5, help="the probes' loss kept on in the answer-token "
+                   "stages, this times")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (the machine's 2 cores)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -471,9 +517,17 @@ def main(argv: list[str] | None = None) -> int:
         f"{ {k: len(v) for k, v in data.items()} } ({(time.perf_counter() - t_start) / 60:.1f} min)")
     diff = check_inference_path(adapter, data["long"][0], len(data["long"][0].items) - 1)  # 2. the service's input
     t_train = time.perf_counter()
-    warm = warm_vision(adapter, data["short"] + data["long"], args.warmup_steps, args.warmup_lr, args.seed, log)  # 3.
+    probes = Probes(adapter.llm.hidden_size, data["short"][0].present.shape[1], args.occupied_weight,
+                    args.shape_weight, args.present_weight)
+    warm = warm_vision(adapter, data["short"] + data["long"], probes, args.warmup_steps, args.warmup_lr, args.seed,
+                       log)  # 3.
+    test = load_clips(args.data / "test", adapter)
+    probe_acc = {"after_warmup": probe_accuracy(adapter, probes, test)}
+    log(f"held-out probe accuracy after the warm-up: {probe_acc['after_warmup']}")
     stages = [(round(args.steps * share), data[name]) for name, share in CURRICULUM]
-    losses = train(adapter, stages, args.seed, args.lr, args.questions, log, args.vision_scale)
+    losses = train(adapter, stages, args.seed, args.lr, args.questions, log, args.vision_scale, probes,
+                   args.aux_weight)
+    probe_acc["after_training"] = probe_accuracy(adapter, probes, test)
     train_min = (time.perf_counter() - t_train) / 60
     save(adapter, args.out)  # 4. save, reload with the project's loader, evaluate held-out
     from stream.models.loading import load_adapter
@@ -483,6 +537,9 @@ def main(argv: list[str] | None = None) -> int:
     acc = report(results, json.loads((args.data / "test" / "meta.json").read_text()), window_s=15)
     figures = {"seed": args.seed, "warmup_steps": args.warmup_steps, "steps": args.steps,
                "stages": {n: k for (n, _), (k, _) in zip(CURRICULUM, stages)}, "questions_per_step": args.questions, "vision_scale": args.vision_scale,
+               "probe_weights": {"occupied": args.occupied_weight, "shape": args.shape_weight,
+                                 "present": args.present_weight, "aux": args.aux_weight},
+               "probe_accuracy_test": probe_acc,
                "lr": args.lr, "warmup_lr": args.warmup_lr, "threads": args.threads, "train_minutes": round(train_min, 2),
                "total_minutes": round((time.perf_counter() - t_start) / 60, 2),
                "final_loss": round(float(np.mean(losses[-100:])), 4), "inference_path_max_dlogit": diff,
