@@ -154,3 +154,34 @@ def test_training_input_is_the_services_input(bench: Path) -> None:
     clip = load_clips(bench, adapter)[0]
     for row in (0, len(clip.items) - 1):
         assert check_inference_path(adapter, clip, row) < 1e-4
+
+
+def test_reference_probe_loss_weights_occupied_cells_and_shape() -> None:
+    """The trainer's probe loss: with unit weights it is the plain per-cell cross-entropy sum (+ cell, count and
+    summary terms); ``occupied_weight`` and ``shape_weight`` scale exactly the occupied cells and the shape term."""
+    torch = pytest.importorskip("torch")
+    from benchmarks.train_reference import GRID, Probes
+
+    torch.manual_seed(0)
+    b, t, d, n_present = 3, GRID * GRID, 8, 72
+    tokens = torch.randn(b, t, d)  # [B, T, d]
+    labels = torch.zeros(b, t + 1, 3, dtype=torch.long)  # [B, T + 1, 3]
+    labels[:, 5] = torch.tensor([2, 3, 1])  # one object cell per frame
+    labels[:, -1, 0] = 1  # one object on screen
+    present = torch.zeros(b, n_present)
+    plain = Probes(d, n_present, occupied_weight=1.0, shape_weight=1.0, present_weight=10.0)
+    ce = torch.nn.functional.cross_entropy
+    parts = plain.token(tokens).split(plain.splits, dim=-1)
+    frame = plain.frame(tokens.mean(1))
+    expected = (sum(ce(p.flatten(0, 1), labels[:, :-1, j].flatten()) for j, p in enumerate(parts[:3]))
+                + ce(parts[3].flatten(0, 1), torch.arange(t).repeat(b)) + ce(frame[:, :4], labels[:, -1, 0])
+                + 10 * torch.nn.functional.binary_cross_entropy_with_logits(frame[:, 4:], present))
+    assert torch.allclose(plain.loss(tokens, labels, present), expected, atol=1e-6)
+
+    weighted = Probes(d, n_present, occupied_weight=5.0, shape_weight=3.0, present_weight=10.0)
+    weighted.load_state_dict(plain.state_dict())
+    w = 1 + 4 * (labels[:, :-1, 0] > 0).float().flatten()
+    terms = [(ce(p.flatten(0, 1), labels[:, :-1, j].flatten(), reduction="none") * w).sum() / w.sum()
+             for j, p in enumerate(parts[:3])]
+    rest = expected - sum(ce(p.flatten(0, 1), labels[:, :-1, j].flatten()) for j, p in enumerate(parts[:3]))
+    assert torch.allclose(weighted.loss(tokens, labels, present), terms[0] + 3 * terms[1] + terms[2] + rest, atol=1e-5)
