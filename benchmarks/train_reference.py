@@ -22,7 +22,6 @@ import platform
 import random
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,114 +32,14 @@ from transformers import DynamicCache
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from serve.eval.bench import EvalItem, load_bench, resolve_video, score  # noqa: E402
+from benchmarks.reference_data import (  # noqa: E402,F401  (build_adapter, load_clips: used by tests too)
+    CHUNK, FAMILY, FPS, GRID, IMAGE, TEST_SEED, Clip, build_adapter, early, load_clips)
+from benchmarks.reference_report import model_card, plot, report  # noqa: E402
+from serve.eval.bench import EvalItem, load_bench, score  # noqa: E402
 from serve.eval.synth import make_bench  # noqa: E402
-from serve.eval.synth_scene import COLOURS, SHAPES, SIZES, PlantedObject  # noqa: E402
-from stream.config import SamplerConfig, SourceConfig  # noqa: E402
-from stream.models.base import PreprocessSpec, VLMAdapter, run_layers  # noqa: E402
-from stream.models.llava_onevision import LLAVA_OV_CHAT_TEMPLATE, LlavaOneVisionAdapter  # noqa: E402
-from stream.models.tiny import _preprocessor_config, build_tiny_model, train_tokenizer  # noqa: E402
-from stream.sampler import FpsSampler  # noqa: E402
-from stream.sources import open_source  # noqa: E402
-
-FAMILY = "llava_onevision"
-IMAGE, PATCH = 64, 8  # 8x8 = 64 patches -> 2x2 pooling -> 4x4 = 16 tokens per frame
-VISION = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
-              image_size=IMAGE, patch_size=PATCH)
-TEXT = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6,
-            num_key_value_heads=6, rope_theta=10000.0)
-FPS = SamplerConfig().fps  # the service default (1 fps)
-CHUNK = SamplerConfig().frames_per_chunk  # the service default (8 frames per chunk)
-TEST_SEED = 0
-GRID = 4  # token grid side (IMAGE / PATCH / 2)
-
-
-def token_labels(objects: list[dict[str, Any]], t: float) -> tuple[list[list[int]], list[float]]:
-    """Ground truth of one frame from the bench's timeline: per token cell (row-major, ``GRID x GRID`` over the
-    frame) ``[colour, shape, size]`` of the object covering most of it (0 = none; else 1 + index in ``COLOURS`` /
-    ``SHAPES`` / ``SIZES``), then ``[count on screen (max 3), 0, 0]``; and a multi-hot frame summary: which
-    colour x shape x size objects are on screen (36), which colour x shape ones sit left / right of centre (2 x 18)."""
-    cells = [[0, 0, 0] for _ in range(GRID * GRID)]
-    best = [0.15] * (GRID * GRID)  # an object must cover at least 15 % of a cell
-    visible = [PlantedObject(**{**o, "start": tuple(o["start"]), "end": tuple(o["end"])}) for o in objects
-               if o["on"] <= t < o["off"]]
-    n_c, n_s, n_z = len(COLOURS), len(SHAPES), len(SIZES)
-    present = [0.0] * (n_c * n_s * (n_z + 2))
-    for o in visible:
-        (cx, cy), hw, hh = o.centre(t), o.half_width(), SIZES[o.size] / 2
-        ci, si, zi = list(COLOURS).index(o.colour), SHAPES.index(o.shape), list(SIZES).index(o.size)
-        present[(ci * n_s + si) * n_z + zi] = 1.0
-        present[n_c * n_s * (n_z + (cx >= 0.5)) + ci * n_s + si] = 1.0
-        for k in range(GRID * GRID):
-            r, c = divmod(k, GRID)
-            ox = max(0.0, min(cx + hw, (c + 1) / GRID) - max(cx - hw, c / GRID))
-            oy = max(0.0, min(cy + hh, (r + 1) / GRID) - max(cy - hh, r / GRID))
-            if ox * oy * GRID * GRID > best[k]:
-                best[k] = ox * oy * GRID * GRID
-                cells[k] = [1 + ci, 1 + si, 1 + zi]
-    return cells + [[min(3, len(visible)), 0, 0]], present
-
-
-@dataclass
-class Clip:
-    """One decoded training/test clip: ``pixels [F, 3, S, S]`` float32 at ``FPS``, and its questions."""
-
-    video: str
-    pixels: torch.Tensor
-    pts: list[float]
-    items: list[tuple[EvalItem, int, torch.Tensor, torch.Tensor]]  # (item, frames seen, prompt ids, answer ids)
-    labels: torch.Tensor  # [F, GRID * GRID + 1, 3] int64: per token cell colour/shape/size, last row: count
-    present: torch.Tensor  # [F, 72] float multi-hot frame summary (see token_labels)
-
-
-def early(clips: list[Clip], frames: int) -> list[Clip]:
-    """The curriculum's first stage: each clip's questions asked within its first ``frames`` sampled frames."""
-    out = [Clip(c.video, c.pixels[:frames], c.pts[:frames], [r for r in c.items if r[1] <= frames],
-                c.labels[:frames], c.present[:frames]) for c in clips]
-    return [c for c in out if c.items]
-
-
-def build_adapter(seed: int, prompts: list[str] = ()) -> VLMAdapter:
-    """A fresh LLaVA-OneVision of the reference size (random init from ``seed``) with the tiny byte-level BPE, its
-    merges also learnt from the benchmark's ``prompts`` so each word of the domain is one token."""
-    tok = train_tokenizer(FAMILY, extra_corpus=sorted(set(prompts)) * 3)
-    model = build_tiny_model(FAMILY, tok, TEXT, VISION, seed)
-    spec = PreprocessSpec(IMAGE, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")
-    return LlavaOneVisionAdapter(model, tok, spec, LLAVA_OV_CHAT_TEMPLATE)
-
-
-def decode(path: Path) -> tuple[np.ndarray, list[float]]:
-    """The frames the service samples from ``path``: ``[F, H, W, 3]`` uint8 and their pts."""
-    sampler, rgb, pts = FpsSampler(FPS), [], []
-    with open_source(path, SourceConfig()) as src:
-        for frame in src:
-            if sampler.accept(frame):
-                rgb.append(frame.rgb)
-                pts.append(frame.pts)
-    return np.stack(rgb), pts
-
-
-def load_clips(bench_dir: Path, adapter: VLMAdapter) -> list[Clip]:
-    """``bench_dir/ovo.json`` items grouped per video, frames decoded and preprocessed once."""
-    items = load_bench(bench_dir / "ovo.json", "ovo")
-    eos = adapter.tokenizer.convert_tokens_to_ids(adapter.end_of_turn_tokens[0])
-    meta = json.loads((bench_dir / "meta.json").read_text())
-    objects = {c["video"]: c["objects"] for c in meta["clips"]}
-    by_video: dict[str, list[EvalItem]] = {}
-    for it in items:
-        by_video.setdefault(it.video, []).append(it)
-    clips = []
-    for video, group in by_video.items():
-        rgb, pts = decode(resolve_video(group[0], bench_dir))
-        rows = []
-        for it in sorted(group, key=lambda i: i.time_s):
-            seen = sum(p <= it.time_s + 1e-9 for p in pts)
-            answer = torch.tensor(adapter.tokenizer(it.answer, add_special_tokens=False)["input_ids"] + [eos])
-            rows.append((it, seen, adapter.question_ids(it.prompt), answer))
-        cells, present = zip(*(token_labels(objects[video], t) for t in pts))
-        clips.append(Clip(video, adapter.preprocess(rgb).float(), pts, rows, torch.tensor(cells),
-                          torch.tensor(present)))
-    return clips
+from serve.eval.synth_scene import COLOURS, SHAPES, SIZES  # noqa: E402
+from stream.models.base import VLMAdapter, run_layers  # noqa: E402
+from stream.models.tiny import _preprocessor_config  # noqa: E402
 
 
 def visual_tokens(adapter: VLMAdapter, pixels: torch.Tensor) -> torch.Tensor:
@@ -248,40 +147,6 @@ def evaluate(adapter: VLMAdapter, clips: list[Clip], max_new_tokens: int = 8) ->
             response = adapter.tokenizer.decode(ids, skip_special_tokens=True)
             out.append((it, response, score(it, response)))
     return out
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score 95 % interval of ``k`` successes in ``n`` trials."""
-    if n == 0:
-        return 0.0, 1.0
-    p, d = k / n, 1 + z * z / n
-    c, h = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return round(c - h, 4), round(c + h, 4)
-
-
-def report(results: list[tuple[EvalItem, str, bool]], meta: dict[str, Any], window_s: int) -> dict[str, Any]:
-    """Accuracy with Wilson intervals per task, per task kind (real-time / backward / forward), EPM split at
-    ``T_s <= window_s``, and CRR alert latency (first "Yes" at or after the planted onset)."""
-    by_id = {m["id"]: m for m in meta["items"]}
-    groups: dict[str, list[bool]] = {}
-    latency: dict[str, int] = {}
-    for it, response, ok in results:
-        m = by_id[it.item_id.split("#")[0]]
-        kind = {"ATR": "realtime", "STU": "realtime", "OJR": "realtime", "EPM": "backward", "ASI": "backward",
-                "REC": "counting", "CRR": "forward_yes_no"}[it.task]
-        keys = [it.task, kind]
-        if it.task in ("EPM", "ASI"):
-            keys.append("backward_inside" if m["T_s"] <= window_s else "backward_beyond")
-        for key in keys:
-            groups.setdefault(key, []).append(ok)
-        if it.task == "CRR" and it.time_s >= m["onset_s"] and response.strip().startswith("Y"):
-            latency.setdefault(m["id"], int(it.time_s - m["onset_s"]))
-    acc = {k: {"n": len(v), "correct": sum(v), "accuracy": round(sum(v) / len(v), 4), "ci95": wilson(sum(v), len(v))}
-           for k, v in sorted(groups.items())}
-    n_watch = len({m["id"] for m in meta["items"] if m["task"] == "CRR"})
-    lat = sorted(latency.values())
-    acc["alert_latency_s"] = {"watches": n_watch, "alerted": len(lat), "median": lat[len(lat) // 2] if lat else None}
-    return acc
 
 
 class Probes(torch.nn.Module):
@@ -406,70 +271,7 @@ def save(adapter: VLMAdapter, out: Path) -> None:
     (out / "preprocessor_config.json").write_text(json.dumps(_preprocessor_config(FAMILY, IMAGE), indent=2) + "\n")
 
 
-def plot(warm: list[float], losses: list[float], bounds: list[int], path: Path, title: str) -> None:
-    """Vision warm-up probe loss (left) and answer-token loss per step (right, curriculum stages dashed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [1, 2]})
-    for ax, ys, name in ((axes[0], warm, "probe loss (4 heads)"), (axes[1], losses, "answer-token cross-entropy")):
-        ax.plot(ys, lw=0.5, alpha=0.35, label="per step")
-        k = 50
-        if len(ys) > k:
-            ax.plot(range(k - 1, len(ys)), np.convolve(ys, np.ones(k) / k, mode="valid"), lw=1.5, label=f"mean of {k}")
-        ax.set(yscale="log", ylabel=name)
-        ax.legend(fontsize=8)
-    for b in bounds:
-        axes[1].axvline(b, color="gray", ls="--", lw=0.8)
-    axes[0].set(xlabel="vision warm-up step (64 frames)", title="stage 0: single frames")
-    axes[1].set(xlabel="step (one clip, its sampled questions)", title="stages 1-3: streams <= 8 s, 24-32 s, 40-96 s")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def model_card(f: dict[str, Any]) -> str:
-    """The model folder's README.md from the run's figures."""
-    acc = f["accuracy"]
-    rows = "\n".join(f"| {k} | {v['n']} | {v['accuracy']:.3f} | [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}] |"
-                     for k, v in acc.items() if "accuracy" in v)
-    lat = acc["alert_latency_s"]
-    return f"""# stc-serve reference model (a test instrument, not a general VLM)
-
-LLaVA-OneVision architecture (SigLIP tower -> MLP projector -> 2x2 pooling -> Qwen2) at a small size, trained
-**from scratch** on this CPU on the train split of the synthetic streaming benchmark (`serve.eval.synth`: planted
-squares / circles / triangles in 6 colours and 2 sizes over real footage). It answers questions about planted shapes
-in streams; on anything else its answers mean nothing. It exists so compression settings get accuracy figures.
-
-- Input it expects: frames sampled at **{f['fps']:g} fps**, chunks of **{f['frames_per_chunk']}** frames (the service
-  defaults), {IMAGE} px frames -> {(IMAGE // PATCH) ** 2} patches -> **{f['tokens_per_frame']} tokens per frame**;
-  the prompts of `serve.eval.bench` (`MC_PROMPT`, `REC_PROMPT`, `CRR_PROMPT`); answers are a letter, a number or
-  Yes/No.
-- Size: vision {VISION['num_hidden_layers']} layers x {VISION['hidden_size']}, LLM {TEXT['num_hidden_layers']} layers
-  x {TEXT['hidden_size']} ({TEXT['num_attention_heads']} heads, {TEXT['num_key_value_heads']} KV heads), byte-level
-  BPE of `stream.models.tiny` (vocab 1024), float32 safetensors.
-- Trained: seed {f['seed']}, {f['threads']} torch thread(s), {f['train_minutes']:.1f} min of training
-  ({f['total_minutes']:.1f} min with data generation and evaluation), {f['warmup_steps']} single-frame vision
-  warm-up steps then {f['steps']} answer-token steps ({f['stages']}), final answer loss {f['final_loss']}.
-- Reproduce: `python benchmarks/train_reference.py --seed {f['seed']} --out stream/models/reference --plot
-  docs/reference_loss.png` (see `docs/reference_model.md`).
-
-Held-out accuracy (test split: seed {f['test_bench']['seed']}, last 40 % of each background's frames,
-{f['test_bench']['questions']} timed questions, compression off, greedy; 95 % Wilson intervals):
-
-| task | n | accuracy | 95 % CI |
-|---|---|---|---|
-{rows}
-
-CRR watches: {lat['alerted']} of {lat['watches']} alerted at or after the planted onset, median latency
-{lat['median']} s. `backward_inside` / `backward_beyond`: EPM/ASI items with `T_s` <= / > 15 s.
-"""
-
-
-CURRICULUM = (("early", 0.6), ("short", 0.25), ("long", 0.15))  # share of --steps per answer-token stage
+CURRICULUM = (("early", 0.6), ("short", 0.25), ("long", 0.15))  # default share of --steps per answer-token stage
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -494,8 +296,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--present-weight", type=float, default=10.0, help="probe loss weight of the frame summary")
     p.add_argument("--aux-weight", type=float, default=0.5, help="the probes' loss kept on in the answer-token "
                    "stages, this times")
+    p.add_argument("--curriculum", type=float, nargs=3, default=[share for _, share in CURRICULUM],
+                   metavar=("EARLY", "SHORT", "LONG"), help="share of --steps on questions within the first 8 frames, "
+                   "on 24-32 s streams and on 40-96 s streams (sums to 1)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (the machine's 2 cores)")
     args = p.parse_args(argv)
+    if min(args.curriculum) < 0 or abs(sum(args.curriculum) - 1) > 1e-6:
+        p.error(f"--curriculum {' '.join(map(str, args.curriculum))}: three shares >= 0 that sum to 1 are allowed. "
+                f"Fix: e.g. --curriculum 0.6 0.25 0.15")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     t_start = time.perf_counter()
@@ -524,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     test = load_clips(args.data / "test", adapter)
     probe_acc = {"after_warmup": probe_accuracy(adapter, probes, test)}
     log(f"held-out probe accuracy after the warm-up: {probe_acc['after_warmup']}")
-    stages = [(round(args.steps * share), data[name]) for name, share in CURRICULUM]
+    stages = [(round(args.steps * share), data[name]) for (name, _), share in zip(CURRICULUM, args.curriculum)]
     losses = train(adapter, stages, args.seed, args.lr, args.questions, log, args.vision_scale, probes,
                    args.aux_weight)
     probe_acc["after_training"] = probe_accuracy(adapter, probes, test)

@@ -1,0 +1,121 @@
+"""The reference model's shape and data, shared by its trainer (``train_reference.py``) and its reports: the model
+size, the service defaults it is trained at, each frame's per-token ground truth, and the decoded clips of a
+generated bench."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from serve.eval.bench import EvalItem, load_bench, resolve_video
+from serve.eval.synth_scene import COLOURS, SHAPES, SIZES, PlantedObject
+from stream.config import SamplerConfig, SourceConfig
+from stream.models.base import PreprocessSpec, VLMAdapter
+from stream.models.llava_onevision import LLAVA_OV_CHAT_TEMPLATE, LlavaOneVisionAdapter
+from stream.models.tiny import build_tiny_model, train_tokenizer
+from stream.sampler import FpsSampler
+from stream.sources import open_source
+
+
+FAMILY = "llava_onevision"
+IMAGE, PATCH = 64, 8  # 8x8 = 64 patches -> 2x2 pooling -> 4x4 = 16 tokens per frame
+VISION = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+              image_size=IMAGE, patch_size=PATCH)
+TEXT = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6,
+            num_key_value_heads=6, rope_theta=10000.0)
+FPS = SamplerConfig().fps  # the service default (1 fps)
+CHUNK = SamplerConfig().frames_per_chunk  # the service default (8 frames per chunk)
+TEST_SEED = 0
+GRID = 4  # token grid side (IMAGE / PATCH / 2)
+
+
+def token_labels(objects: list[dict[str, Any]], t: float) -> tuple[list[list[int]], list[float]]:
+    """Ground truth of one frame from the bench's timeline: per token cell (row-major, ``GRID x GRID`` over the
+    frame) ``[colour, shape, size]`` of the object covering most of it (0 = none; else 1 + index in ``COLOURS`` /
+    ``SHAPES`` / ``SIZES``), then ``[count on screen (max 3), 0, 0]``; and a multi-hot frame summary: which
+    colour x shape x size objects are on screen (36), which colour x shape ones sit left / right of centre (2 x 18)."""
+    cells = [[0, 0, 0] for _ in range(GRID * GRID)]
+    best = [0.15] * (GRID * GRID)  # an object must cover at least 15 % of a cell
+    visible = [PlantedObject(**{**o, "start": tuple(o["start"]), "end": tuple(o["end"])}) for o in objects
+               if o["on"] <= t < o["off"]]
+    n_c, n_s, n_z = len(COLOURS), len(SHAPES), len(SIZES)
+    present = [0.0] * (n_c * n_s * (n_z + 2))
+    for o in visible:
+        (cx, cy), hw, hh = o.centre(t), o.half_width(), SIZES[o.size] / 2
+        ci, si, zi = list(COLOURS).index(o.colour), SHAPES.index(o.shape), list(SIZES).index(o.size)
+        present[(ci * n_s + si) * n_z + zi] = 1.0
+        present[n_c * n_s * (n_z + (cx >= 0.5)) + ci * n_s + si] = 1.0
+        for k in range(GRID * GRID):
+            r, c = divmod(k, GRID)
+            ox = max(0.0, min(cx + hw, (c + 1) / GRID) - max(cx - hw, c / GRID))
+            oy = max(0.0, min(cy + hh, (r + 1) / GRID) - max(cy - hh, r / GRID))
+            if ox * oy * GRID * GRID > best[k]:
+                best[k] = ox * oy * GRID * GRID
+                cells[k] = [1 + ci, 1 + si, 1 + zi]
+    return cells + [[min(3, len(visible)), 0, 0]], present
+
+
+@dataclass
+class Clip:
+    """One decoded training/test clip: ``pixels [F, 3, S, S]`` float32 at ``FPS``, and its questions."""
+
+    video: str
+    pixels: torch.Tensor
+    pts: list[float]
+    items: list[tuple[EvalItem, int, torch.Tensor, torch.Tensor]]  # (item, frames seen, prompt ids, answer ids)
+    labels: torch.Tensor  # [F, GRID * GRID + 1, 3] int64: per token cell colour/shape/size, last row: count
+    present: torch.Tensor  # [F, 72] float multi-hot frame summary (see token_labels)
+
+
+def early(clips: list[Clip], frames: int) -> list[Clip]:
+    """The curriculum's first stage: each clip's questions asked within its first ``frames`` sampled frames."""
+    out = [Clip(c.video, c.pixels[:frames], c.pts[:frames], [r for r in c.items if r[1] <= frames],
+                c.labels[:frames], c.present[:frames]) for c in clips]
+    return [c for c in out if c.items]
+
+
+def build_adapter(seed: int, prompts: list[str] = ()) -> VLMAdapter:
+    """A fresh LLaVA-OneVision of the reference size (random init from ``seed``) with the tiny byte-level BPE, its
+    merges also learnt from the benchmark's ``prompts`` so each word of the domain is one token."""
+    tok = train_tokenizer(FAMILY, extra_corpus=sorted(set(prompts)) * 3)
+    model = build_tiny_model(FAMILY, tok, TEXT, VISION, seed)
+    spec = PreprocessSpec(IMAGE, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")
+    return LlavaOneVisionAdapter(model, tok, spec, LLAVA_OV_CHAT_TEMPLATE)
+
+
+def decode(path: Path) -> tuple[np.ndarray, list[float]]:
+    """The frames the service samples from ``path``: ``[F, H, W, 3]`` uint8 and their pts."""
+    sampler, rgb, pts = FpsSampler(FPS), [], []
+    with open_source(path, SourceConfig()) as src:
+        for frame in src:
+            if sampler.accept(frame):
+                rgb.append(frame.rgb)
+                pts.append(frame.pts)
+    return np.stack(rgb), pts
+
+
+def load_clips(bench_dir: Path, adapter: VLMAdapter) -> list[Clip]:
+    """``bench_dir/ovo.json`` items grouped per video, frames decoded and preprocessed once."""
+    items = load_bench(bench_dir / "ovo.json", "ovo")
+    eos = adapter.tokenizer.convert_tokens_to_ids(adapter.end_of_turn_tokens[0])
+    meta = json.loads((bench_dir / "meta.json").read_text())
+    objects = {c["video"]: c["objects"] for c in meta["clips"]}
+    by_video: dict[str, list[EvalItem]] = {}
+    for it in items:
+        by_video.setdefault(it.video, []).append(it)
+    clips = []
+    for video, group in by_video.items():
+        rgb, pts = decode(resolve_video(group[0], bench_dir))
+        rows = []
+        for it in sorted(group, key=lambda i: i.time_s):
+            seen = sum(p <= it.time_s + 1e-9 for p in pts)
+            answer = torch.tensor(adapter.tokenizer(it.answer, add_special_tokens=False)["input_ids"] + [eos])
+            rows.append((it, seen, adapter.question_ids(it.prompt), answer))
+        cells, present = zip(*(token_labels(objects[video], t) for t in pts))
+        clips.append(Clip(video, adapter.preprocess(rgb).float(), pts, rows, torch.tensor(cells),
+                          torch.tensor(present)))
+    return clips

@@ -1,0 +1,108 @@
+"""Reports of the reference model's training (``train_reference.py``): accuracy with Wilson intervals per task and
+kind, the loss curves PNG, and the model folder's README."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.reference_data import IMAGE, PATCH, TEXT, VISION
+from serve.eval.bench import EvalItem
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score 95 % interval of ``k`` successes in ``n`` trials."""
+    if n == 0:
+        return 0.0, 1.0
+    p, d = k / n, 1 + z * z / n
+    c, h = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return round(c - h, 4), round(c + h, 4)
+
+
+def report(results: list[tuple[EvalItem, str, bool]], meta: dict[str, Any], window_s: int) -> dict[str, Any]:
+    """Accuracy with Wilson intervals per task, per task kind (real-time / backward / forward), EPM split at
+    ``T_s <= window_s``, and CRR alert latency (first "Yes" at or after the planted onset)."""
+    by_id = {m["id"]: m for m in meta["items"]}
+    groups: dict[str, list[bool]] = {}
+    latency: dict[str, int] = {}
+    for it, response, ok in results:
+        m = by_id[it.item_id.split("#")[0]]
+        kind = {"ATR": "realtime", "STU": "realtime", "OJR": "realtime", "EPM": "backward", "ASI": "backward",
+                "REC": "counting", "CRR": "forward_yes_no"}[it.task]
+        keys = [it.task, kind]
+        if it.task in ("EPM", "ASI"):
+            keys.append("backward_inside" if m["T_s"] <= window_s else "backward_beyond")
+        for key in keys:
+            groups.setdefault(key, []).append(ok)
+        if it.task == "CRR" and it.time_s >= m["onset_s"] and response.strip().startswith("Y"):
+            latency.setdefault(m["id"], int(it.time_s - m["onset_s"]))
+    acc = {k: {"n": len(v), "correct": sum(v), "accuracy": round(sum(v) / len(v), 4), "ci95": wilson(sum(v), len(v))}
+           for k, v in sorted(groups.items())}
+    n_watch = len({m["id"] for m in meta["items"] if m["task"] == "CRR"})
+    lat = sorted(latency.values())
+    acc["alert_latency_s"] = {"watches": n_watch, "alerted": len(lat), "median": lat[len(lat) // 2] if lat else None}
+    return acc
+
+
+def plot(warm: list[float], losses: list[float], bounds: list[int], path: Path, title: str) -> None:
+    """Vision warm-up probe loss (left) and answer-token loss per step (right, curriculum stages dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [1, 2]})
+    for ax, ys, name in ((axes[0], warm, "probe loss (4 heads)"), (axes[1], losses, "answer-token cross-entropy")):
+        ax.plot(ys, lw=0.5, alpha=0.35, label="per step")
+        k = 50
+        if len(ys) > k:
+            ax.plot(range(k - 1, len(ys)), np.convolve(ys, np.ones(k) / k, mode="valid"), lw=1.5, label=f"mean of {k}")
+        ax.set(yscale="log", ylabel=name)
+        ax.legend(fontsize=8)
+    for b in bounds:
+        axes[1].axvline(b, color="gray", ls="--", lw=0.8)
+    axes[0].set(xlabel="vision warm-up step (64 frames)", title="stage 0: single frames")
+    axes[1].set(xlabel="step (one clip, its sampled questions)", title="stages 1-3: streams <= 8 s, 24-32 s, 40-96 s")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def model_card(f: dict[str, Any]) -> str:
+    """The model folder's README.md from the run's figures."""
+    acc = f["accuracy"]
+    rows = "\n".join(f"| {k} | {v['n']} | {v['accuracy']:.3f} | [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}] |"
+                     for k, v in acc.items() if "accuracy" in v)
+    lat = acc["alert_latency_s"]
+    return f"""# stc-serve reference model (a test instrument, not a general VLM)
+
+LLaVA-OneVision architecture (SigLIP tower -> MLP projector -> 2x2 pooling -> Qwen2) at a small size, trained
+**from scratch** on this CPU on the train split of the synthetic streaming benchmark (`serve.eval.synth`: planted
+squares / circles / triangles in 6 colours and 2 sizes over real footage). It answers questions about planted shapes
+in streams; on anything else its answers mean nothing. It exists so compression settings get accuracy figures.
+
+- Input it expects: frames sampled at **{f['fps']:g} fps**, chunks of **{f['frames_per_chunk']}** frames (the service
+  defaults), {IMAGE} px frames -> {(IMAGE // PATCH) ** 2} patches -> **{f['tokens_per_frame']} tokens per frame**;
+  the prompts of `serve.eval.bench` (`MC_PROMPT`, `REC_PROMPT`, `CRR_PROMPT`); answers are a letter, a number or
+  Yes/No.
+- Size: vision {VISION['num_hidden_layers']} layers x {VISION['hidden_size']}, LLM {TEXT['num_hidden_layers']} layers
+  x {TEXT['hidden_size']} ({TEXT['num_attention_heads']} heads, {TEXT['num_key_value_heads']} KV heads), byte-level
+  BPE of `stream.models.tiny` (vocab 1024), float32 safetensors.
+- Trained: seed {f['seed']}, {f['threads']} torch thread(s), {f['train_minutes']:.1f} min of training
+  ({f['total_minutes']:.1f} min with data generation and evaluation), {f['warmup_steps']} single-frame vision
+  warm-up steps then {f['steps']} answer-token steps ({f['stages']}), final answer loss {f['final_loss']}.
+- Reproduce: `python benchmarks/train_reference.py --seed {f['seed']} --out stream/models/reference --plot
+  docs/reference_loss.png` (see `docs/reference_model.md`).
+
+Held-out accuracy (test split: seed {f['test_bench']['seed']}, last 40 % of each background's frames,
+{f['test_bench']['questions']} timed questions, compression off, greedy; 95 % Wilson intervals):
+
+| task | n | accuracy | 95 % CI |
+|---|---|---|---|
+{rows}
+
+CRR watches: {lat['alerted']} of {lat['watches']} alerted at or after the planted onset, median latency
+{lat['median']} s. `backward_inside` / `backward_beyond`: EPM/ASI items with `T_s` <= / > 15 s.
+"""
