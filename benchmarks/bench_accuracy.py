@@ -11,10 +11,11 @@ they see the same machine load), asks every question at its time and scores it a
 * accuracy retained (correct answers / those with compression off) and the cost at question time relative to
   compression off (ViT ms, visual tokens, prefill ms, KV bytes, time to first token).
 
-Groups of settings (``--groups``): ``cacher`` (ratio sweep, pruner off), ``pruner`` (policies at one budget, cacher
-off), ``kv`` (a window far shorter than the clips: ``sink_window`` forgets, ``offload`` + retrieval recalls, int8 /
-int4 storage), ``default`` (the shipped defaults). Meant for the reference model (``--model reference``, trained
-here on planted shapes: a test instrument, not a general VLM). Prints one JSON line last; ``--plot`` writes a PNG.
+Groups of settings (``--groups``): ``cacher`` (ratio sweep, pruner off), ``pruner`` (policies at one budget, and the
+default policy at 50 % and 75 % of the tokens; cacher off), ``kv`` (a window far shorter than the clips:
+``sink_window`` forgets, ``offload`` + retrieval recalls, int8 / int4 storage), ``default`` (the shipped defaults).
+Meant for the reference model (``--model reference``, trained here on planted shapes: a test instrument, not a
+general VLM). Prints one JSON line last; ``--plot`` writes a PNG.
 
     python benchmarks/bench_accuracy.py --groups default cacher pruner kv --plot docs/accuracy.png
 """
@@ -69,6 +70,9 @@ def settings_for(groups: list[str], base: StreamOptions, window_tokens: int) -> 
         budget = {k: getattr(base.pruner, k) for k in ("tokens_per_frame", "keep_ratio")}  # the default's budget
         for policy in ("stc_context", "stc", "uniform", "random", "keep_all"):
             out[f"pruner {policy}"] = off.merged({"pruner": {"enabled": True, "policy": policy, **budget}})
+        for keep in (0.5, 0.75):  # what a larger budget buys back, the default policy
+            out[f"pruner {base.pruner.policy} {keep:.0%}"] = off.merged(
+                {"pruner": {"enabled": True, "policy": base.pruner.policy, "tokens_per_frame": None, "keep_ratio": keep}})
     if "kv" in groups:
         sink, reserve = off.kv.sink_tokens, off.kv.reserve_tokens
         small = {"budget_tokens": sink + reserve + window_tokens}
