@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import tempfile
 import time
@@ -37,21 +36,13 @@ from benchmarks.common import machine_info  # noqa: E402
 from serve.core.config import ServiceConfig  # noqa: E402
 from serve.core.options import StreamOptions  # noqa: E402
 from serve.eval import EvalRunner, ItemResult, compression_off, load_bench  # noqa: E402
+from serve.eval.bench import wilson  # noqa: E402
 from serve.eval.synth import make_bench  # noqa: E402
 from stream.models import load_adapter  # noqa: E402
 
 KINDS = {"ATR": "realtime", "STU": "realtime", "OJR": "realtime", "EPM": "backward", "ASI": "backward",
          "REC": "counting", "CRR": "watch"}
 COST_KEYS = ("vit_ms", "visual_tokens", "prefill_ms", "kv_bytes", "ttft_ms")
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95 % Wilson score interval of ``k`` successes in ``n`` trials (``(0, 1)`` when ``n == 0``)."""
-    if n == 0:
-        return 0.0, 1.0
-    p, d = k / n, 1 + z * z / n
-    mid, half = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return max(0.0, mid - half), min(1.0, mid + half)
 
 
 def settings_for(groups: list[str], base: StreamOptions, window_tokens: int) -> dict[str, StreamOptions]:

@@ -2,23 +2,13 @@
 kind, the loss curves PNG, and the model folder's README."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from benchmarks.reference_data import IMAGE, PATCH, TEXT, VISION
-from serve.eval.bench import EvalItem
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score 95 % interval of ``k`` successes in ``n`` trials."""
-    if n == 0:
-        return 0.0, 1.0
-    p, d = k / n, 1 + z * z / n
-    c, h = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return round(c - h, 4), round(c + h, 4)
-
+from serve.eval.bench import EvalItem, wilson
 
 def report(results: list[tuple[EvalItem, str, bool]], meta: dict[str, Any], window_s: int) -> dict[str, Any]:
     """Accuracy with Wilson intervals per task, per task kind (real-time / backward / forward), EPM split at
@@ -37,7 +27,8 @@ def report(results: list[tuple[EvalItem, str, bool]], meta: dict[str, Any], wind
             groups.setdefault(key, []).append(ok)
         if it.task == "CRR" and it.time_s >= m["onset_s"] and response.strip().startswith("Y"):
             latency.setdefault(m["id"], int(it.time_s - m["onset_s"]))
-    acc = {k: {"n": len(v), "correct": sum(v), "accuracy": round(sum(v) / len(v), 4), "ci95": wilson(sum(v), len(v))}
+    acc = {k: {"n": len(v), "correct": sum(v), "accuracy": round(sum(v) / len(v), 4),
+               "ci95": [round(x, 4) for x in wilson(sum(v), len(v))]}
            for k, v in sorted(groups.items())}
     n_watch = len({m["id"] for m in meta["items"] if m["task"] == "CRR"})
     lat = sorted(latency.values())

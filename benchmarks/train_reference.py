@@ -32,7 +32,7 @@ from transformers import DynamicCache
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.reference_data import (  # noqa: E402,F401  (build_adapter, load_clips: used by tests too)
+from benchmarks.reference_data import (  # noqa: E402
     CHUNK, FAMILY, FPS, GRID, IMAGE, TEST_SEED, Clip, build_adapter, early, load_clips)
 from benchmarks.reference_report import model_card, plot, report  # noqa: E402
 from serve.eval.bench import EvalItem, load_bench, score  # noqa: E402

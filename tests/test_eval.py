@@ -193,3 +193,12 @@ def test_scoring_follows_the_benchmarks(scorer, answer, response, ok) -> None:
     item = EvalItem("i", "t", "v", 0.0, "p", answer, scorer, ("a", "b", "c", "d"))
     assert score(item, response) is ok
     assert parse_choice("the answer is D", 4) == "D" and parse_choice("xyz", 4) is None
+
+
+def test_wilson_interval_matches_the_closed_form_and_stays_in_0_1() -> None:
+    from serve.eval.bench import wilson
+
+    lo, hi = wilson(5, 10)  # textbook value: 0.2366 - 0.7634
+    assert abs(lo - 0.2366) < 1e-4 and abs(hi - 0.7634) < 1e-4
+    assert wilson(0, 10)[0] == 0.0 and abs(wilson(0, 10)[1] - 0.2775) < 1e-4
+    assert wilson(10, 10)[1] == 1.0 and wilson(0, 0) == (0.0, 1.0)

@@ -18,6 +18,7 @@ what is allowed and the fix, before any model runs.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -239,3 +240,12 @@ def score(item: EvalItem, response: str) -> bool:
     if item.scorer == "yes_no":
         return text == item.answer[0] or item.answer in text
     raise ValueError(f"unknown scorer {item.scorer!r}")
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of ``k`` right answers in ``n`` (``(0, 1)`` when ``n == 0``)."""
+    if n == 0:
+        return 0.0, 1.0
+    p, d = k / n, 1 + z * z / n
+    mid, half = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return max(0.0, mid - half), min(1.0, mid + half)
