@@ -38,10 +38,9 @@ from serve.core.options import StreamOptions  # noqa: E402
 from serve.eval import EvalRunner, ItemResult, compression_off, load_bench  # noqa: E402
 from serve.eval.bench import wilson  # noqa: E402
 from serve.eval.synth import make_bench  # noqa: E402
+from serve.eval.synth_items import TASK_KINDS  # noqa: E402
 from stream.models import load_adapter  # noqa: E402
 
-KINDS = {"ATR": "realtime", "STU": "realtime", "OJR": "realtime", "EPM": "backward", "ASI": "backward",
-         "REC": "counting", "CRR": "watch"}
 COST_KEYS = ("vit_ms", "visual_tokens", "prefill_ms", "kv_bytes", "ttft_ms")
 
 
@@ -76,7 +75,7 @@ def settings_for(groups: list[str], base: StreamOptions, window_tokens: int) -> 
 
 def kind_of(item_id: str, task: str, meta: dict[str, dict[str, Any]], window_s: float) -> str:
     """The item's task kind; backward ``EPM`` items split by their distance ``T_s`` against the window."""
-    kind = KINDS.get(task, task)
+    kind = TASK_KINDS.get(task, task)
     if task == "EPM":
         t = meta.get(item_id.split("#")[0], {}).get("T_s")
         kind = "backward_inside" if t is not None and t <= window_s else "backward_beyond"

@@ -9,6 +9,8 @@ import numpy as np
 
 from benchmarks.reference_data import IMAGE, PATCH, TEXT, VISION
 from serve.eval.bench import EvalItem, wilson
+from serve.eval.synth_items import TASK_KINDS
+
 
 def report(results: list[tuple[EvalItem, str, bool]], meta: dict[str, Any], window_s: int) -> dict[str, Any]:
     """Accuracy with Wilson intervals per task, per task kind (real-time / backward / forward), EPM split at
@@ -18,9 +20,7 @@ def report(results: list[tuple[EvalItem, str, bool]], meta: dict[str, Any], wind
     latency: dict[str, int] = {}
     for it, response, ok in results:
         m = by_id[it.item_id.split("#")[0]]
-        kind = {"ATR": "realtime", "STU": "realtime", "OJR": "realtime", "EPM": "backward", "ASI": "backward",
-                "REC": "counting", "CRR": "forward_yes_no"}[it.task]
-        keys = [it.task, kind]
+        keys = [it.task, TASK_KINDS[it.task]]
         if it.task in ("EPM", "ASI"):
             keys.append("backward_inside" if m["T_s"] <= window_s else "backward_beyond")
         for key in keys:

@@ -185,3 +185,28 @@ def test_reference_probe_loss_weights_occupied_cells_and_shape() -> None:
              for j, p in enumerate(parts[:3])]
     rest = expected - sum(ce(p.flatten(0, 1), labels[:, :-1, j].flatten()) for j, p in enumerate(parts[:3]))
     assert torch.allclose(weighted.loss(tokens, labels, present), terms[0] + 3 * terms[1] + terms[2] + rest, atol=1e-5)
+
+
+def test_mirrored_frame_labels_are_the_mirrored_scenes_labels() -> None:
+    """The warm-up's left-right augmentation: mirroring a frame's ground truth equals the ground truth of the
+    mirrored scene (every object's x reflected), computed from the timeline by ``token_labels``."""
+    import torch
+
+    from benchmarks.reference_data import token_labels
+    from benchmarks.train_reference import mirror
+
+    objects = [dict(oid=0, shape="square", colour="red", size="small", on=0, off=9, start=(0.2, 0.3),
+                    end=(0.2, 0.3), covered=None),
+               dict(oid=1, shape="triangle", colour="blue", size="large", on=0, off=9, start=(0.62, 0.7),
+                    end=(0.62, 0.7), covered=None),
+               dict(oid=2, shape="circle", colour="green", size="small", on=5, off=9, start=(0.9, 0.1),
+                    end=(0.9, 0.1), covered=None)]
+    flipped = [{**o, "start": (1 - o["start"][0], o["start"][1]), "end": (1 - o["end"][0], o["end"][1])}
+               for o in objects]
+    cells, present = token_labels(objects, 1.0)
+    cells_m, present_m = token_labels(flipped, 1.0)
+    assert cells != cells_m and present != present_m  # the scene is not symmetric
+    pixels = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).view(2, 3, 4, 4)
+    px, labels, pres = mirror(pixels, torch.tensor([cells] * 2), torch.tensor([present] * 2))
+    assert labels.tolist() == [cells_m] * 2 and pres.tolist() == [present_m] * 2
+    assert torch.equal(px[:, :, :, 0], pixels[:, :, :, -1])

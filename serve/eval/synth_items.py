@@ -35,6 +35,8 @@ from serve.eval.synth_scene import COLOURS, SHAPES, SIZES, PlantedObject
 TASK_WEIGHTS = {"ATR": 3, "STU": 2, "OJR": 2, "EPM": 2, "ASI": 1, "REC": 1, "CRR": 1}  # per 12 items of a clip
 STREAMINGBENCH_TYPES = {"ATR": "Attribute Perception", "STU": "Spatial Understanding", "OJR": "Counting",
                         "EPM": "Event Understanding", "ASI": "Sequence Understanding"}
+TASK_KINDS = {"ATR": "realtime", "STU": "realtime", "OJR": "realtime", "EPM": "backward", "ASI": "backward",
+              "REC": "counting", "CRR": "watch"}  # OVO-Bench's three kinds; forward active responding split in two
 MAX_ON_SCREEN = 3
 STABLE_S = 1  # real-time questions: the scene has not changed in the last STABLE_S seconds
 COUNT_WORDS = ("0", "1", "2", "3")
