@@ -287,15 +287,15 @@ def save(adapter: VLMAdapter, out: Path) -> None:
     (out / "preprocessor_config.json").write_text(json.dumps(_preprocessor_config(FAMILY, IMAGE), indent=2) + "\n")
 
 
-CURRICULUM = (("early", 0.54), ("short", 0.27), ("long", 0.19))  # default share of --steps per answer-token stage
+CURRICULUM = (("early", 0.6), ("short", 0.25), ("long", 0.15))  # default share of --steps per answer-token stage
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seed", type=int, default=1, help="train bench seed and init seed (test bench: seed 0)")
     p.add_argument("--out", type=Path, default=ROOT / "stream/models/reference", help="model folder to write")
-    p.add_argument("--steps", type=int, default=6500, help="answer-token steps (one clip each), all stages")
-    p.add_argument("--warmup-steps", type=int, default=3000, help="single-frame vision warm-up steps (64 frames)")
+    p.add_argument("--steps", type=int, default=7000, help="answer-token steps (one clip each), all stages")
+    p.add_argument("--warmup-steps", type=int, default=2000, help="single-frame vision warm-up steps (64 frames)")
     p.add_argument("--plot", type=Path, help="write the loss curves PNG here")
     p.add_argument("--data", type=Path, default=ROOT / "out/reference_data", help="generated benches go here")
     p.add_argument("--lr", type=float, default=4e-4, help="peak learning rate of the answer-token stages (AdamW, "
@@ -315,13 +315,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--curriculum", type=float, nargs=3, default=[share for _, share in CURRICULUM],
                    metavar=("EARLY", "SHORT", "LONG"), help="share of --steps on questions within the first 8 frames, "
                    "on 24-32 s streams and on 40-96 s streams (sums to 1)")
-    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True, help="mirror half of each "
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=False, help="mirror half of each "
                    "vision warm-up batch left-right (labels mirrored too)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (the machine's 2 cores)")
     args = p.parse_args(argv)
     if min(args.curriculum) < 0 or abs(sum(args.curriculum) - 1) > 1e-6:
         p.error(f"--curriculum {' '.join(map(str, args.curriculum))}: three shares >= 0 that sum to 1 are allowed. "
-                f"Fix: e.g. --curriculum 0.54 0.27 0.19")
+                f"Fix: e.g. --curriculum 0.6 0.25 0.15")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     t_start = time.perf_counter()
