@@ -203,9 +203,9 @@ def test_mirrored_frame_labels_are_the_mirrored_scenes_labels() -> None:
                     end=(0.9, 0.1), covered=None)]
     flipped = [{**o, "start": (1 - o["start"][0], o["start"][1]), "end": (1 - o["end"][0], o["end"][1])}
                for o in objects]
-    cells, present = token_labels(objects, 1.0)
-    cells_m, present_m = token_labels(flipped, 1.0)
-    assert cells != cells_m and present != present_m  # the scene is not symmetric
+    cells, present = token_labels(objects, 6.0)  # all three on screen
+    cells_m, present_m = token_labels(flipped, 6.0)
+    assert cells[-1] == [3, 0, 0] and cells != cells_m and present != present_m  # three objects, not symmetric
     pixels = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).view(2, 3, 4, 4)
     px, labels, pres = mirror(pixels, torch.tensor([cells] * 2), torch.tensor([present] * 2))
     assert labels.tolist() == [cells_m] * 2 and pres.tolist() == [present_m] * 2
