@@ -31,6 +31,8 @@ FPS = SamplerConfig().fps  # the service default (1 fps)
 CHUNK = SamplerConfig().frames_per_chunk  # the service default (8 frames per chunk)
 TEST_SEED = 0
 GRID = 4  # token grid side (IMAGE / PATCH / 2)
+MAX_COUNT = 4  # appearances counted up to this in the stream-state labels (REC asks 1-4)
+ONSET_SCALE = 100.0  # onset seconds / this, regressed by the stream-state probes
 
 
 def token_labels(objects: list[dict[str, Any]], t: float) -> tuple[list[list[int]], list[float]]:
@@ -59,6 +61,27 @@ def token_labels(objects: list[dict[str, Any]], t: float) -> tuple[list[list[int
     return cells + [[min(3, len(visible)), 0, 0]], present
 
 
+def state_labels(objects: list[dict[str, Any]], pts: list[float]) -> dict[str, torch.Tensor]:
+    """Per sampled frame (time ``pts[f]``) what the stream so far holds, from the bench's timeline: ``count [F, 18]``
+    appearances of each colour x shape (capped at ``MAX_COUNT``), ``last [F, 6]`` 1 + colour index of the latest
+    object of each shape x size to appear (0 = none yet), ``onset [F, 36]`` first onset (s / ``ONSET_SCALE``) of
+    each colour x shape x size and ``seen [F, 36]`` whether it has appeared (the onset's mask)."""
+    colours, n_s, n_z = list(COLOURS), len(SHAPES), len(SIZES)
+    count = torch.zeros(len(pts), len(colours) * n_s, dtype=torch.long)
+    last = torch.zeros(len(pts), n_s * n_z, dtype=torch.long)
+    onset, seen = torch.zeros(len(pts), len(colours) * n_s * n_z), torch.zeros(len(pts), len(colours) * n_s * n_z)
+    for o in sorted(objects, key=lambda o: (o["on"], o["oid"])):
+        ci, si, zi = colours.index(o["colour"]), SHAPES.index(o["shape"]), list(SIZES).index(o["size"])
+        ident = (ci * n_s + si) * n_z + zi
+        for f, t in enumerate(pts):
+            if o["on"] <= t:
+                count[f, ci * n_s + si] = min(MAX_COUNT, int(count[f, ci * n_s + si]) + 1)
+                last[f, si * n_z + zi] = 1 + ci
+                if not seen[f, ident]:
+                    seen[f, ident], onset[f, ident] = 1.0, o["on"] / ONSET_SCALE
+    return {"count": count, "last": last, "onset": onset, "seen": seen}
+
+
 @dataclass
 class Clip:
     """One decoded training/test clip: ``pixels [F, 3, S, S]`` float32 at ``FPS``, and its questions."""
@@ -69,12 +92,13 @@ class Clip:
     items: list[tuple[EvalItem, int, torch.Tensor, torch.Tensor]]  # (item, frames seen, prompt ids, answer ids)
     labels: torch.Tensor  # [F, GRID * GRID + 1, 3] int64: per token cell colour/shape/size, last row: count
     present: torch.Tensor  # [F, 72] float multi-hot frame summary (see token_labels)
+    state: dict[str, torch.Tensor]  # per frame what the stream so far holds (see state_labels)
 
 
 def early(clips: list[Clip], frames: int) -> list[Clip]:
     """The curriculum's first stage: each clip's questions asked within its first ``frames`` sampled frames."""
     out = [Clip(c.video, c.pixels[:frames], c.pts[:frames], [r for r in c.items if r[1] <= frames],
-                c.labels[:frames], c.present[:frames]) for c in clips]
+                c.labels[:frames], c.present[:frames], {k: v[:frames] for k, v in c.state.items()}) for c in clips]
     return [c for c in out if c.items]
 
 
@@ -117,5 +141,5 @@ def load_clips(bench_dir: Path, adapter: VLMAdapter) -> list[Clip]:
             rows.append((it, seen, adapter.question_ids(it.prompt), answer))
         cells, present = zip(*(token_labels(objects[video], t) for t in pts))
         clips.append(Clip(video, adapter.preprocess(rgb).float(), pts, rows, torch.tensor(cells),
-                          torch.tensor(present)))
+                          torch.tensor(present), state_labels(objects[video], pts)))
     return clips

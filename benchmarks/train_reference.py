@@ -33,11 +33,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.reference_data import (  # noqa: E402
-    CHUNK, FAMILY, FPS, GRID, IMAGE, TEST_SEED, Clip, build_adapter, early, load_clips)
+    CHUNK, FAMILY, FPS, IMAGE, TEST_SEED, Clip, build_adapter, early, load_clips)
+from benchmarks.reference_probes import Probes, StateProbes, mirror  # noqa: E402
 from benchmarks.reference_report import model_card, plot, report  # noqa: E402
 from serve.eval.bench import EvalItem, load_bench, score  # noqa: E402
 from serve.eval.synth import make_bench  # noqa: E402
-from serve.eval.synth_scene import COLOURS, SHAPES, SIZES  # noqa: E402
 from stream.models.base import VLMAdapter, run_layers  # noqa: E402
 from stream.models.tiny import _preprocessor_config  # noqa: E402
 
@@ -48,13 +48,15 @@ def visual_tokens(adapter: VLMAdapter, pixels: torch.Tensor) -> torch.Tensor:
     return adapter.project(adapter.vision_finish(hidden)).embeds
 
 
-def question_hidden(adapter: VLMAdapter, clip: Clip, rows: list[int]) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+def question_hidden(adapter: VLMAdapter, clip: Clip, rows: list[int], state_layer: int | None = None
+                    ) -> tuple[torch.Tensor, list[int], torch.Tensor, torch.Tensor | None]:
     """Last hidden states of the question+answer blocks of ``clip.items[rows]``, each on its own stream context.
 
     The stream (prefix + every frame up to the latest question) is prefilled once; the ``Q`` question blocks then
     run as one batch on copies of that cache, each masked to the frames seen at its time and placed at the rotary
-    positions the service gives it (prefix + seen frames' tokens). Returns ``[Q, Lq, d]`` and each block's length
-    (``Lq`` = the longest; shorter blocks are padded and masked).
+    positions the service gives it (prefix + seen frames' tokens). Returns ``[Q, Lq, d]``, each block's length
+    (``Lq`` = the longest; shorter blocks are padded and masked), the visual tokens ``[F, T, d]`` and, with
+    ``state_layer``, that decoder layer's output at the last token of each frame ``[F, d]``.
     """
     decoder, emb = adapter.llm.decoder, adapter.llm.decoder.get_input_embeddings()
     items = [clip.items[r] for r in rows]
@@ -63,7 +65,11 @@ def question_hidden(adapter: VLMAdapter, clip: Clip, rows: list[int]) -> tuple[t
     prefix = emb(adapter.stream_prefix_ids())  # [P, d]
     stream = torch.cat([prefix, vis.flatten(0, 1)])[None]  # [1, P + F*T, d]
     cache = DynamicCache(config=decoder.config)
-    decoder(inputs_embeds=stream, use_cache=True, **{adapter.llm.cache_argument: cache})
+    prefill = decoder(inputs_embeds=stream, use_cache=True, output_hidden_states=state_layer is not None,
+                      **{adapter.llm.cache_argument: cache})
+    states = None
+    if state_layer is not None:  # hidden_states[0] is the embeddings, [k] layer k's output
+        states = prefill.hidden_states[state_layer][0, prefix.shape[0] - 1 + vis.shape[1] * torch.arange(1, n_max + 1)]
     end = adapter.video_end_embeds()  # [1, d] image_newline
     blocks = [torch.cat([end, emb(torch.cat([q, a[:-1]]))]) for _, _, q, a in items]  # teacher forcing
     lens = [b.shape[0] for b in blocks]
@@ -82,22 +88,25 @@ def question_hidden(adapter: VLMAdapter, clip: Clip, rows: list[int]) -> tuple[t
     cache.batch_repeat_interleave(q_n)
     out = decoder(inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=True,
                   **{adapter.llm.cache_argument: cache})
-    return out.last_hidden_state, lens, vis
+    return out.last_hidden_state, lens, vis, states
 
 
-def answer_logits(adapter: VLMAdapter, clip: Clip, rows: list[int]) -> tuple[list[torch.Tensor], torch.Tensor]:
+def answer_logits(adapter: VLMAdapter, clip: Clip, rows: list[int], state_layer: int | None = None
+                  ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor | None]:
     """Per row of ``rows``: the logits predicting its answer tokens (answer + end of turn), ``[len(answer), vocab]``;
-    and the visual tokens ``[F, T, d]`` of the frames they read."""
-    hidden, lens, vis = question_hidden(adapter, clip, rows)
-    return [adapter.llm.lm_head(hidden[i, lens[i] - len(clip.items[r][3]): lens[i]]) for i, r in enumerate(rows)], vis
+    the visual tokens ``[F, T, d]`` of the frames they read and the frame states (see :func:`question_hidden`)."""
+    hidden, lens, vis, states = question_hidden(adapter, clip, rows, state_layer)
+    logits = [adapter.llm.lm_head(hidden[i, lens[i] - len(clip.items[r][3]): lens[i]]) for i, r in enumerate(rows)]
+    return logits, vis, states
 
 
-def clip_loss(adapter: VLMAdapter, clip: Clip, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy over the answer tokens (answer + end of turn) of ``rows``, and the visual tokens
-    ``[F, T, d]`` they read."""
-    logits, vis = answer_logits(adapter, clip, rows)
+def clip_loss(adapter: VLMAdapter, clip: Clip, rows: list[int], state_layer: int | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Mean cross-entropy over the answer tokens (answer + end of turn) of ``rows``, the visual tokens ``[F, T, d]``
+    they read and the frame states (see :func:`question_hidden`)."""
+    logits, vis, states = answer_logits(adapter, clip, rows, state_layer)
     targets = torch.cat([clip.items[r][3] for r in rows])
-    return torch.nn.functional.cross_entropy(torch.cat(logits).float(), targets), vis
+    return torch.nn.functional.cross_entropy(torch.cat(logits).float(), targets), vis, states
 
 
 @torch.inference_mode()
@@ -147,47 +156,6 @@ def evaluate(adapter: VLMAdapter, clips: list[Clip], max_new_tokens: int = 8) ->
             response = adapter.tokenizer.decode(ids, skip_special_tokens=True)
             out.append((it, response, score(it, response)))
     return out
-
-
-class Probes(torch.nn.Module):
-    """Linear probes on the visual tokens ``[B, T, d]`` the LLM reads: per token the colour, shape and size of the
-    object covering its cell (0 = none) and which cell it is; from the mean token the frame's object count and its
-    multi-hot summary (see :func:`token_labels`). Cells an object covers weigh ``occupied_weight`` x an empty cell's
-    (most cells are empty), the shape term ``shape_weight`` x (shape needs the neighbouring patches and is learnt
-    last), the summary ``present_weight``."""
-
-    def __init__(self, d: int, n_present: int, occupied_weight: float, shape_weight: float, present_weight: float):
-        super().__init__()
-        self.cells = GRID * GRID
-        self.splits = (len(COLOURS) + 1, len(SHAPES) + 1, len(SIZES) + 1, self.cells)
-        self.token = torch.nn.Linear(d, sum(self.splits))
-        self.frame = torch.nn.Linear(d, 4 + n_present)
-        self.weights = (occupied_weight, (1.0, shape_weight, 1.0), present_weight)
-
-    def loss(self, tokens: torch.Tensor, labels: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-        """``tokens [B, T, d]``, ``labels [B, T + 1, 3]``, ``present [B, P]`` -> the weighted probe loss."""
-        occupied_w, part_w, present_w = self.weights
-        ce = torch.nn.functional.cross_entropy
-        parts = self.token(tokens).split(self.splits, dim=-1)
-        w = 1 + (occupied_w - 1) * (labels[:, :-1, 0] > 0).float().flatten()  # [B*T]
-        loss = sum(part_w[j] * (ce(p.flatten(0, 1), labels[:, :-1, j].flatten(), reduction="none") * w).sum() / w.sum()
-                   for j, p in enumerate(parts[:3]))
-        loss = loss + ce(parts[3].flatten(0, 1), torch.arange(self.cells).repeat(tokens.shape[0]))  # where it sits
-        frame = self.frame(tokens.mean(1))  # [B, 4 + P]
-        loss = loss + ce(frame[:, :4], labels[:, -1, 0])
-        return loss + present_w * torch.nn.functional.binary_cross_entropy_with_logits(frame[:, 4:], present)
-
-
-def mirror(pixels: torch.Tensor, labels: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Left-right mirror images of a batch of frames and their ground truth: ``pixels [B, 3, S, S]``, ``labels
-    [B, T + 1, 3]`` (token cells row-major; the last row, the count, stays), ``present [B, P]`` (its left and right
-    blocks swap)."""
-    cells = torch.arange(GRID * GRID).view(GRID, GRID).flip(1).flatten()  # cell (r, c) shows (r, GRID-1-c)
-    labels = torch.cat([labels[:, cells], labels[:, -1:]], 1)
-    half = len(COLOURS) * len(SHAPES)
-    base = present.shape[1] - 2 * half
-    present = torch.cat([present[:, :base], present[:, base + half:], present[:, base:base + half]], 1)
-    return pixels.flip(-1), labels, present
 
 
 def warm_vision(adapter: VLMAdapter, clips: list[Clip], probes: Probes, steps: int, lr: float, seed: int, log: Any,
@@ -244,28 +212,37 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
 
 
 def train(adapter: VLMAdapter, stages: list[tuple[int, list[Clip]]], seed: int, lr: float, questions: int,
-          log: Any, vision_scale: float = 1.0, probes: Probes | None = None, aux_weight: float = 0.0) -> list[float]:
+          log: Any, vision_scale: float = 1.0, probes: Probes | None = None, aux_weight: float = 0.0,
+          state: tuple[StateProbes, int, float] | None = None) -> list[float]:
     """The curriculum's answer-token stages: ``(steps, clips)`` each, one warm-up + cosine schedule over all of them;
     the (warmed-up) vision tower and projector learn at ``vision_scale * lr``, with the warm-up's ``probes`` kept on
-    as an auxiliary loss (``aux_weight``). Each step: one clip, ``questions`` random items of it. Returns the answer
-    loss per step."""
+    as an auxiliary loss (``aux_weight``); with ``state = (probes, layer, weight)``, :class:`StateProbes` on that
+    decoder layer's frame states too. Each step: one clip, ``questions`` random items of it. Returns the answer loss
+    per step."""
     rng, model = random.Random(seed), adapter.model.train()
     vision = [p for n, p in model.named_parameters() if "vision_tower" in n or "multi_modal_projector" in n]
     ids = {id(p) for p in vision}
-    groups = [{"params": [p for p in model.parameters() if id(p) not in ids], "scale": 1.0},
+    extra = list(state[0].parameters()) if state is not None else []
+    groups = [{"params": [p for p in model.parameters() if id(p) not in ids] + extra, "scale": 1.0},
               {"params": vision + (list(probes.parameters()) if probes is not None else []), "scale": vision_scale}]
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), weight_decay=0.05)
     steps = sum(n for n, _ in stages)
     plan = [clips for n, clips in stages for _ in range(n)]
     losses: list[float] = []
+    state_losses: list[float] = []
     t0 = time.perf_counter()
     for step, clips in enumerate(plan):
         clip = clips[rng.randrange(len(clips))]
         rows = sorted(rng.sample(range(len(clip.items)), min(questions, len(clip.items))))
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, max(1, steps // 20)) * g["scale"]
-        answer, vis = clip_loss(adapter, clip, rows)
+        answer, vis, states = clip_loss(adapter, clip, rows, state[1] if state is not None else None)
         loss = answer
+        if state is not None:  # what the stream so far holds, readable from every frame's last token
+            f = len(states)
+            aux = state[0].loss(states, {k: v[:f] for k, v in clip.state.items()}, clip.present[:f])
+            state_losses.append(float(aux.detach()))
+            loss = loss + state[2] * aux
         if probes is not None and aux_weight > 0:  # what each token shows stays decodable while the LLM learns
             loss = loss + aux_weight * probes.loss(vis, clip.labels[: len(vis)], clip.present[: len(vis)])
         opt.zero_grad(set_to_none=True)
@@ -274,7 +251,9 @@ def train(adapter: VLMAdapter, stages: list[tuple[int, list[Clip]]], seed: int, 
         opt.step()
         losses.append(float(answer.detach()))
         if step % 100 == 0 or step == steps - 1:
-            log(f"step {step}/{steps} loss {np.mean(losses[-100:]):.4f} ({(time.perf_counter() - t0) / 60:.1f} min)")
+            extra = f", stream-state probes {np.mean(state_losses[-100:]):.3f}" if state_losses else ""
+            minutes = (time.perf_counter() - t0) / 60
+            log(f"step {step}/{steps} loss {np.mean(losses[-100:]):.4f}{extra} ({minutes:.1f} min)")
     model.eval()
     return losses
 
@@ -312,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--present-weight", type=float, default=10.0, help="probe loss weight of the frame summary")
     p.add_argument("--aux-weight", type=float, default=0.5, help="the probes' loss kept on in the answer-token "
                    "stages, this times")
+    p.add_argument("--state-weight", type=float, default=0.0, help="weight of the stream-state probes on the LLM "
+                   "(what the stream so far holds, at each frame's last token; 0 = off)")
+    p.add_argument("--state-layer", type=int, default=2, help="decoder layer whose output the stream-state probes read")
     p.add_argument("--curriculum", type=float, nargs=3, default=[share for _, share in CURRICULUM],
                    metavar=("EARLY", "SHORT", "LONG"), help="share of --steps on questions within the first 8 frames, "
                    "on 24-32 s streams and on 40-96 s streams (sums to 1)")
@@ -351,8 +333,12 @@ def main(argv: list[str] | None = None) -> int:
     probe_acc = {"after_warmup": probe_accuracy(adapter, probes, test)}
     log(f"held-out probe accuracy after the warm-up: {probe_acc['after_warmup']}")
     stages = [(round(args.steps * share), data[name]) for (name, _), share in zip(CURRICULUM, args.curriculum)]
+    state = None
+    if args.state_weight > 0:
+        heads = StateProbes(adapter.llm.hidden_size, probes.frame.out_features - 4)
+        state = (heads, args.state_layer, args.state_weight)
     losses = train(adapter, stages, args.seed, args.lr, args.questions, log, args.vision_scale, probes,
-                   args.aux_weight)
+                   args.aux_weight, state)
     probe_acc["after_training"] = probe_accuracy(adapter, probes, test)
     train_min = (time.perf_counter() - t_train) / 60
     save(adapter, args.out)  # 4. save, reload with the project's loader, evaluate held-out
@@ -362,12 +348,14 @@ def main(argv: list[str] | None = None) -> int:
     results = evaluate(loaded, load_clips(args.data / "test", loaded))
     acc = report(results, json.loads((args.data / "test" / "meta.json").read_text()), window_s=15)
     figures = {"seed": args.seed, "warmup_steps": args.warmup_steps, "steps": args.steps,
-               "stages": {n: k for (n, _), (k, _) in zip(CURRICULUM, stages)}, "questions_per_step": args.questions, "vision_scale": args.vision_scale,
-               "flip": args.flip,
+               "stages": {n: k for (n, _), (k, _) in zip(CURRICULUM, stages)},
+               "questions_per_step": args.questions, "vision_scale": args.vision_scale,
+               "flip": args.flip, "state_probes": {"weight": args.state_weight, "layer": args.state_layer},
                "probe_weights": {"occupied": args.occupied_weight, "shape": args.shape_weight,
                                  "present": args.present_weight, "aux": args.aux_weight},
                "probe_accuracy_test": probe_acc,
-               "lr": args.lr, "warmup_lr": args.warmup_lr, "threads": args.threads, "train_minutes": round(train_min, 2),
+               "lr": args.lr, "warmup_lr": args.warmup_lr, "threads": args.threads,
+               "train_minutes": round(train_min, 2),
                "total_minutes": round((time.perf_counter() - t_start) / 60, 2),
                "final_loss": round(float(np.mean(losses[-100:])), 4), "inference_path_max_dlogit": diff,
                "fps": FPS, "frames_per_chunk": CHUNK, "tokens_per_frame": loaded.tokens_per_frame,

@@ -160,7 +160,7 @@ def test_reference_probe_loss_weights_occupied_cells_and_shape() -> None:
     """The trainer's probe loss: with unit weights it is the plain per-cell cross-entropy sum (+ cell, count and
     summary terms); ``occupied_weight`` and ``shape_weight`` scale exactly the occupied cells and the shape term."""
     torch = pytest.importorskip("torch")
-    from benchmarks.train_reference import GRID, Probes
+    from benchmarks.reference_probes import GRID, Probes
 
     torch.manual_seed(0)
     b, t, d, n_present = 3, GRID * GRID, 8, 72
@@ -193,7 +193,7 @@ def test_mirrored_frame_labels_are_the_mirrored_scenes_labels() -> None:
     import torch
 
     from benchmarks.reference_data import token_labels
-    from benchmarks.train_reference import mirror
+    from benchmarks.reference_probes import mirror
 
     objects = [dict(oid=0, shape="square", colour="red", size="small", on=0, off=9, start=(0.2, 0.3),
                     end=(0.2, 0.3), covered=None),
@@ -210,3 +210,32 @@ def test_mirrored_frame_labels_are_the_mirrored_scenes_labels() -> None:
     px, labels, pres = mirror(pixels, torch.tensor([cells] * 2), torch.tensor([present] * 2))
     assert labels.tolist() == [cells_m] * 2 and pres.tolist() == [present_m] * 2
     assert torch.equal(px[:, :, :, 0], pixels[:, :, :, -1])
+
+
+def test_stream_state_labels_answer_the_benchs_own_questions(bench: Path) -> None:
+    """The stream-state probes' targets (``state_labels``) agree with every counting (REC) and episodic-colour (EPM)
+    answer the generator wrote: the count of the asked colour x shape, and the latest colour of the asked
+    size x shape, at the frame the question is asked on."""
+    pytest.importorskip("torch")
+    from benchmarks.reference_data import state_labels
+    from serve.eval.synth_scene import SHAPES
+
+    meta = json.loads((bench / "meta.json").read_text())
+    objects = {c["video"]: c["objects"] for c in meta["clips"]}
+    checked = {"REC": 0, "EPM": 0}
+    for it in load_bench(bench / "ovo.json", "ovo"):
+        if it.task not in checked:
+            continue
+        labels = state_labels(objects[it.video], [float(s) for s in range(int(it.time_s) + 1)])
+        words = it.prompt.replace("?", " ").split()
+        shape = next(w for w in words if w in SHAPES)
+        if it.task == "REC":
+            colour = next(w for w in words if w in COLOURS)
+            assert int(labels["count"][-1, list(COLOURS).index(colour) * 3 + SHAPES.index(shape)]) == int(it.answer)
+        else:
+            size = next(w for w in words if w in SIZES)
+            colour = it.options["ABCDEF".index(it.answer)]
+            assert int(labels["last"][-1, SHAPES.index(shape) * len(SIZES) + list(SIZES).index(size)]) == \
+                1 + list(COLOURS).index(colour)
+        checked[it.task] += 1
+    assert checked["REC"] >= 2 and checked["EPM"] >= 1, checked
