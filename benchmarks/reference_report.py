@@ -67,6 +67,9 @@ def model_card(f: dict[str, Any]) -> str:
     rows = "\n".join(f"| {k} | {v['n']} | {v['accuracy']:.3f} | [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}] |"
                      for k, v in acc.items() if "accuracy" in v)
     lat = acc["alert_latency_s"]
+    sp = f.get("state_probes", {"weight": 0})
+    state = (f"\n  stream-state probes on decoder layer {sp['layer']}'s frame states at weight {sp['weight']:g}"
+             if sp["weight"] else " no stream-state probes")
     return f"""# stc-serve reference model (a test instrument, not a general VLM)
 
 LLaVA-OneVision architecture (SigLIP tower -> MLP projector -> 2x2 pooling -> Qwen2) at a small size, trained
@@ -83,7 +86,7 @@ in streams; on anything else its answers mean nothing. It exists so compression 
   BPE of `stream.models.tiny` (vocab 1024), float32 safetensors.
 - Trained: seed {f['seed']}, {f['threads']} torch thread(s), {f['train_minutes']:.1f} min of training
   ({f['total_minutes']:.1f} min with data generation and evaluation), {f['warmup_steps']} single-frame vision
-  warm-up steps then {f['steps']} answer-token steps ({f['stages']}), final answer loss {f['final_loss']}.
+  warm-up steps then {f['steps']} answer-token steps ({f['stages']}), final answer loss {f['final_loss']};{state}.
 - Reproduce: `python benchmarks/train_reference.py --seed {f['seed']} --out stream/models/reference --plot
   docs/reference_loss.png` (see `docs/reference_model.md`).
 

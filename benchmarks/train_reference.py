@@ -266,14 +266,14 @@ def save(adapter: VLMAdapter, out: Path) -> None:
     (out / "preprocessor_config.json").write_text(json.dumps(_preprocessor_config(FAMILY, IMAGE), indent=2) + "\n")
 
 
-CURRICULUM = (("early", 0.6), ("short", 0.25), ("long", 0.15))  # default share of --steps per answer-token stage
+CURRICULUM = (("early", 0.55), ("short", 0.2), ("long", 0.25))  # default share of --steps per answer-token stage
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seed", type=int, default=1, help="train bench seed and init seed (test bench: seed 0)")
     p.add_argument("--out", type=Path, default=ROOT / "stream/models/reference", help="model folder to write")
-    p.add_argument("--steps", type=int, default=7000, help="answer-token steps (one clip each), all stages")
+    p.add_argument("--steps", type=int, default=8400, help="answer-token steps (one clip each), all stages")
     p.add_argument("--warmup-steps", type=int, default=2000, help="single-frame vision warm-up steps (64 frames)")
     p.add_argument("--plot", type=Path, help="write the loss curves PNG here")
     p.add_argument("--data", type=Path, default=ROOT / "out/reference_data", help="generated benches go here")
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
                    "warm-up + cosine)")
     p.add_argument("--warmup-lr", type=float, default=1e-3, help="peak learning rate of the vision warm-up")
     p.add_argument("--questions", type=int, default=32, help="questions per step (from one clip)")
-    p.add_argument("--train-clips", type=int, nargs=2, default=(240, 120), help="short and long training clips")
+    p.add_argument("--train-clips", type=int, nargs=2, default=(240, 480), help="short and long training clips")
     p.add_argument("--test-items", type=int, default=480, help="items of the held-out test bench (seed 0)")
     p.add_argument("--vision-scale", type=float, default=1.0, help="learning-rate factor of the vision tower and "
                    "projector in the answer-token stages (after their warm-up)")
@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--present-weight", type=float, default=10.0, help="probe loss weight of the frame summary")
     p.add_argument("--aux-weight", type=float, default=0.5, help="the probes' loss kept on in the answer-token "
                    "stages, this times")
-    p.add_argument("--state-weight", type=float, default=0.0, help="weight of the stream-state probes on the LLM "
+    p.add_argument("--state-weight", type=float, default=0.2, help="weight of the stream-state probes on the LLM "
                    "(what the stream so far holds, at each frame's last token; 0 = off)")
     p.add_argument("--state-layer", type=int, default=2, help="decoder layer whose output the stream-state probes read")
     p.add_argument("--curriculum", type=float, nargs=3, default=[share for _, share in CURRICULUM],
@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if min(args.curriculum) < 0 or abs(sum(args.curriculum) - 1) > 1e-6:
         p.error(f"--curriculum {' '.join(map(str, args.curriculum))}: three shares >= 0 that sum to 1 are allowed. "
-                f"Fix: e.g. --curriculum 0.6 0.25 0.15")
+                f"Fix: e.g. --curriculum 0.55 0.2 0.25")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     t_start = time.perf_counter()
@@ -349,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     acc = report(results, json.loads((args.data / "test" / "meta.json").read_text()), window_s=15)
     figures = {"seed": args.seed, "warmup_steps": args.warmup_steps, "steps": args.steps,
                "stages": {n: k for (n, _), (k, _) in zip(CURRICULUM, stages)},
-               "questions_per_step": args.questions, "vision_scale": args.vision_scale,
+               "questions_per_step": args.questions, "train_clips": list(args.train_clips),
+               "vision_scale": args.vision_scale,
                "flip": args.flip, "state_probes": {"weight": args.state_weight, "layer": args.state_layer},
                "probe_weights": {"occupied": args.occupied_weight, "shape": args.shape_weight,
                                  "present": args.present_weight, "aux": args.aux_weight},
