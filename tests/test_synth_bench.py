@@ -239,3 +239,27 @@ def test_stream_state_labels_answer_the_benchs_own_questions(bench: Path) -> Non
                 1 + list(COLOURS).index(colour)
         checked[it.task] += 1
     assert checked["REC"] >= 2 and checked["EPM"] >= 1, checked
+
+
+def test_stream_state_probes_read_each_frames_last_token(bench: Path) -> None:
+    """The frame states the stream-state probes train on are decoder layer ``L``'s output at the last token of each
+    frame: the same as that layer's output at the end of a stream cut right after that frame (causality)."""
+    torch = pytest.importorskip("torch")
+    from transformers import DynamicCache
+
+    from benchmarks.train_reference import build_adapter, load_clips, question_hidden, visual_tokens
+
+    torch.manual_seed(0)
+    adapter = build_adapter(0)
+    clip = load_clips(bench, adapter)[0]
+    row = len(clip.items) - 1
+    _, _, _, states = question_hidden(adapter, clip, [row], state_layer=2)  # [F, d]
+    assert states.shape == (clip.items[row][1], adapter.llm.hidden_size)
+    decoder = adapter.llm.decoder
+    prefix = decoder.get_input_embeddings()(adapter.stream_prefix_ids())  # [P, d]
+    vis = visual_tokens(adapter, clip.pixels[: len(states)])  # [F, T, d]
+    for f in (0, len(states) // 2, len(states) - 1):
+        cut = torch.cat([prefix, vis[: f + 1].flatten(0, 1)])[None]  # the stream up to frame f's last token
+        out = decoder(inputs_embeds=cut, output_hidden_states=True, use_cache=True,
+                      **{adapter.llm.cache_argument: DynamicCache(config=decoder.config)})
+        assert torch.allclose(out.hidden_states[2][0, -1], states[f], atol=1e-4), f
