@@ -67,18 +67,18 @@ def state_labels(objects: list[dict[str, Any]], pts: list[float]) -> dict[str, t
     object of each shape x size to appear (0 = none yet), ``onset [F, 36]`` first onset (s / ``ONSET_SCALE``) of
     each colour x shape x size and ``seen [F, 36]`` whether it has appeared (the onset's mask)."""
     colours, n_s, n_z = list(COLOURS), len(SHAPES), len(SIZES)
+    times = torch.tensor(pts, dtype=torch.float64)  # [F]
     count = torch.zeros(len(pts), len(colours) * n_s, dtype=torch.long)
     last = torch.zeros(len(pts), n_s * n_z, dtype=torch.long)
     onset, seen = torch.zeros(len(pts), len(colours) * n_s * n_z), torch.zeros(len(pts), len(colours) * n_s * n_z)
-    for o in sorted(objects, key=lambda o: (o["on"], o["oid"])):
+    for o in sorted(objects, key=lambda o: (o["on"], o["oid"])):  # by onset: the latest object is written last
         ci, si, zi = colours.index(o["colour"]), SHAPES.index(o["shape"]), list(SIZES).index(o["size"])
-        ident = (ci * n_s + si) * n_z + zi
-        for f, t in enumerate(pts):
-            if o["on"] <= t:
-                count[f, ci * n_s + si] = min(MAX_COUNT, int(count[f, ci * n_s + si]) + 1)
-                last[f, si * n_z + zi] = 1 + ci
-                if not seen[f, ident]:
-                    seen[f, ident], onset[f, ident] = 1.0, o["on"] / ONSET_SCALE
+        ident, after = (ci * n_s + si) * n_z + zi, times >= o["on"]  # frames at or after its onset [F]
+        count[after, ci * n_s + si] += 1
+        last[after, si * n_z + zi] = 1 + ci
+        first = after & (seen[:, ident] == 0)
+        seen[first, ident], onset[first, ident] = 1.0, o["on"] / ONSET_SCALE
+    count.clamp_(max=MAX_COUNT)
     return {"count": count, "last": last, "onset": onset, "seen": seen}
 
 

@@ -19,9 +19,9 @@ from serve.eval.synth_scene import COLOURS, SHAPES, SIZES
 class Probes(torch.nn.Module):
     """Linear probes on the visual tokens ``[B, T, d]`` the LLM reads: per token the colour, shape and size of the
     object covering its cell (0 = none) and which cell it is; from the mean token the frame's object count and its
-    multi-hot summary (see :func:`token_labels`). Cells an object covers weigh ``occupied_weight`` x an empty cell's
-    (most cells are empty), the shape term ``shape_weight`` x (shape needs the neighbouring patches and is learnt
-    last), the summary ``present_weight``."""
+    multi-hot summary (see ``benchmarks.reference_data.token_labels``). Cells an object covers weigh
+    ``occupied_weight`` x an empty cell's (most cells are empty), the shape term ``shape_weight`` x (shape needs the
+    neighbouring patches and is learnt last), the summary ``present_weight``."""
 
     def __init__(self, d: int, n_present: int, occupied_weight: float, shape_weight: float, present_weight: float):
         super().__init__()
@@ -55,8 +55,6 @@ def mirror(pixels: torch.Tensor, labels: torch.Tensor, present: torch.Tensor) ->
     base = present.shape[1] - 2 * half
     present = torch.cat([present[:, :base], present[:, base + half:], present[:, base:base + half]], 1)
     return pixels.flip(-1), labels, present
-
-
 
 
 class StateProbes(torch.nn.Module):

@@ -231,7 +231,8 @@ def test_stream_state_labels_answer_the_benchs_own_questions(bench: Path) -> Non
         shape = next(w for w in words if w in SHAPES)
         if it.task == "REC":
             colour = next(w for w in words if w in COLOURS)
-            assert int(labels["count"][-1, list(COLOURS).index(colour) * 3 + SHAPES.index(shape)]) == int(it.answer)
+            kind = list(COLOURS).index(colour) * len(SHAPES) + SHAPES.index(shape)
+            assert int(labels["count"][-1, kind]) == int(it.answer)
         else:
             size = next(w for w in words if w in SIZES)
             colour = it.options["ABCDEF".index(it.answer)]
