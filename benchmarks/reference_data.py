@@ -4,14 +4,15 @@ generated bench."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import random
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from serve.eval.bench import EvalItem, load_bench, resolve_video
+from serve.eval.bench import REC_PROMPT, EvalItem, load_bench, resolve_video
 from serve.eval.synth_scene import COLOURS, SHAPES, SIZES, PlantedObject
 from stream.config import SamplerConfig, SourceConfig
 from stream.models.base import PreprocessSpec, VLMAdapter
@@ -93,12 +94,42 @@ class Clip:
     labels: torch.Tensor  # [F, GRID * GRID + 1, 3] int64: per token cell colour/shape/size, last row: count
     present: torch.Tensor  # [F, 72] float multi-hot frame summary (see token_labels)
     state: dict[str, torch.Tensor]  # per frame what the stream so far holds (see state_labels)
+    drills: list[tuple[None, int, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # see count_drills
+
+    @property
+    def questions(self) -> list[tuple[EvalItem | None, int, torch.Tensor, torch.Tensor]]:
+        """What training samples from: the bench's items, then the counting drills (``item`` None)."""
+        return self.items + self.drills
+
+
+def count_drills(objects: list[dict[str, Any]], seconds: int, n: int, rng: random.Random,
+                 absent: int = 2) -> list[tuple[str, str, int, int]]:
+    """``n`` extra counting questions about one training clip, ``(colour, shape, t, count)``: "how many times has a
+    <colour> <shape> appeared" asked at whole second ``t``, answered from the timeline by the generator's REC rule
+    (onsets at or before ``t``; never within 1 s after an onset of that colour x shape). They ask about every
+    colour x shape the clip shows and ``absent`` it never shows, with the answers 0..``MAX_COUNT`` drawn equally
+    often (the bench's one REC item per clip asks about one object only, and a skewed answer mix is learnt as a
+    prior)."""
+    onsets: dict[tuple[str, str], list[int]] = {}
+    for o in objects:
+        onsets.setdefault((o["colour"], o["shape"]), []).append(o["on"])
+    unseen = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in onsets]
+    buckets: dict[int, list[tuple[str, str, int, int]]] = {}
+    for colour, shape in list(onsets) + rng.sample(unseen, min(absent, len(unseen))):
+        ons = onsets.get((colour, shape), [])
+        for t in range(2, seconds):
+            k = sum(on <= t for on in ons)
+            if k <= MAX_COUNT and not any(on <= t <= on + 1 for on in ons):
+                buckets.setdefault(k, []).append((colour, shape, t, k))
+    keys = sorted(buckets)
+    return [rng.choice(buckets[rng.choice(keys)]) for _ in range(n)] if keys else []
 
 
 def early(clips: list[Clip], frames: int) -> list[Clip]:
     """The curriculum's first stage: each clip's questions asked within its first ``frames`` sampled frames."""
     out = [Clip(c.video, c.pixels[:frames], c.pts[:frames], [r for r in c.items if r[1] <= frames],
-                c.labels[:frames], c.present[:frames], {k: v[:frames] for k, v in c.state.items()}) for c in clips]
+                c.labels[:frames], c.present[:frames], {k: v[:frames] for k, v in c.state.items()},
+                [r for r in c.drills if r[1] <= frames]) for c in clips]
     return [c for c in out if c.items]
 
 
@@ -122,8 +153,9 @@ def decode(path: Path) -> tuple[np.ndarray, list[float]]:
     return np.stack(rgb), pts
 
 
-def load_clips(bench_dir: Path, adapter: VLMAdapter) -> list[Clip]:
-    """``bench_dir/ovo.json`` items grouped per video, frames decoded and preprocessed once."""
+def load_clips(bench_dir: Path, adapter: VLMAdapter, drills: int = 0, seed: int = 0) -> list[Clip]:
+    """``bench_dir/ovo.json`` items grouped per video, frames decoded and preprocessed once; with ``drills``, that
+    many :func:`count_drills` per clip (training only: the bench's items stay what is evaluated)."""
     items = load_bench(bench_dir / "ovo.json", "ovo")
     eos = adapter.tokenizer.convert_tokens_to_ids(adapter.end_of_turn_tokens[0])
     meta = json.loads((bench_dir / "meta.json").read_text())
@@ -131,7 +163,7 @@ def load_clips(bench_dir: Path, adapter: VLMAdapter) -> list[Clip]:
     by_video: dict[str, list[EvalItem]] = {}
     for it in items:
         by_video.setdefault(it.video, []).append(it)
-    clips = []
+    clips, rng = [], random.Random(seed)
     for video, group in by_video.items():
         rgb, pts = decode(resolve_video(group[0], bench_dir))
         rows = []
@@ -139,7 +171,12 @@ def load_clips(bench_dir: Path, adapter: VLMAdapter) -> list[Clip]:
             seen = sum(p <= it.time_s + 1e-9 for p in pts)
             answer = torch.tensor(adapter.tokenizer(it.answer, add_special_tokens=False)["input_ids"] + [eos])
             rows.append((it, seen, adapter.question_ids(it.prompt), answer))
+        extra = []
+        for colour, shape, t, k in count_drills(objects[video], int(pts[-1]) + 1, drills, rng):
+            answer = torch.tensor(adapter.tokenizer(str(k), add_special_tokens=False)["input_ids"] + [eos])
+            extra.append((None, sum(p <= t + 1e-9 for p in pts),
+                          adapter.question_ids(REC_PROMPT.format(activity=f"show a {colour} {shape}")), answer))
         cells, present = zip(*(token_labels(objects[video], t) for t in pts))
         clips.append(Clip(video, adapter.preprocess(rgb).float(), pts, rows, torch.tensor(cells),
-                          torch.tensor(present), state_labels(objects[video], pts)))
+                          torch.tensor(present), state_labels(objects[video], pts), sorted(extra, key=lambda r: r[1])))
     return clips

@@ -50,7 +50,8 @@ def visual_tokens(adapter: VLMAdapter, pixels: torch.Tensor) -> torch.Tensor:
 
 def question_hidden(adapter: VLMAdapter, clip: Clip, rows: list[int], state_layer: int | None = None
                     ) -> tuple[torch.Tensor, list[int], torch.Tensor, torch.Tensor | None]:
-    """Last hidden states of the question+answer blocks of ``clip.items[rows]``, each on its own stream context.
+    """Last hidden states of the question+answer blocks of ``clip.questions[rows]`` (the bench's items first, then
+    the counting drills), each on its own stream context.
 
     The stream (prefix + every frame up to the latest question) is prefilled once; the ``Q`` question blocks then
     run as one batch on copies of that cache, each masked to the frames seen at its time and placed at the rotary
@@ -59,7 +60,7 @@ def question_hidden(adapter: VLMAdapter, clip: Clip, rows: list[int], state_laye
     ``state_layer``, that decoder layer's output at the last token of each frame ``[F, d]``.
     """
     decoder, emb = adapter.llm.decoder, adapter.llm.decoder.get_input_embeddings()
-    items = [clip.items[r] for r in rows]
+    items = [clip.questions[r] for r in rows]
     n_max = max(seen for _, seen, _, _ in items)
     vis = visual_tokens(adapter, clip.pixels[:n_max])  # [F, T, d]
     prefix = emb(adapter.stream_prefix_ids())  # [P, d]
@@ -96,7 +97,8 @@ def answer_logits(adapter: VLMAdapter, clip: Clip, rows: list[int], state_layer:
     """Per row of ``rows``: the logits predicting its answer tokens (answer + end of turn), ``[len(answer), vocab]``;
     the visual tokens ``[F, T, d]`` of the frames they read and the frame states (see :func:`question_hidden`)."""
     hidden, lens, vis, states = question_hidden(adapter, clip, rows, state_layer)
-    logits = [adapter.llm.lm_head(hidden[i, lens[i] - len(clip.items[r][3]): lens[i]]) for i, r in enumerate(rows)]
+    qs = clip.questions
+    logits = [adapter.llm.lm_head(hidden[i, lens[i] - len(qs[r][3]): lens[i]]) for i, r in enumerate(rows)]
     return logits, vis, states
 
 
@@ -105,7 +107,7 @@ def clip_loss(adapter: VLMAdapter, clip: Clip, rows: list[int], state_layer: int
     """Mean cross-entropy over the answer tokens (answer + end of turn) of ``rows``, the visual tokens ``[F, T, d]``
     they read and the frame states (see :func:`question_hidden`)."""
     logits, vis, states = answer_logits(adapter, clip, rows, state_layer)
-    targets = torch.cat([clip.items[r][3] for r in rows])
+    targets = torch.cat([clip.questions[r][3] for r in rows])
     return torch.nn.functional.cross_entropy(torch.cat(logits).float(), targets), vis, states
 
 
@@ -217,8 +219,8 @@ def train(adapter: VLMAdapter, stages: list[tuple[int, list[Clip]]], seed: int, 
     """The curriculum's answer-token stages: ``(steps, clips)`` each, one warm-up + cosine schedule over all of them;
     the (warmed-up) vision tower and projector learn at ``vision_scale * lr``, with the warm-up's ``probes`` kept on
     as an auxiliary loss (``aux_weight``); with ``state = (probes, layer, weight)``, :class:`StateProbes` on that
-    decoder layer's frame states too. Each step: one clip, ``questions`` random items of it. Returns the answer loss
-    per step."""
+    decoder layer's frame states too. Each step: one clip, ``questions`` random items of it (bench items and counting
+    drills alike). Returns the answer loss per step."""
     rng, model = random.Random(seed), adapter.model.train()
     vision = [p for n, p in model.named_parameters() if "vision_tower" in n or "multi_modal_projector" in n]
     ids = {id(p) for p in vision}
@@ -233,7 +235,8 @@ def train(adapter: VLMAdapter, stages: list[tuple[int, list[Clip]]], seed: int, 
     t0 = time.perf_counter()
     for step, clips in enumerate(plan):
         clip = clips[rng.randrange(len(clips))]
-        rows = sorted(rng.sample(range(len(clip.items)), min(questions, len(clip.items))))
+        n_q = len(clip.questions)
+        rows = sorted(rng.sample(range(n_q), min(questions, n_q)))
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, max(1, steps // 20)) * g["scale"]
         answer, vis, states = clip_loss(adapter, clip, rows, state[1] if state is not None else None)
@@ -293,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
                    "stages, this times")
     p.add_argument("--state-weight", type=float, default=0.2, help="weight of the stream-state probes on the LLM "
                    "(what the stream so far holds, at each frame's last token; 0 = off)")
+    p.add_argument("--count-drills", type=int, default=0, help="extra counting questions per training clip, "
+                   "answers 0-4 equally often, from the timeline (reference_data.count_drills; 0 = off)")
     p.add_argument("--state-layer", type=int, default=2, help="decoder layer whose output the stream-state probes read")
     p.add_argument("--curriculum", type=float, nargs=3, default=[share for _, share in CURRICULUM],
                    metavar=("EARLY", "SHORT", "LONG"), help="share of --steps on questions within the first 8 frames, "
@@ -319,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"generating {name}: {make_bench(args.data / name, **spec)}")
     prompts = [it.prompt for name in ("short", "long") for it in load_bench(args.data / name / "ovo.json", "ovo")]
     adapter = build_adapter(args.seed, prompts)
-    data = {name: load_clips(args.data / name, adapter) for name in ("short", "long")}
+    data = {name: load_clips(args.data / name, adapter, args.count_drills, args.seed) for name in ("short", "long")}
     data["early"] = early(data["short"], CHUNK)
     log(f"{adapter}; {sum(p.numel() for p in adapter.model.parameters())} parameters; clips "
         f"{ {k: len(v) for k, v in data.items()} } ({(time.perf_counter() - t_start) / 60:.1f} min)")
@@ -350,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     figures = {"seed": args.seed, "warmup_steps": args.warmup_steps, "steps": args.steps,
                "stages": {n: k for (n, _), (k, _) in zip(CURRICULUM, stages)},
                "questions_per_step": args.questions, "train_clips": list(args.train_clips),
+               "count_drills": args.count_drills,
                "vision_scale": args.vision_scale,
                "flip": args.flip, "state_probes": {"weight": args.state_weight, "layer": args.state_layer},
                "probe_weights": {"occupied": args.occupied_weight, "shape": args.shape_weight,

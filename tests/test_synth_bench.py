@@ -264,3 +264,37 @@ def test_stream_state_probes_read_each_frames_last_token(bench: Path) -> None:
         out = decoder(inputs_embeds=cut, output_hidden_states=True, use_cache=True,
                       **{adapter.llm.cache_argument: DynamicCache(config=decoder.config)})
         assert torch.allclose(out.hidden_states[2][0, -1], states[f], atol=1e-4), f
+
+
+def test_count_drills_follow_the_generators_counting_rule(bench: Path) -> None:
+    """Every counting drill's answer is the stream-state count of its colour x shape at its second (the labels that
+    agree with the bench's own REC answers), it is never asked within 1 s after one of that colour x shape's onsets
+    (the generator's rule), its answers are drawn evenly, and the drills reach training as REC-prompt rows."""
+    pytest.importorskip("torch")
+    import random
+
+    from benchmarks.reference_data import MAX_COUNT, build_adapter, count_drills, load_clips, state_labels
+    from serve.eval.bench import REC_PROMPT
+    from serve.eval.synth_scene import SHAPES
+
+    meta = json.loads((bench / "meta.json").read_text())
+    answers: list[int] = []
+    for clip in meta["clips"]:
+        objects = clip["objects"]
+        seconds = int(max(o["off"] for o in objects)) + 1
+        drills = count_drills(objects, seconds, 400, random.Random(1))
+        labels = state_labels(objects, [float(s) for s in range(seconds)])
+        for colour, shape, t, k in drills:
+            assert int(labels["count"][t, list(COLOURS).index(colour) * len(SHAPES) + SHAPES.index(shape)]) == k
+            assert not any(o["on"] <= t <= o["on"] + 1 for o in objects if (o["colour"], o["shape"]) == (colour, shape))
+        assert {k for *_, k in drills} >= {0, 1}  # an absent colour x shape and a present one at least
+        answers += [k for *_, k in drills]
+    shares = [answers.count(k) / len(answers) for k in range(MAX_COUNT + 1) if k in answers]
+    assert max(shares) < 2 * min(shares), shares  # drawn evenly over the counts each clip offers
+    adapter = build_adapter(0)
+    clip = load_clips(bench, adapter, drills=5, seed=2)[0]
+    assert len(clip.drills) == 5 and clip.questions[: len(clip.items)] == clip.items
+    for item, seen, prompt, answer in clip.drills:
+        text = adapter.tokenizer.decode(prompt, skip_special_tokens=True)
+        assert item is None and REC_PROMPT.split("\n")[0] in text and 0 < seen <= len(clip.pts)
+        assert adapter.tokenizer.decode(answer[:-1]).strip() in {str(k) for k in range(MAX_COUNT + 1)}
