@@ -41,6 +41,13 @@ def thumbnail_grid(height: int, width: int, cells: int, sub: int = 4) -> tuple[i
     return max(1, round(n * height / long_side)), max(1, round(n * width / long_side))
 
 
+def gate_state_bytes(height: int, width: int, cells: int, sub: int) -> int:
+    """Bytes of a gate's state on ``height`` x ``width`` video once a frame passed: one float16 thumbnail
+    ``[3, rows * sub, cols * sub]`` (:func:`thumbnail_grid`); :meth:`FrameGate.state_bytes` measures it."""
+    rows, cols = thumbnail_grid(height, width, cells, sub)
+    return 3 * rows * sub * cols * sub * 2
+
+
 def thumbnails(rgb: np.ndarray | torch.Tensor, cells: int, sub: int = 4) -> torch.Tensor:
     """Block means of each frame, ``sub`` x ``sub`` blocks per cell of the grid :func:`thumbnail_grid` gives.
 
@@ -240,8 +247,8 @@ class FrameGate:
         return keep
 
     def stats(self) -> dict[str, Any]:
-        """Counters since the last reset (see :class:`GateStats`) plus ``skip_rate``."""
-        return self._stats.to_dict()
+        """Counters since the last reset (see :class:`GateStats`) plus ``skip_rate`` and ``state_bytes``."""
+        return {**self._stats.to_dict(), "state_bytes": self.state_bytes()}
 
     def state_bytes(self) -> int:
         """Bytes of tensor state: one thumbnail."""

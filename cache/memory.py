@@ -40,9 +40,10 @@ class MemoryReport:
     * ``references``: the STC cacher's reference store, when ``cacher.reference_placement: device``.
     * ``queued_chunks``: chunk embeddings handed to the LLM engine and not prefilled yet.
 
-    Host (CPU memory): ``host_offloaded`` (offloaded KV blocks + their FAISS index) and ``host_references`` (the
+    Host (CPU memory): ``host_offloaded`` (offloaded KV blocks + their FAISS index), ``host_references`` (the
     reference store's tensors when ``reference_placement: host``, plus its signatures and ids, which are always on
-    the host).
+    the host), ``host_pruner`` (the pruner's running memory, previous frame and background, as its policy needs
+    them; read once per chunk) and ``host_gate`` (the frame gate's thumbnail of the last frame it passed).
     """
 
     kv_window: int = 0
@@ -53,6 +54,8 @@ class MemoryReport:
     queued_chunks: int = 0
     host_offloaded: int = 0
     host_references: int = 0
+    host_pruner: int = 0
+    host_gate: int = 0
 
     @property
     def kv_bytes(self) -> int:
@@ -67,7 +70,7 @@ class MemoryReport:
     @property
     def host_bytes(self) -> int:
         """Every host component."""
-        return self.host_offloaded + self.host_references
+        return self.host_offloaded + self.host_references + self.host_pruner + self.host_gate
 
     def __add__(self, other: "MemoryReport") -> "MemoryReport":
         return MemoryReport(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
@@ -143,14 +146,16 @@ def reference_bytes(num_layers: int, tokens: int, dim: int, element_size: int, s
 
 def stream_bytes(session: MemoryReport, refs_held: int, reference: tuple[int, int], placement: str,
                  queued_tokens: int = 0, hidden_size: int = 0, element_size: int = 0,
-                 offloaded_bytes: int = 0) -> MemoryReport:
+                 offloaded_bytes: int = 0, pruner_bytes: int = 0, gate_bytes: int = 0) -> MemoryReport:
     """One stream on paper: its KV ``session`` (:func:`session_bytes`), ``refs_held`` references of
     :func:`reference_bytes` placed on ``"device"`` or ``"host"``, ``queued_tokens`` chunk tokens waiting for prefill
-    (embeddings ``[tokens, hidden_size]``), and ``offloaded_bytes`` of host KV history."""
+    (embeddings ``[tokens, hidden_size]``), ``offloaded_bytes`` of host KV history, the pruner's state
+    (``pruner.policies.Policy.state_bytes``) and the frame gate's thumbnail (``cache.gate.gate_state_bytes``)."""
     if placement not in ("device", "host"):
         raise ValueError(f"reference placement {placement!r} is not 'device' or 'host'")
     tensors, index = reference
     on_device = refs_held * tensors if placement == "device" else 0
     on_host = refs_held * (index + (tensors if placement == "host" else 0))
     return session + MemoryReport(references=on_device, queued_chunks=queued_tokens * hidden_size * element_size,
-                                  host_offloaded=offloaded_bytes, host_references=on_host)
+                                  host_offloaded=offloaded_bytes, host_references=on_host, host_pruner=pruner_bytes,
+                                  host_gate=gate_bytes)

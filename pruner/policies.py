@@ -67,6 +67,17 @@ class Policy:
     needs_attention: bool = False
     uses_background: bool = False
 
+    def state_bytes(self, tokens: int, dim: int, element_size: int, novelty_horizon: int = 1) -> int:
+        """Bytes of a stream's pruner state once it has seen a frame of ``tokens`` x ``dim`` tokens of
+        ``element_size`` bytes: the running memory ``[d]`` (float32), the previous frame ``[T, d]`` (the tokens'
+        dtype) and the per-position background ``[T, d]`` (float32; at ``novelty_horizon`` 1 it is the previous
+        frame and not held twice), as this policy uses them; constant in the stream length
+        (``StreamPruner.state_bytes`` measures it)."""
+        shared = self.uses_background and novelty_horizon == 1
+        previous = tokens * dim * element_size if self.uses_previous or shared else 0
+        background = tokens * dim * 4 if self.uses_background and not shared else 0
+        return 4 * dim * int(self.uses_memory) + previous + background
+
 
 def _stc(embeds: torch.Tensor, counts: torch.Tensor, ctx: PolicyContext) -> torch.Tensor:
     if ctx.memory_before is None:

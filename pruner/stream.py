@@ -121,8 +121,8 @@ class StreamPruner:
         # 3. which ones
         mask = self.policy.select(embeds, counts, ctx) if n else torch.zeros(0, t, dtype=torch.bool)
         # 4. advance the state and the statistics
-        if self.policy.uses_previous and n:
-            self._previous = embeds[-1].detach().float().clone()  # [T, d]
+        if (self.policy.uses_previous or self._shares_background) and n:
+            self._previous = embeds[-1].detach().to("cpu", copy=True)  # [T, d] in the tokens' dtype (exact)
         if pts_t is not None and n:
             self._last_pts = float(pts_t[-1])
         self._frames += n
@@ -168,14 +168,18 @@ class StreamPruner:
         n = embeds.shape[0]
         memory_before, background = None, None
         if self.policy.uses_background and n:
-            background, self._background, self._background_count = background_memory(
-                embeds.detach(), self._background, self._background_count, self.config.novelty_horizon
+            shared = self._shares_background  # horizon 1: the background is the previous frame, held once
+            background, kept, self._background_count = background_memory(
+                embeds.detach(), self._previous if shared else self._background, self._background_count,
+                self.config.novelty_horizon,
             )
+            self._background = None if shared else kept.cpu()
         if self.policy.uses_memory and n:
             frame_means = embeds.detach().float().mean(dim=1)  # [F, d]
-            memory_before, self._memory, self._memory_count = running_memory(
+            memory_before, memory, self._memory_count = running_memory(
                 frame_means, self._memory, self._memory_count, self.config.memory_frames
             )
+            self._memory = memory.cpu()
         return PolicyContext(
             positions=positions,
             frame_index=torch.arange(self._frames, self._frames + n),
@@ -245,9 +249,15 @@ class StreamPruner:
             "kept_ratio": self._tokens_kept / self._tokens_in if self._tokens_in else 1.0,
             "grid_changes": self._grid_changes,
             "recent_chunks": list(self._recent),
+            "state_bytes": self.state_bytes(),
         }
 
+    @property
+    def _shares_background(self) -> bool:
+        return self.policy.uses_background and self.config.novelty_horizon == 1
+
     def state_bytes(self) -> int:
-        """Bytes held by the tensor state (memory mean + previous frame); constant in the stream length."""
+        """Host bytes of the tensor state (memory mean, previous frame, background); constant in the stream length
+        (``Policy.state_bytes`` on paper)."""
         return sum(x.numel() * x.element_size() for x in (self._memory, self._previous, self._background)
                    if x is not None)

@@ -210,7 +210,11 @@ def _paper_stream(cfg: KVConfig, cacher: CacherConfig, refs: int, queued: int = 
                             cfg.sink_tokens, cfg.window_tokens, cfg.window_quant)
     ref = reference_bytes(**SO400M_REF, element_size=2, sketch_dim=cacher.sketch_width(1152),
                           signature_dim=signature_dim(729, 1152, cacher.signature_grid))
-    return stream_bytes(session, refs, ref, cacher.reference_placement, queued, 3584, 2)
+    # host: the pruner's memory [d] float32 + previous frame [196, d] bf16 (stc_context at novelty horizon 1 holds
+    # its background once), the gate's float16 thumbnail of 4:3 video (64 x 48 cells x 4 x 4 blocks, 3 channels)
+    pruner, gate = 3584 * 4 + 196 * 3584 * 2, 3 * 256 * 192 * 2
+    return stream_bytes(session, refs, ref, cacher.reference_placement, queued, 3584, 2, pruner_bytes=pruner,
+                        gate_bytes=gate)
 
 
 def test_the_default_config_holds_at_most_250_mb_per_7b_stream_on_the_device() -> None:

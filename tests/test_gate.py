@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cache.config import CacherConfig, GateConfig
-from cache.gate import FrameGate, change_map, gate_decision, relight, thumbnail_grid, thumbnails
+from cache.gate import FrameGate, change_map, gate_decision, gate_state_bytes, relight, thumbnail_grid, thumbnails
 from stream.errors import ConfigError
 from tests.media import moving_square, real_video
 
@@ -201,6 +201,7 @@ def test_state_is_bounded_over_10000_frames(one_thread) -> None:
     assert st["frames"] == 10_000 and st["passed"] + st["skipped"] == 10_000
     assert st["passed"] == 21  # the first frame, then the square appearing 10 times and leaving 10 times
     assert sizes == {3 * 24 * 32 * 2}  # one [3, rows*sub, cols*sub] float16 thumbnail, whatever the length
+    assert sizes == {gate_state_bytes(24, 32, gate.config.cells, gate.config.sub)} == {st["state_bytes"]}  # on paper
 
 
 def test_config_errors_name_the_value_what_is_allowed_and_the_fix() -> None:

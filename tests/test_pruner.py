@@ -291,6 +291,7 @@ def test_state_is_bounded_over_10000_frames() -> None:
         sizes.add(p.state_bytes())
     stats = p.stats()
     assert sizes == {(8 + 16 * 8) * 4}  # memory [d] + previous frame [T, d], float32
+    assert sizes == {get_policy("stc_adaptive").state_bytes(16, 8, 4)}  # on paper = measured
     assert stats["frames"] == 10_000 and len(stats["recent_chunks"]) == StreamPruner.history
     assert stats["tokens_kept"] == pytest.approx(20.0 * 1000, abs=1)
 
@@ -341,3 +342,22 @@ def test_registry_names_and_unknown_policy() -> None:
 def test_config_errors_are_readable(cfg: dict, needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
         PrunerConfig.parse(cfg, where="pruner")
+
+
+@pytest.mark.parametrize("horizon", [1, 3])
+def test_state_on_paper_is_what_each_policy_holds_in_host_memory(horizon: int) -> None:
+    """Every policy's state after a bf16 stream, measured on its tensors, equals ``Policy.state_bytes``; it lives in
+    host memory (read once per chunk) and the previous frame is held in the tokens' dtype; at novelty horizon 1
+    ``stc_context``'s background is the previous frame, held once."""
+    x = video(frames=6, tokens=36, dim=16).to(torch.bfloat16)
+    for name in available_policies():
+        p = pruner(policy=name, novelty_horizon=horizon)
+        attention = torch.rand(6, 36) if get_policy(name).needs_attention else None
+        for c in range(3):
+            p.select(x[2 * c: 2 * c + 2], grid(6, 6), attention=None if attention is None else attention[:2])
+        held = [t for t in (p._memory, p._previous, p._background) if t is not None]
+        assert all(t.device.type == "cpu" for t in held), name
+        assert p.state_bytes() == get_policy(name).state_bytes(36, 16, 2, horizon), (name, horizon)
+        assert p.stats()["state_bytes"] == p.state_bytes()
+    held = get_policy("stc_context").state_bytes(36, 16, 2, horizon)
+    assert held == 16 * 4 + 36 * 16 * 2 + (0 if horizon == 1 else 36 * 16 * 4)

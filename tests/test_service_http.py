@@ -279,6 +279,9 @@ def test_real_tiny_model_through_the_api(media):
         assert samples["stc_stream_device_bytes", (("component", "kv_window"), ("stream", "real"))] == memory["kv_window"]
         assert samples["stc_stream_host_bytes", (("component", "references"), ("stream", "real"))] \
             == cache["reference_host_bytes"]
+        pruner_bytes = stats["vision"]["pruner"]["state_bytes"]  # the pruner's state, in host memory
+        assert pruner_bytes > 0 and samples["stc_stream_host_bytes", (("component", "pruner"), ("stream", "real"))] \
+            == pruner_bytes
         assert samples["stc_replica_device_bytes", (("component", "kv_reserve"), ("replica", "local"),
                                                     ("stage", "llm"))] == memory["kv_reserve"]
     finally:

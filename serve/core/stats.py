@@ -68,6 +68,8 @@ class PrunerCounters(_Stats):
     kept_ratio: float = 1.0
     grid_changes: int = 0
     recent_chunks: list[PrunedChunk] = Field(default_factory=list, description="The last few chunks (bounded).")
+    state_bytes: int = Field(0, description="Host bytes of the pruner's per-stream tensors (constant in stream "
+                             "length).")
 
 
 class GateCounters(_Stats):
@@ -79,6 +81,7 @@ class GateCounters(_Stats):
     forced: int = Field(0, description="Frames that passed only because max_skip_s ran out.")
     last_score: float = Field(0.0, description="The last frame's largest window change (0-255).")
     skip_rate: float = Field(0.0, description="skipped / frames.")
+    state_bytes: int = Field(0, description="Bytes of the gate's thumbnail of the last passing frame (host).")
 
 
 class ChunkStats(_Stats):
@@ -123,7 +126,8 @@ class VisionStats(_Stats):
 class MemoryBytes(_Stats):
     """Bytes one stream (or a replica) holds, by component (``cache.memory.MemoryReport``): measured on the tensors
     held, not estimated. Device: the KV buffer's slots by what they hold now, references on the device, chunks
-    queued for prefill. Host: offloaded KV blocks, references kept in host memory."""
+    queued for prefill. Host: offloaded KV blocks, references kept in host memory, the pruner's state, the frame
+    gate's thumbnail."""
 
     kv_window: int = Field(0, description="KV slots holding window tokens.")
     kv_sinks: int = Field(0, description="KV slots holding the attention sinks + their canonical keys.")
@@ -134,6 +138,9 @@ class MemoryBytes(_Stats):
     queued_chunks: int = Field(0, description="Chunk embeddings waiting for prefill.")
     host_offloaded: int = Field(0, description="Offloaded KV blocks and their index (host).")
     host_references: int = Field(0, description="References and their index in host memory.")
+    host_pruner: int = Field(0, description="The pruner's per-stream tensors: memory, previous frame, background "
+                             "(host).")
+    host_gate: int = Field(0, description="The frame gate's thumbnail of the last passing frame (host).")
     kv_bytes: int = 0
     device_bytes: int = 0
     host_bytes: int = 0
@@ -141,14 +148,18 @@ class MemoryBytes(_Stats):
 
 def stream_memory(vision: "VisionStats | None", llm: "KVStats | None") -> MemoryBytes:
     """One stream's bytes by component across its stages: the LLM stage's KV session and queued chunks, the vision
-    stage's references (device or host, as ``cacher.reference_placement`` put them)."""
+    stage's references (device or host, as ``cacher.reference_placement`` put them), pruner state and frame gate
+    thumbnail (host)."""
     kv = llm.memory if llm is not None else MemoryBytes()
     cache = vision.cache if vision is not None else None
     refs, host_refs = (cache.reference_device_bytes, cache.reference_host_bytes) if cache is not None else (0, 0)
+    pruner = vision.pruner.state_bytes if vision is not None and vision.pruner is not None else 0
+    gate = vision.gate.state_bytes if vision is not None and vision.gate is not None else 0
     parts = {**kv.model_dump(exclude={"kv_bytes", "device_bytes", "host_bytes"}), "references": kv.references + refs,
-             "host_references": kv.host_references + host_refs}
+             "host_references": kv.host_references + host_refs, "host_pruner": kv.host_pruner + pruner,
+             "host_gate": kv.host_gate + gate}
     return MemoryBytes(**parts, kv_bytes=kv.kv_bytes, device_bytes=kv.device_bytes + refs,
-                       host_bytes=kv.host_bytes + host_refs)
+                       host_bytes=kv.host_bytes + host_refs + pruner + gate)
 
 
 class RetrievedBlockInfo(_Stats):

@@ -73,7 +73,8 @@ class _Collector:
 
 
     _DEVICE = ("kv_window", "kv_sinks", "kv_reserve", "kv_retrieved", "references", "queued_chunks")
-    _HOST = (("kv_offloaded", "host_offloaded"), ("references", "host_references"))
+    _HOST = (("kv_offloaded", "host_offloaded"), ("references", "host_references"), ("pruner", "host_pruner"),
+             ("gate", "host_gate"))
 
     def _memory(self) -> Iterator[Any]:
         """Device and host bytes per stream and component; device bytes summed per replica."""
