@@ -282,18 +282,21 @@ def test_reset_equals_fresh_pruner() -> None:
     assert p.stats()["frames"] == 6 and p.stats()["chunks"] == 1
 
 
-def test_state_is_bounded_over_10000_frames() -> None:
-    p = pruner(policy="stc_adaptive", tokens_per_second=20.0, min_tokens_per_frame=1)
+@pytest.mark.parametrize("policy", ["stc_adaptive", "stc_context"])
+def test_state_is_bounded_over_10000_frames(policy: str) -> None:
+    adaptive = get_policy(policy).adaptive  # budgets per second are for the adaptive policies
+    p = pruner(policy=policy, **({"tokens_per_second": 20.0, "min_tokens_per_frame": 1} if adaptive else {}))
     x = torch.randn(100, 16, 8)
     sizes = set()
     for c in range(100):
         p.select(x, grid(4, 4), pts=[0.1 * (c * 100 + f) for f in range(100)])
         sizes.add(p.state_bytes())
     stats = p.stats()
-    assert sizes == {(8 + 16 * 8) * 4}  # memory [d] + previous frame [T, d], float32
-    assert sizes == {get_policy("stc_adaptive").state_bytes(16, 8, 4)}  # on paper = measured
+    assert sizes == {(8 + 16 * 8) * 4}  # memory [d] + previous frame [T, d] (stc_context: also its background), float32
+    assert sizes == {get_policy(policy).state_bytes(16, 8, 4)}  # on paper = measured
     assert stats["frames"] == 10_000 and len(stats["recent_chunks"]) == StreamPruner.history
-    assert stats["tokens_kept"] == pytest.approx(20.0 * 1000, abs=1)
+    if adaptive:
+        assert stats["tokens_kept"] == pytest.approx(20.0 * 1000, abs=1)
 
 
 def test_attention_policy_needs_scores_of_the_right_shape() -> None:
