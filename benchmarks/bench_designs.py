@@ -50,10 +50,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_bound import (  # noqa: E402
-    GPUS, QWEN2_7B, TINY_LLM, TINY_VIT, check_rows_cache, component_bytes_7b, decode_flops_per_token, llm_numbers,
+    GPUS, QWEN2_7B, TINY_LLM, TINY_VIT, check_rows_cache, decode_flops_per_token, llm_numbers,
     prefill_flops_per_token, random_qwen2, rows_cache, vit_flops, weight_bytes)
 from benchmarks.bench_cacher import SO400M, build_tower, check_exact, flop_ratio, load_clip  # noqa: E402
 from benchmarks.bench_pruner import QWEN2_05B  # noqa: E402
+from benchmarks.paper_memory import component_bytes_7b  # noqa: E402
 from benchmarks.common import machine_info  # noqa: E402
 from cache.cacher import StreamCacher  # noqa: E402
 from cache.config import CacherConfig  # noqa: E402
