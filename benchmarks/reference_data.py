@@ -110,6 +110,8 @@ def count_drills(objects: list[dict[str, Any]], seconds: int, n: int, rng: rando
     colour x shape the clip shows and ``absent`` it never shows, with the answers 0..``MAX_COUNT`` drawn equally
     often (the bench's one REC item per clip asks about one object only, and a skewed answer mix is learnt as a
     prior)."""
+    if n <= 0:
+        return []
     onsets: dict[tuple[str, str], list[int]] = {}
     for o in objects:
         onsets.setdefault((o["colour"], o["shape"]), []).append(o["on"])
