@@ -213,14 +213,14 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))))
 
 
-def train(adapter: VLMAdapter, stages: list[tuple[int, list[Clip]]], seed: int, lr: float, questions: int,
-          log: Any, vision_scale: float = 1.0, probes: Probes | None = None, aux_weight: float = 0.0,
+def train(adapter: VLMAdapter, stages: list[tuple[int, list[Clip], int]], seed: int, lr: float, log: Any, vision_scale: float = 1.0, probes: Probes | None = None, aux_weight: float = 0.0,
           state: tuple[StateProbes, int, float] | None = None) -> list[float]:
-    """The curriculum's answer-token stages: ``(steps, clips)`` each, one warm-up + cosine schedule over all of them;
+    """The curriculum's answer-token stages: ``(steps, clips, questions)`` each, one warm-up + cosine schedule over all
+    of them;
     the (warmed-up) vision tower and projector learn at ``vision_scale * lr``, with the warm-up's ``probes`` kept on
     as an auxiliary loss (``aux_weight``); with ``state = (probes, layer, weight)``, :class:`StateProbes` on that
-    decoder layer's frame states too. Each step: one clip, ``questions`` random items of it (bench items and counting
-    drills alike). Returns the answer loss per step."""
+    decoder layer's frame states too. Each step: one clip of the stage, its ``questions`` random items of it (bench
+    items and counting drills alike). Returns the answer loss per step."""
     rng, model = random.Random(seed), adapter.model.train()
     vision = [p for n, p in model.named_parameters() if "vision_tower" in n or "multi_modal_projector" in n]
     ids = {id(p) for p in vision}
@@ -228,12 +228,12 @@ def train(adapter: VLMAdapter, stages: list[tuple[int, list[Clip]]], seed: int, 
     groups = [{"params": [p for p in model.parameters() if id(p) not in ids] + extra, "scale": 1.0},
               {"params": vision + (list(probes.parameters()) if probes is not None else []), "scale": vision_scale}]
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), weight_decay=0.05)
-    steps = sum(n for n, _ in stages)
-    plan = [clips for n, clips in stages for _ in range(n)]
+    steps = sum(n for n, _, _ in stages)
+    plan = [(clips, questions) for n, clips, questions in stages for _ in range(n)]
     losses: list[float] = []
     state_losses: list[float] = []
     t0 = time.perf_counter()
-    for step, clips in enumerate(plan):
+    for step, (clips, questions) in enumerate(plan):
         clip = clips[rng.randrange(len(clips))]
         n_q = len(clip.questions)
         rows = sorted(rng.sample(range(n_q), min(questions, n_q)))
@@ -283,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=4e-4, help="peak learning rate of the answer-token stages (AdamW, "
                    "warm-up + cosine)")
     p.add_argument("--warmup-lr", type=float, default=1e-3, help="peak learning rate of the vision warm-up")
-    p.add_argument("--questions", type=int, default=32, help="questions per step (from one clip)")
+    p.add_argument("--questions", type=int, nargs="+", default=[32], metavar="N", help="questions per step (from "
+                   "one clip): one number for every stage, or three (EARLY SHORT LONG, as --curriculum)")
     p.add_argument("--train-clips", type=int, nargs=2, default=(240, 480), help="short and long training clips")
     p.add_argument("--test-items", type=int, default=480, help="items of the held-out test bench (seed 0)")
     p.add_argument("--vision-scale", type=float, default=1.0, help="learning-rate factor of the vision tower and "
@@ -309,6 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.curriculum) < 0 or abs(sum(args.curriculum) - 1) > 1e-6:
         p.error(f"--curriculum {' '.join(map(str, args.curriculum))}: three shares >= 0 that sum to 1 are allowed. "
                 f"Fix: e.g. --curriculum 0.55 0.2 0.25")
+    if len(args.questions) not in (1, 3) or min(args.questions) < 1:
+        p.error(f"--questions {' '.join(map(str, args.questions))}: one or three numbers >= 1 are allowed (per step; "
+                f"three = per stage). Fix: e.g. --questions 32 or --questions 32 32 16")
+    questions = args.questions * 3 if len(args.questions) == 1 else args.questions
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     t_start = time.perf_counter()
@@ -337,12 +342,13 @@ def main(argv: list[str] | None = None) -> int:
     test = load_clips(args.data / "test", adapter)
     probe_acc = {"after_warmup": probe_accuracy(adapter, probes, test)}
     log(f"held-out probe accuracy after the warm-up: {probe_acc['after_warmup']}")
-    stages = [(round(args.steps * share), data[name]) for (name, _), share in zip(CURRICULUM, args.curriculum)]
+    stages = [(round(args.steps * share), data[name], q)
+              for (name, _), share, q in zip(CURRICULUM, args.curriculum, questions)]
     state = None
     if args.state_weight > 0:
         heads = StateProbes(adapter.llm.hidden_size, probes.frame.out_features - 4)
         state = (heads, args.state_layer, args.state_weight)
-    losses = train(adapter, stages, args.seed, args.lr, args.questions, log, args.vision_scale, probes,
+    losses = train(adapter, stages, args.seed, args.lr, log, args.vision_scale, probes,
                    args.aux_weight, state)
     probe_acc["after_training"] = probe_accuracy(adapter, probes, test)
     train_min = (time.perf_counter() - t_train) / 60
@@ -353,8 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     results = evaluate(loaded, load_clips(args.data / "test", loaded))
     acc = report(results, json.loads((args.data / "test" / "meta.json").read_text()), window_s=15)
     figures = {"seed": args.seed, "warmup_steps": args.warmup_steps, "steps": args.steps,
-               "stages": {n: k for (n, _), (k, _) in zip(CURRICULUM, stages)},
-               "questions_per_step": args.questions, "train_clips": list(args.train_clips),
+               "stages": {n: k for (n, _), (k, _, _) in zip(CURRICULUM, stages)},
+               "questions_per_step": dict(zip((n for n, _ in CURRICULUM), questions)), "train_clips": list(args.train_clips),
                "count_drills": args.count_drills,
                "vision_scale": args.vision_scale,
                "flip": args.flip, "state_probes": {"weight": args.state_weight, "layer": args.state_layer},
@@ -371,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "training.json").write_text(json.dumps(figures, indent=1) + "\n")
     (args.out / "README.md").write_text(model_card(figures))
     if args.plot:
-        bounds = np.cumsum([k for k, _ in stages])[:-1].tolist()
+        bounds = np.cumsum([k for k, _, _ in stages])[:-1].tolist()
         plot(warm, losses, bounds, args.plot, f"reference model, seed {args.seed}, {args.threads} thread(s), "
              f"{train_min:.0f} min")
     print(json.dumps(figures))
