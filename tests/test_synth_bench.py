@@ -298,3 +298,23 @@ def test_count_drills_follow_the_generators_counting_rule(bench: Path) -> None:
         text = adapter.tokenizer.decode(prompt, skip_special_tokens=True)
         assert item is None and REC_PROMPT.split("\n")[0] in text and 0 < seen <= len(clip.pts)
         assert adapter.tokenizer.decode(answer[:-1]).strip() in {str(k) for k in range(MAX_COUNT + 1)}
+
+
+def test_each_training_stage_asks_its_own_number_of_questions(bench: Path, monkeypatch, capsys) -> None:
+    """``--questions EARLY SHORT LONG``: every step of a stage trains on that many of its clip's questions (one
+    number = every stage); anything but one or three counts >= 1 is refused with the fix."""
+    pytest.importorskip("torch")
+    import benchmarks.train_reference as tr
+
+    adapter = tr.build_adapter(0)
+    clips = tr.load_clips(bench, adapter)
+    asked: list[int] = []
+    real = tr.clip_loss
+    monkeypatch.setattr(tr, "clip_loss", lambda a, clip, rows, layer=None: asked.append(len(rows)) or real(
+        a, clip, rows, layer))
+    tr.train(adapter, [(2, clips, 3), (1, clips, 5)], 0, 1e-4, lambda msg: None)
+    assert asked == [3, 3, 5]
+    for bad in (["--questions", "32", "16"], ["--questions", "0"]):
+        with pytest.raises(SystemExit) as exit_:
+            tr.main(bad)
+        assert exit_.value.code == 2 and "one or three numbers >= 1" in capsys.readouterr().err
