@@ -213,14 +213,14 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))))
 
 
-def train(adapter: VLMAdapter, stages: list[tuple[int, list[Clip], int]], seed: int, lr: float, log: Any, vision_scale: float = 1.0, probes: Probes | None = None, aux_weight: float = 0.0,
+def train(adapter: VLMAdapter, stages: list[tuple[int, list[Clip], int]], seed: int, lr: float, log: Any,
+          vision_scale: float = 1.0, probes: Probes | None = None, aux_weight: float = 0.0,
           state: tuple[StateProbes, int, float] | None = None) -> list[float]:
-    """The curriculum's answer-token stages: ``(steps, clips, questions)`` each, one warm-up + cosine schedule over all
-    of them;
-    the (warmed-up) vision tower and projector learn at ``vision_scale * lr``, with the warm-up's ``probes`` kept on
-    as an auxiliary loss (``aux_weight``); with ``state = (probes, layer, weight)``, :class:`StateProbes` on that
-    decoder layer's frame states too. Each step: one clip of the stage, its ``questions`` random items of it (bench
-    items and counting drills alike). Returns the answer loss per step."""
+    """The curriculum's answer-token stages: ``(steps, clips, questions)`` each, one warm-up + cosine schedule over
+    all of them; the (warmed-up) vision tower and projector learn at ``vision_scale * lr``, with the warm-up's
+    ``probes`` kept on as an auxiliary loss (``aux_weight``); with ``state = (probes, layer, weight)``,
+    :class:`StateProbes` on that decoder layer's frame states too. Each step: one clip of the stage and ``questions``
+    random items of it (bench items and counting drills alike). Returns the answer loss per step."""
     rng, model = random.Random(seed), adapter.model.train()
     vision = [p for n, p in model.named_parameters() if "vision_tower" in n or "multi_modal_projector" in n]
     ids = {id(p) for p in vision}
@@ -348,8 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.state_weight > 0:
         heads = StateProbes(adapter.llm.hidden_size, probes.frame.out_features - 4)
         state = (heads, args.state_layer, args.state_weight)
-    losses = train(adapter, stages, args.seed, args.lr, log, args.vision_scale, probes,
-                   args.aux_weight, state)
+    losses = train(adapter, stages, args.seed, args.lr, log, args.vision_scale, probes, args.aux_weight, state)
     probe_acc["after_training"] = probe_accuracy(adapter, probes, test)
     train_min = (time.perf_counter() - t_train) / 60
     save(adapter, args.out)  # 4. save, reload with the project's loader, evaluate held-out
@@ -360,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     acc = report(results, json.loads((args.data / "test" / "meta.json").read_text()), window_s=15)
     figures = {"seed": args.seed, "warmup_steps": args.warmup_steps, "steps": args.steps,
                "stages": {n: k for (n, _), (k, _, _) in zip(CURRICULUM, stages)},
-               "questions_per_step": dict(zip((n for n, _ in CURRICULUM), questions)), "train_clips": list(args.train_clips),
+               "questions_per_step": dict(zip((n for n, _ in CURRICULUM), questions)),
+               "train_clips": list(args.train_clips),
                "count_drills": args.count_drills,
                "vision_scale": args.vision_scale,
                "flip": args.flip, "state_probes": {"weight": args.state_weight, "layer": args.state_layer},
