@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from serve.eval.bench import REC_PROMPT, EvalItem, load_bench, resolve_video
+from serve.eval.bench import LETTERS, REC_PROMPT, EvalItem, load_bench, mc_prompt, resolve_video
+from serve.eval.synth_items import STABLE_S, realtime_drills
 from serve.eval.synth_scene import COLOURS, SHAPES, SIZES, PlantedObject
 from stream.config import SamplerConfig, SourceConfig
 from stream.models.base import PreprocessSpec, VLMAdapter
@@ -36,6 +37,12 @@ MAX_COUNT = 4  # appearances counted up to this in the stream-state labels (REC 
 ONSET_SCALE = 100.0  # onset seconds / this, regressed by the stream-state probes
 
 
+def planted(o: dict[str, Any]) -> PlantedObject:
+    """One object of ``meta.json``'s timeline as the generator's :class:`PlantedObject`."""
+    cover = tuple(o["covered"]) if o.get("covered") is not None else None
+    return PlantedObject(**{**o, "start": tuple(o["start"]), "end": tuple(o["end"]), "covered": cover})
+
+
 def token_labels(objects: list[dict[str, Any]], t: float) -> tuple[list[list[int]], list[float]]:
     """Ground truth of one frame from the bench's timeline: per token cell (row-major, ``GRID x GRID`` over the
     frame) ``[colour, shape, size]`` of the object covering most of it (0 = none; else 1 + index in ``COLOURS`` /
@@ -43,8 +50,7 @@ def token_labels(objects: list[dict[str, Any]], t: float) -> tuple[list[list[int
     colour x shape x size objects are on screen (36), which colour x shape ones sit left / right of centre (2 x 18)."""
     cells = [[0, 0, 0] for _ in range(GRID * GRID)]
     best = [0.15] * (GRID * GRID)  # an object must cover at least 15 % of a cell
-    visible = [PlantedObject(**{**o, "start": tuple(o["start"]), "end": tuple(o["end"])}) for o in objects
-               if o["on"] <= t < o["off"]]
+    visible = [planted(o) for o in objects if o["on"] <= t < o["off"]]
     n_c, n_s, n_z = len(COLOURS), len(SHAPES), len(SIZES)
     present = [0.0] * (n_c * n_s * (n_z + 2))
     for o in visible:
@@ -95,6 +101,7 @@ class Clip:
     present: torch.Tensor  # [F, 72] float multi-hot frame summary (see token_labels)
     state: dict[str, torch.Tensor]  # per frame what the stream so far holds (see state_labels)
     drills: list[tuple[None, int, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # see count_drills
+    early_drills: list[tuple[None, int, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # see early
 
     @property
     def questions(self) -> list[tuple[EvalItem | None, int, torch.Tensor, torch.Tensor]]:
@@ -128,11 +135,12 @@ def count_drills(objects: list[dict[str, Any]], seconds: int, n: int, rng: rando
 
 
 def early(clips: list[Clip], frames: int) -> list[Clip]:
-    """The curriculum's first stage: each clip's questions asked within its first ``frames`` sampled frames."""
+    """The curriculum's first stage: each clip's questions asked within its first ``frames`` sampled frames, its
+    real-time drills there (``load_clips(early_drills=True)``) included; clips with none are left out."""
     out = [Clip(c.video, c.pixels[:frames], c.pts[:frames], [r for r in c.items if r[1] <= frames],
                 c.labels[:frames], c.present[:frames], {k: v[:frames] for k, v in c.state.items()},
-                [r for r in c.drills if r[1] <= frames]) for c in clips]
-    return [c for c in out if c.items]
+                [r for r in c.drills + c.early_drills if r[1] <= frames]) for c in clips]
+    return [c for c in out if c.questions]
 
 
 def build_adapter(seed: int, prompts: list[str] = ()) -> VLMAdapter:
@@ -155,9 +163,12 @@ def decode(path: Path) -> tuple[np.ndarray, list[float]]:
     return np.stack(rgb), pts
 
 
-def load_clips(bench_dir: Path, adapter: VLMAdapter, drills: int = 0, seed: int = 0) -> list[Clip]:
+def load_clips(bench_dir: Path, adapter: VLMAdapter, drills: int = 0, seed: int = 0,
+               early_drills: bool = False) -> list[Clip]:
     """``bench_dir/ovo.json`` items grouped per video, frames decoded and preprocessed once; with ``drills``, that
-    many :func:`count_drills` per clip (training only: the bench's items stay what is evaluated)."""
+    many :func:`count_drills` per clip; with ``early_drills``, every real-time question the bench's rules allow at
+    each second of the first chunk (``serve.eval.synth_items.realtime_drills``; the first stage trains on them, see
+    :func:`early`). Training only: the bench's items stay what is evaluated."""
     items = load_bench(bench_dir / "ovo.json", "ovo")
     eos = adapter.tokenizer.convert_tokens_to_ids(adapter.end_of_turn_tokens[0])
     meta = json.loads((bench_dir / "meta.json").read_text())
@@ -178,7 +189,18 @@ def load_clips(bench_dir: Path, adapter: VLMAdapter, drills: int = 0, seed: int 
             answer = torch.tensor(adapter.tokenizer(str(k), add_special_tokens=False)["input_ids"] + [eos])
             extra.append((None, sum(p <= t + 1e-9 for p in pts),
                           adapter.question_ids(REC_PROMPT.format(activity=f"show a {colour} {shape}")), answer))
+        quick = []
+        if early_drills:
+            times, sub = [int(p) for p in pts[:CHUNK] if p >= STABLE_S + 1], np.random.default_rng(rng.randrange(2**32))
+            asked = {(it.time_s, it.prompt) for it in group}  # a drill the bench already asks is left out
+            for q in realtime_drills([planted(o) for o in objects[video]], times, sub):
+                if (q.realtime, mc_prompt(q.question, q.options)) in asked:
+                    continue
+                answer = torch.tensor(adapter.tokenizer(LETTERS[q.gt], add_special_tokens=False)["input_ids"] + [eos])
+                quick.append((None, sum(p <= q.realtime + 1e-9 for p in pts),
+                              adapter.question_ids(mc_prompt(q.question, q.options)), answer))
         cells, present = zip(*(token_labels(objects[video], t) for t in pts))
         clips.append(Clip(video, adapter.preprocess(rgb).float(), pts, rows, torch.tensor(cells),
-                          torch.tensor(present), state_labels(objects[video], pts), sorted(extra, key=lambda r: r[1])))
+                          torch.tensor(present), state_labels(objects[video], pts), sorted(extra, key=lambda r: r[1]),
+                          quick))
     return clips

@@ -299,6 +299,11 @@ def main(argv: list[str] | None = None) -> int:
                    "(what the stream so far holds, at each frame's last token; 0 = off)")
     p.add_argument("--count-drills", type=int, default=0, help="extra counting questions per training clip, "
                    "answers 0-4 equally often, from the timeline (reference_data.count_drills; 0 = off)")
+    p.add_argument("--early-drills", action=argparse.BooleanOptionalAction, default=False, help="the first stage "
+                   "also trains on every real-time question the bench's rules allow at each of a clip's first 8 "
+                   "seconds (reference_data.load_clips)")
+    p.add_argument("--early-clips", choices=("short", "all"), default="short", help="the first stage's clips: the "
+                   "24-32 s ones, or the 40-96 s ones' first 8 frames too")
     p.add_argument("--state-layer", type=int, default=2, help="decoder layer whose output the stream-state probes read")
     p.add_argument("--curriculum", type=float, nargs=3, default=[share for _, share in CURRICULUM],
                    metavar=("EARLY", "SHORT", "LONG"), help="share of --steps on questions within the first 8 frames, "
@@ -329,8 +334,9 @@ def main(argv: list[str] | None = None) -> int:
             log(f"generating {name}: {make_bench(args.data / name, **spec)}")
     prompts = [it.prompt for name in ("short", "long") for it in load_bench(args.data / name / "ovo.json", "ovo")]
     adapter = build_adapter(args.seed, prompts)
-    data = {name: load_clips(args.data / name, adapter, args.count_drills, args.seed) for name in ("short", "long")}
-    data["early"] = early(data["short"], CHUNK)
+    data = {name: load_clips(args.data / name, adapter, args.count_drills, args.seed, args.early_drills)
+            for name in ("short", "long")}
+    data["early"] = early(data["short"] + (data["long"] if args.early_clips == "all" else []), CHUNK)
     log(f"{adapter}; {sum(p.numel() for p in adapter.model.parameters())} parameters; clips "
         f"{ {k: len(v) for k, v in data.items()} } ({(time.perf_counter() - t_start) / 60:.1f} min)")
     diff = check_inference_path(adapter, data["long"][0], len(data["long"][0].items) - 1)  # 2. the service's input
@@ -361,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
                "stages": {n: k for (n, _), (k, _, _) in zip(CURRICULUM, stages)},
                "questions_per_step": dict(zip((n for n, _ in CURRICULUM), questions)),
                "train_clips": list(args.train_clips),
-               "count_drills": args.count_drills,
+               "count_drills": args.count_drills, "early_drills": args.early_drills, "early_clips": args.early_clips,
                "vision_scale": args.vision_scale,
                "flip": args.flip, "state_probes": {"weight": args.state_weight, "layer": args.state_layer},
                "probe_weights": {"occupied": args.occupied_weight, "shape": args.shape_weight,

@@ -11,7 +11,7 @@ import av
 import numpy as np
 import pytest
 
-from serve.eval.bench import load_bench
+from serve.eval.bench import load_bench, mc_prompt
 from serve.eval.synth import main, make_bench
 from serve.eval.synth_scene import CLIP_FPS, COLOURS, SIZES, load_footage, split_stretch
 from stream.errors import ConfigError, SourceNotFoundError
@@ -318,3 +318,61 @@ def test_each_training_stage_asks_its_own_number_of_questions(bench: Path, monke
         with pytest.raises(SystemExit) as exit_:
             tr.main(bad)
         assert exit_.value.code == 2 and "one or three numbers >= 1" in capsys.readouterr().err
+
+
+def test_realtime_drills_follow_the_benchs_rules(bench: Path) -> None:
+    """Each real-time drill, checked against the timeline: the scene is unchanged over the last second, the object it
+    names is on screen, uncovered and the only one that description fits, and its answer is that object's colour /
+    shape / side, or the number on screen; a drill at a bench item's time and question has the bench's answer."""
+    from benchmarks.reference_data import planted
+    from serve.eval.synth_items import STABLE_S, realtime_drills
+
+    meta = json.loads((bench / "meta.json").read_text())
+    items = {(it.video, it.time_s, it.prompt): it.answer for it in load_bench(bench / "ovo.json", "ovo")}
+    tasks, same = set(), 0
+    for clip in meta["clips"]:
+        objects = [planted(o) for o in clip["objects"]]
+        seconds = max(o.off for o in objects) + 1
+        for q in realtime_drills(objects, range(STABLE_S + 1, seconds), np.random.default_rng(0)):
+            t, answer, tasks = q.realtime, q.options[q.gt], tasks | {q.meta["kind"]}
+            on = [o for o in objects if o.visible(t)]
+            assert {o.oid for o in on} == {o.oid for o in objects if o.visible(t - 1)}
+            if q.task == "OJR":
+                assert answer == str(len(on))
+            else:
+                (o,) = [objects[i] for i in q.meta["objects"]]
+                assert o in on and not (o.covered and o.covered[0] <= t < o.covered[1])
+                fits = {"colour_now": lambda v: (v.size, v.shape) == (o.size, o.shape),
+                        "shape_now": lambda v: v.colour == o.colour,
+                        "side_now": lambda v: (v.colour, v.shape) == (o.colour, o.shape)}[q.meta["kind"]]
+                assert [v for v in on if fits(v)] == [o]
+                x = o.centre(t)[0]
+                want = {"colour_now": o.colour, "shape_now": o.shape, "side_now": "left" if x < 0.5 else "right"}
+                assert answer == want[q.meta["kind"]]
+            key = (clip["video"], float(t), mc_prompt(q.question, q.options))
+            if key in items:
+                same += 1
+                assert items[key] == "ABCDEF"[q.gt]
+    assert tasks == {"count_now", "colour_now", "shape_now", "side_now"} and same > 0
+
+
+def test_first_stage_drills_stay_in_the_first_chunk(bench: Path) -> None:
+    """``load_clips(early_drills=True)``: real-time drills within the first chunk only, none repeating a bench item,
+    answered by a letter; the first stage (:func:`early`) trains on them, the later stages do not."""
+    pytest.importorskip("torch")
+    from benchmarks.reference_data import CHUNK, build_adapter, early, load_clips
+
+    adapter = build_adapter(0)
+    plain, drilled = load_clips(bench, adapter), load_clips(bench, adapter, early_drills=True)
+    assert all(not c.early_drills for c in plain) and sum(len(c.early_drills) for c in drilled) > 0
+    for p, d in zip(plain, drilled):
+        prompts = {(seen, tuple(ids.tolist())) for _, seen, ids, _ in d.items}
+        for item, seen, ids, answer in d.early_drills:
+            assert item is None and 0 < seen <= CHUNK and (seen, tuple(ids.tolist())) not in prompts
+            assert adapter.tokenizer.decode(answer[:-1]).strip() in set("ABCDEF")
+        rows = lambda clip: [(r[0], r[1], r[2].tolist(), r[3].tolist()) for r in clip.questions]  # noqa: E731
+        assert rows(d) == rows(p)  # the later stages' questions are unchanged
+    first = {c.video: c for c in early(drilled, CHUNK)}
+    for d in drilled:
+        if d.video in first:
+            assert first[d.video].drills == d.early_drills

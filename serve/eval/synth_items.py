@@ -5,6 +5,7 @@
   clip has (``EPM`` asks their colour after they left), and distractors (at most 3 objects on screen at once).
 * :func:`clip_questions` -- questions about a timeline, each answerable from the frames up to its time, with the
   metadata later analysis needs (``T_s``: seconds between the last frame showing the asked object and the question).
+* :func:`realtime_drills` -- every real-time question those rules allow at given seconds (training drills).
 
 Task codes (OVO-Bench's; StreamingBench ``task_type`` in brackets):
 
@@ -205,6 +206,23 @@ def _realtime(task: str, objects: list[PlantedObject], t: int, rng: np.random.Ge
         return None
     q = f"Is the {o.colour} {o.shape} on the left or the right side of the screen now?"
     return Question(task, t, q, ["left", "right"], side, meta={"kind": "side_now", "objects": [o.oid]})
+
+
+def realtime_drills(objects: list[PlantedObject], times: Sequence[int], rng: np.random.Generator,
+                    tries: int = 4) -> list[Question]:
+    """Real-time questions (ATR, STU, OJR) at each whole second of ``times`` by exactly the bench's rules, each
+    question once: extra training questions about a clip (``tries`` draws per task and second; the bench's
+    :func:`clip_questions` asks only a few per clip)."""
+    out: list[Question] = []
+    for t in times:
+        asked: set[str] = set()
+        for task in ("ATR", "ATR", "STU", "OJR"):
+            for _ in range(tries):
+                q = _realtime(task, objects, t, rng)
+                if q is not None and q.question not in asked:
+                    asked.add(q.question)
+                    out.append(q)
+    return out
 
 
 def _episodic(objects: list[PlantedObject], seconds: int, rng: np.random.Generator) -> Question | None:
