@@ -70,6 +70,8 @@ def model_card(f: dict[str, Any]) -> str:
     sp = f.get("state_probes", {"weight": 0})
     state = (f"\n  stream-state probes on decoder layer {sp['layer']}'s frame states at weight {sp['weight']:g}"
              if sp["weight"] else " no stream-state probes")
+    clips = "every training clip's" if f.get("early_clips") == "all" else "the 24-32 s clips'"
+    early = f"\n  first stage on {clips} first 8 frames{', with real-time drills' if f.get('early_drills') else ''}"
     return f"""# stc-serve reference model (a test instrument, not a general VLM)
 
 LLaVA-OneVision architecture (SigLIP tower -> MLP projector -> 2x2 pooling -> Qwen2) at a small size, trained
@@ -85,8 +87,9 @@ in streams; on anything else its answers mean nothing. It exists so compression 
   x {TEXT['hidden_size']} ({TEXT['num_attention_heads']} heads, {TEXT['num_key_value_heads']} KV heads), byte-level
   BPE of `stream.models.tiny` (vocab 1024), float32 safetensors.
 - Trained: seed {f['seed']}, {f['threads']} torch thread(s), {f['train_minutes']:.1f} min of training
-  ({f['total_minutes']:.1f} min with data generation and evaluation), {f['warmup_steps']} single-frame vision
-  warm-up steps then {f['steps']} answer-token steps ({f['stages']}), final answer loss {f['final_loss']};{state}.
+  ({f['total_minutes']:.1f} min with data loading and evaluation), {f['warmup_steps']} single-frame vision
+  warm-up steps then {f['steps']} answer-token steps ({f['stages']}),
+  final answer loss {f['final_loss']};{state};{early}.
 - Reproduce: `python benchmarks/train_reference.py --seed {f['seed']} --out stream/models/reference --plot
   docs/reference_loss.png` (see `docs/reference_model.md`).
 

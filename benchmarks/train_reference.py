@@ -269,14 +269,14 @@ def save(adapter: VLMAdapter, out: Path) -> None:
     (out / "preprocessor_config.json").write_text(json.dumps(_preprocessor_config(FAMILY, IMAGE), indent=2) + "\n")
 
 
-CURRICULUM = (("early", 0.55), ("short", 0.2), ("long", 0.25))  # default share of --steps per answer-token stage
+CURRICULUM = (("early", 0.5275), ("short", 0.21), ("long", 0.2625))  # default share of --steps per stage
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seed", type=int, default=1, help="train bench seed and init seed (test bench: seed 0)")
     p.add_argument("--out", type=Path, default=ROOT / "stream/models/reference", help="model folder to write")
-    p.add_argument("--steps", type=int, default=8400, help="answer-token steps (one clip each), all stages")
+    p.add_argument("--steps", type=int, default=8000, help="answer-token steps (one clip each), all stages")
     p.add_argument("--warmup-steps", type=int, default=2000, help="single-frame vision warm-up steps (64 frames)")
     p.add_argument("--plot", type=Path, help="write the loss curves PNG here")
     p.add_argument("--data", type=Path, default=ROOT / "out/reference_data", help="generated benches go here")
@@ -299,10 +299,10 @@ def main(argv: list[str] | None = None) -> int:
                    "(what the stream so far holds, at each frame's last token; 0 = off)")
     p.add_argument("--count-drills", type=int, default=0, help="extra counting questions per training clip, "
                    "answers 0-4 equally often, from the timeline (reference_data.count_drills; 0 = off)")
-    p.add_argument("--early-drills", action=argparse.BooleanOptionalAction, default=False, help="the first stage "
+    p.add_argument("--early-drills", action=argparse.BooleanOptionalAction, default=True, help="the first stage "
                    "also trains on every real-time question the bench's rules allow at each of a clip's first 8 "
                    "seconds (reference_data.load_clips)")
-    p.add_argument("--early-clips", choices=("short", "all"), default="short", help="the first stage's clips: the "
+    p.add_argument("--early-clips", choices=("short", "all"), default="all", help="the first stage's clips: the "
                    "24-32 s ones, or the 40-96 s ones' first 8 frames too")
     p.add_argument("--state-layer", type=int, default=2, help="decoder layer whose output the stream-state probes read")
     p.add_argument("--curriculum", type=float, nargs=3, default=[share for _, share in CURRICULUM],
@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if min(args.curriculum) < 0 or abs(sum(args.curriculum) - 1) > 1e-6:
         p.error(f"--curriculum {' '.join(map(str, args.curriculum))}: three shares >= 0 that sum to 1 are allowed. "
-                f"Fix: e.g. --curriculum 0.55 0.2 0.25")
+                f"Fix: e.g. --curriculum 0.5275 0.21 0.2625")
     if len(args.questions) not in (1, 3) or min(args.questions) < 1:
         p.error(f"--questions {' '.join(map(str, args.questions))}: one or three numbers >= 1 are allowed (per step; "
                 f"three = per stage). Fix: e.g. --questions 32 or --questions 32 32 16")
