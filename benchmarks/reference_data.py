@@ -194,11 +194,11 @@ def load_clips(bench_dir: Path, adapter: VLMAdapter, drills: int = 0, seed: int 
             times, sub = [int(p) for p in pts[:CHUNK] if p >= STABLE_S + 1], np.random.default_rng(rng.randrange(2**32))
             asked = {(it.time_s, it.prompt) for it in group}  # a drill the bench already asks is left out
             for q in realtime_drills([planted(o) for o in objects[video]], times, sub):
-                if (q.realtime, mc_prompt(q.question, q.options)) in asked:
+                prompt = mc_prompt(q.question, q.options)
+                if (q.realtime, prompt) in asked:
                     continue
                 answer = torch.tensor(adapter.tokenizer(LETTERS[q.gt], add_special_tokens=False)["input_ids"] + [eos])
-                quick.append((None, sum(p <= q.realtime + 1e-9 for p in pts),
-                              adapter.question_ids(mc_prompt(q.question, q.options)), answer))
+                quick.append((None, sum(p <= q.realtime + 1e-9 for p in pts), adapter.question_ids(prompt), answer))
         cells, present = zip(*(token_labels(objects[video], t) for t in pts))
         clips.append(Clip(video, adapter.preprocess(rgb).float(), pts, rows, torch.tensor(cells),
                           torch.tensor(present), state_labels(objects[video], pts), sorted(extra, key=lambda r: r[1]),

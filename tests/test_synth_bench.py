@@ -11,7 +11,7 @@ import av
 import numpy as np
 import pytest
 
-from serve.eval.bench import load_bench, mc_prompt
+from serve.eval.bench import LETTERS, load_bench, mc_prompt
 from serve.eval.synth import main, make_bench
 from serve.eval.synth_scene import CLIP_FPS, COLOURS, SIZES, load_footage, split_stretch
 from stream.errors import ConfigError, SourceNotFoundError
@@ -352,7 +352,7 @@ def test_realtime_drills_follow_the_benchs_rules(bench: Path) -> None:
             key = (clip["video"], float(t), mc_prompt(q.question, q.options))
             if key in items:
                 same += 1
-                assert items[key] == "ABCDEF"[q.gt]
+                assert items[key] == LETTERS[q.gt]
     assert tasks == {"count_now", "colour_now", "shape_now", "side_now"} and same > 0
 
 
@@ -369,7 +369,7 @@ def test_first_stage_drills_stay_in_the_first_chunk(bench: Path) -> None:
         prompts = {(seen, tuple(ids.tolist())) for _, seen, ids, _ in d.items}
         for item, seen, ids, answer in d.early_drills:
             assert item is None and 0 < seen <= CHUNK and (seen, tuple(ids.tolist())) not in prompts
-            assert adapter.tokenizer.decode(answer[:-1]).strip() in set("ABCDEF")
+            assert adapter.tokenizer.decode(answer[:-1]).strip() in set(LETTERS[:6])
         rows = lambda clip: [(r[0], r[1], r[2].tolist(), r[3].tolist()) for r in clip.questions]  # noqa: E731
         assert rows(d) == rows(p)  # the later stages' questions are unchanged
     first = {c.video: c for c in early(drilled, CHUNK)}
