@@ -1,15 +1,48 @@
 """Reports of the reference model's training (``train_reference.py``): accuracy with Wilson intervals per task and
-kind, the loss curves PNG, and the model folder's README."""
+kind, the loss curves PNG, and the model folder's README; the held-out evaluation they report."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from transformers import DynamicCache
 
-from benchmarks.reference_data import IMAGE, PATCH, TEXT, VISION
-from serve.eval.bench import EvalItem, wilson
+from benchmarks.reference_data import CHUNK, IMAGE, PATCH, TEXT, VISION, Clip
+from serve.eval.bench import EvalItem, score, wilson
+from stream.models.base import VLMAdapter
 from serve.eval.synth_items import TASK_KINDS
+
+
+@torch.inference_mode()
+def evaluate(adapter: VLMAdapter, clips: list[Clip], max_new_tokens: int = 8) -> list[tuple[EvalItem, str, bool]]:
+    """Greedy answers over the inference path, as ``stc-serve eval`` feeds it with compression off: per clip the
+    prefix, then chunks of up to ``CHUNK`` frames (the partial chunk flushed at each question), then the question
+    on that context, rolled back after the answer. Returns ``(item, response, correct)`` in clip order."""
+    out = []
+    for clip in clips:
+        tokens = adapter.project(adapter.encode_vision(clip.pixels)).embeds  # [F, T, d]
+        cache = DynamicCache(config=adapter.llm.decoder.config)
+        adapter.llm.forward(adapter.llm.embed(adapter.stream_prefix_ids())[None], cache)
+        fed = 0
+        for it, seen, _, _ in clip.items:
+            while fed < seen:
+                end = min(seen, fed + CHUNK)
+                adapter.llm.forward(adapter.chunk_embeds(list(tokens[fed:end]), clip.pts[fed:end])[None], cache)
+                fed = end
+            context = cache.get_seq_length()
+            logits, ids = adapter.llm.forward(adapter.question_embeds(it.prompt)[None], cache), []
+            for _ in range(max_new_tokens):
+                nxt = int(logits[0, -1].argmax())
+                if nxt in adapter.eos_token_ids:
+                    break
+                ids.append(nxt)
+                logits = adapter.llm.forward(adapter.llm.embed(torch.tensor([[nxt]])), cache)
+            cache.crop(context - cache.get_seq_length())  # roll the question and answer back
+            response = adapter.tokenizer.decode(ids, skip_special_tokens=True)
+            out.append((it, response, score(it, response)))
+    return out
 
 
 def report(results: list[tuple[EvalItem, str, bool]], meta: dict[str, Any], window_s: int) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from transformers import DynamicCache
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,8 +36,8 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.reference_data import (  # noqa: E402
     CHUNK, FAMILY, FPS, IMAGE, TEST_SEED, Clip, build_adapter, early, load_clips)
 from benchmarks.reference_probes import Probes, StateProbes, mirror  # noqa: E402
-from benchmarks.reference_report import model_card, plot, report  # noqa: E402
-from serve.eval.bench import EvalItem, load_bench, score  # noqa: E402
+from benchmarks.reference_report import evaluate, model_card, plot, report  # noqa: E402
+from serve.eval.bench import load_bench  # noqa: E402
 from serve.eval.synth import make_bench  # noqa: E402
 from stream.models.base import VLMAdapter, run_layers  # noqa: E402
 from stream.models.tiny import _preprocessor_config  # noqa: E402
@@ -130,36 +131,6 @@ def check_inference_path(adapter: VLMAdapter, clip: Clip, row: int) -> float:
     return diff
 
 
-@torch.inference_mode()
-def evaluate(adapter: VLMAdapter, clips: list[Clip], max_new_tokens: int = 8) -> list[tuple[EvalItem, str, bool]]:
-    """Greedy answers over the inference path, as ``stc-serve eval`` feeds it with compression off: per clip the
-    prefix, then chunks of up to ``CHUNK`` frames (the partial chunk flushed at each question), then the question
-    on that context, rolled back after the answer. Returns ``(item, response, correct)`` in clip order."""
-    out = []
-    for clip in clips:
-        tokens = adapter.project(adapter.encode_vision(clip.pixels)).embeds  # [F, T, d]
-        cache = DynamicCache(config=adapter.llm.decoder.config)
-        adapter.llm.forward(adapter.llm.embed(adapter.stream_prefix_ids())[None], cache)
-        fed = 0
-        for it, seen, _, _ in clip.items:
-            while fed < seen:
-                end = min(seen, fed + CHUNK)
-                adapter.llm.forward(adapter.chunk_embeds(list(tokens[fed:end]), clip.pts[fed:end])[None], cache)
-                fed = end
-            context = cache.get_seq_length()
-            logits, ids = adapter.llm.forward(adapter.question_embeds(it.prompt)[None], cache), []
-            for _ in range(max_new_tokens):
-                nxt = int(logits[0, -1].argmax())
-                if nxt in adapter.eos_token_ids:
-                    break
-                ids.append(nxt)
-                logits = adapter.llm.forward(adapter.llm.embed(torch.tensor([[nxt]])), cache)
-            cache.crop(context - cache.get_seq_length())  # roll the question and answer back
-            response = adapter.tokenizer.decode(ids, skip_special_tokens=True)
-            out.append((it, response, score(it, response)))
-    return out
-
-
 def warm_vision(adapter: VLMAdapter, clips: list[Clip], probes: Probes, steps: int, lr: float, seed: int, log: Any,
                 batch: int = 64, flip: bool = False) -> list[float]:
     """Curriculum stage 0, single frames: the vision tower + projector learn what each visual token shows through
@@ -215,12 +186,14 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
 
 def train(adapter: VLMAdapter, stages: list[tuple[int, list[Clip], int]], seed: int, lr: float, log: Any,
           vision_scale: float = 1.0, probes: Probes | None = None, aux_weight: float = 0.0,
-          state: tuple[StateProbes, int, float] | None = None) -> list[float]:
+          state: tuple[StateProbes, int, float] | None = None, ema: tuple[float, ...] = ()
+          ) -> tuple[list[float], dict[float, torch.nn.Module]]:
     """The curriculum's answer-token stages: ``(steps, clips, questions)`` each, one warm-up + cosine schedule over
     all of them; the (warmed-up) vision tower and projector learn at ``vision_scale * lr``, with the warm-up's
     ``probes`` kept on as an auxiliary loss (``aux_weight``); with ``state = (probes, layer, weight)``,
     :class:`StateProbes` on that decoder layer's frame states too. Each step: one clip of the stage and ``questions``
-    random items of it (bench items and counting drills alike). Returns the answer loss per step."""
+    random items of it (bench items and counting drills alike). Returns the answer loss per step and, per decay in
+    ``ema``, an exponential moving average of the model's weights over these stages."""
     rng, model = random.Random(seed), adapter.model.train()
     vision = [p for n, p in model.named_parameters() if "vision_tower" in n or "multi_modal_projector" in n]
     ids = {id(p) for p in vision}
@@ -228,6 +201,7 @@ def train(adapter: VLMAdapter, stages: list[tuple[int, list[Clip], int]], seed: 
     groups = [{"params": [p for p in model.parameters() if id(p) not in ids] + extra, "scale": 1.0},
               {"params": vision + (list(probes.parameters()) if probes is not None else []), "scale": vision_scale}]
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), weight_decay=0.05)
+    averages = {d: AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(d)) for d in ema}
     steps = sum(n for n, _, _ in stages)
     plan = [(clips, questions) for n, clips, questions in stages for _ in range(n)]
     losses: list[float] = []
@@ -252,19 +226,26 @@ def train(adapter: VLMAdapter, stages: list[tuple[int, list[Clip], int]], seed: 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        for avg in averages.values():
+            avg.update_parameters(model)
         losses.append(float(answer.detach()))
         if step % 100 == 0 or step == steps - 1:
             extra = f", stream-state probes {np.mean(state_losses[-100:]):.3f}" if state_losses else ""
             minutes = (time.perf_counter() - t0) / 60
             log(f"step {step}/{steps} loss {np.mean(losses[-100:]):.4f}{extra} ({minutes:.1f} min)")
     model.eval()
-    return losses
+    return losses, {d: avg.module.eval() for d, avg in averages.items()}
 
 
 def save(adapter: VLMAdapter, out: Path) -> None:
     """``save_pretrained`` model (float32 safetensors) + tokenizer + ``preprocessor_config.json``."""
     out.mkdir(parents=True, exist_ok=True)
     adapter.model.save_pretrained(out)
+    save_extras(adapter, out)
+
+
+def save_extras(adapter: VLMAdapter, out: Path) -> None:
+    """The tokenizer and ``preprocessor_config.json`` beside saved weights."""
     adapter.tokenizer.save_pretrained(out)
     (out / "preprocessor_config.json").write_text(json.dumps(_preprocessor_config(FAMILY, IMAGE), indent=2) + "\n")
 
@@ -310,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
                    "on 24-32 s streams and on 40-96 s streams (sums to 1)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=False, help="mirror half of each "
                    "vision warm-up batch left-right (labels mirrored too)")
+    p.add_argument("--ema", type=float, nargs="*", default=[], metavar="DECAY", help="also save moving averages "
+                   "of the weights over the answer-token stages, one per decay, to OUT-emaDECAY")
     p.add_argument("--threads", type=int, default=2, help="torch threads (the machine's 2 cores)")
     args = p.parse_args(argv)
     if min(args.curriculum) < 0 or abs(sum(args.curriculum) - 1) > 1e-6:
@@ -354,9 +337,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.state_weight > 0:
         heads = StateProbes(adapter.llm.hidden_size, probes.frame.out_features - 4)
         state = (heads, args.state_layer, args.state_weight)
-    losses = train(adapter, stages, args.seed, args.lr, log, args.vision_scale, probes, args.aux_weight, state)
+    losses, averages = train(adapter, stages, args.seed, args.lr, log, args.vision_scale, probes, args.aux_weight,
+                             state, tuple(args.ema))
     probe_acc["after_training"] = probe_accuracy(adapter, probes, test)
     train_min = (time.perf_counter() - t_train) / 60
+    for d, module in averages.items():  # the weights' moving averages, each beside the model
+        module.save_pretrained(args.out.with_name(f"{args.out.name}-ema{d}"))
+        save_extras(adapter, args.out.with_name(f"{args.out.name}-ema{d}"))
     save(adapter, args.out)  # 4. save, reload with the project's loader, evaluate held-out
     from stream.models.loading import load_adapter
 
