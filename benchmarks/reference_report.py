@@ -11,8 +11,8 @@ from transformers import DynamicCache
 
 from benchmarks.reference_data import CHUNK, IMAGE, PATCH, TEXT, VISION, Clip
 from serve.eval.bench import EvalItem, score, wilson
-from stream.models.base import VLMAdapter
 from serve.eval.synth_items import TASK_KINDS
+from stream.models.base import VLMAdapter
 
 
 @torch.inference_mode()

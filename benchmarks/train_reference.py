@@ -301,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(args.questions) not in (1, 3) or min(args.questions) < 1:
         p.error(f"--questions {' '.join(map(str, args.questions))}: one or three numbers >= 1 are allowed (per step; "
                 f"three = per stage). Fix: e.g. --questions 32 or --questions 32 32 16")
+    if any(not 0 < d < 1 for d in args.ema):
+        p.error(f"--ema {' '.join(map(str, args.ema))}: decays between 0 and 1 (exclusive) are allowed. "
+                f"Fix: e.g. --ema 0.998 0.999")
     questions = args.questions * 3 if len(args.questions) == 1 else args.questions
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
