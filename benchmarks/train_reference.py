@@ -237,15 +237,11 @@ def train(adapter: VLMAdapter, stages: list[tuple[int, list[Clip], int]], seed: 
     return losses, {d: avg.module.eval() for d, avg in averages.items()}
 
 
-def save(adapter: VLMAdapter, out: Path) -> None:
-    """``save_pretrained`` model (float32 safetensors) + tokenizer + ``preprocessor_config.json``."""
+def save(adapter: VLMAdapter, out: Path, model: torch.nn.Module | None = None) -> None:
+    """``save_pretrained`` model (float32 safetensors; ``model`` instead of the adapter's, e.g. a moving average of
+    its weights) + tokenizer + ``preprocessor_config.json``."""
     out.mkdir(parents=True, exist_ok=True)
-    adapter.model.save_pretrained(out)
-    save_extras(adapter, out)
-
-
-def save_extras(adapter: VLMAdapter, out: Path) -> None:
-    """The tokenizer and ``preprocessor_config.json`` beside saved weights."""
+    (model if model is not None else adapter.model).save_pretrained(out)
     adapter.tokenizer.save_pretrained(out)
     (out / "preprocessor_config.json").write_text(json.dumps(_preprocessor_config(FAMILY, IMAGE), indent=2) + "\n")
 
@@ -345,8 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     probe_acc["after_training"] = probe_accuracy(adapter, probes, test)
     train_min = (time.perf_counter() - t_train) / 60
     for d, module in averages.items():  # the weights' moving averages, each beside the model
-        module.save_pretrained(args.out.with_name(f"{args.out.name}-ema{d}"))
-        save_extras(adapter, args.out.with_name(f"{args.out.name}-ema{d}"))
+        save(adapter, args.out.with_name(f"{args.out.name}-ema{d}"), module)
     save(adapter, args.out)  # 4. save, reload with the project's loader, evaluate held-out
     from stream.models.loading import load_adapter
 
