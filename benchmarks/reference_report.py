@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from benchmarks.reference_data import CHUNK, IMAGE, PATCH, TEXT, VISION, Clip
+from benchmarks.reference_data import CHUNK, IMAGE, PATCH, TEXT, VISION, Clip, planted
 from serve.eval.bench import EvalItem, score, wilson
 from serve.eval.synth_items import TASK_KINDS
 from stream.models.base import VLMAdapter
@@ -45,10 +45,25 @@ def evaluate(adapter: VLMAdapter, clips: list[Clip], max_new_tokens: int = 8) ->
     return out
 
 
+def side_group(item: dict[str, Any], objects: list[dict[str, Any]]) -> str:
+    """Where the other objects on screen are when a left/right (STU) item of ``meta.json`` is asked: ``STU_alone``,
+    ``STU_others_same_side`` (all on the asked object's side of the centre) or ``STU_other_opposite`` (at least one
+    on the other side; a model answering the side most objects are on fails these)."""
+    t = item["times"][0]
+    asked, *_ = [planted(o) for o in objects if o["oid"] == item["objects"][0]]
+    others = [planted(o) for o in objects if o["oid"] != asked.oid and o["on"] <= t < o["off"]]
+    if not others:
+        return "STU_alone"
+    left = asked.centre(t)[0] < 0.5
+    return "STU_others_same_side" if all((o.centre(t)[0] < 0.5) == left for o in others) else "STU_other_opposite"
+
+
 def report(results: list[tuple[EvalItem, str, bool]], meta: dict[str, Any], window_s: int) -> dict[str, Any]:
     """Accuracy with Wilson intervals per task, per task kind (real-time / backward / forward), EPM split at
-    ``T_s <= window_s``, and CRR alert latency (first "Yes" at or after the planted onset)."""
+    ``T_s <= window_s``, STU split by where the other objects on screen are (:func:`side_group`), and CRR alert
+    latency (first "Yes" at or after the planted onset)."""
     by_id = {m["id"]: m for m in meta["items"]}
+    timeline = {c["video"]: c["objects"] for c in meta["clips"]}
     groups: dict[str, list[bool]] = {}
     latency: dict[str, int] = {}
     for it, response, ok in results:
@@ -56,6 +71,8 @@ def report(results: list[tuple[EvalItem, str, bool]], meta: dict[str, Any], wind
         keys = [it.task, TASK_KINDS[it.task]]
         if it.task in ("EPM", "ASI"):
             keys.append("backward_inside" if m["T_s"] <= window_s else "backward_beyond")
+        if it.task == "STU":
+            keys.append(side_group(m, timeline[m["video"]]))
         for key in keys:
             groups.setdefault(key, []).append(ok)
         if it.task == "CRR" and it.time_s >= m["onset_s"] and response.strip().startswith("Y"):
@@ -134,5 +151,6 @@ Held-out accuracy (test split: seed {f['test_bench']['seed']}, last 40 % of each
 {rows}
 
 CRR watches: {lat['alerted']} of {lat['watches']} alerted at or after the planted onset, median latency
-{lat['median']} s. `backward_inside` / `backward_beyond`: EPM/ASI items with `T_s` <= / > 15 s.
+{lat['median']} s. `backward_inside` / `backward_beyond`: EPM/ASI items with `T_s` <= / > 15 s. `STU_*`: the
+left/right items by where the other objects on screen are (none, all on the asked object's side, one on the other).
 """
