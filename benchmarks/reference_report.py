@@ -1,7 +1,15 @@
 """Reports of the reference model's training (``train_reference.py``): accuracy with Wilson intervals per task and
-kind, the loss curves PNG, and the model folder's README; the held-out evaluation they report."""
+kind, the loss curves PNG, and the model folder's README; the held-out evaluation they report. Run as a script, the
+same report of any reference-shaped checkpoint on any generated bench (one JSON line last):
+
+    stc-serve make-bench out/test --seed 0 --items 480 --split test    # the trainer's test bench
+    python benchmarks/reference_report.py --model reference --bench out/test
+"""
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -9,10 +17,12 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from benchmarks.reference_data import CHUNK, IMAGE, PATCH, TEXT, VISION, Clip, planted
-from serve.eval.bench import EvalItem, score, wilson
-from serve.eval.synth_items import TASK_KINDS
-from stream.models.base import VLMAdapter
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.reference_data import CHUNK, IMAGE, PATCH, TEXT, VISION, Clip, load_clips, planted  # noqa: E402
+from serve.eval.bench import EvalItem, score, wilson  # noqa: E402
+from serve.eval.synth_items import TASK_KINDS  # noqa: E402
+from stream.models.base import VLMAdapter  # noqa: E402
 
 
 @torch.inference_mode()
@@ -154,3 +164,29 @@ CRR watches: {lat['alerted']} of {lat['watches']} alerted at or after the plante
 {lat['median']} s. `backward_inside` / `backward_beyond`: EPM/ASI items with `T_s` <= / > 15 s. `STU_*`: the
 left/right items by where the other objects on screen are (none, all on the asked object's side, one on the other).
 """
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Held-out report of a reference-shaped checkpoint on a generated bench: "
+                                "greedy answers, compression off, the trainer's report (one JSON line last).")
+    p.add_argument("--model", default="reference", help="'reference' or a checkpoint folder")
+    p.add_argument("--bench", type=Path, required=True, help="a make-bench folder (ovo.json + meta.json + videos)")
+    p.add_argument("--window-s", type=int, default=15, help="EPM/ASI split: T_s <= this is 'backward_inside'")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    if not (args.bench / "meta.json").is_file():
+        p.error(f"--bench {args.bench}: no meta.json there. Fix: stc-serve make-bench {args.bench} --seed 0 "
+                "--items 480 --split test")
+    from stream.models.loading import load_adapter
+
+    torch.set_num_threads(args.threads)
+    adapter = load_adapter(args.model)
+    results = evaluate(adapter, load_clips(args.bench, adapter))
+    acc = report(results, json.loads((args.bench / "meta.json").read_text()), args.window_s)
+    print(json.dumps({"model": str(args.model), "bench": str(args.bench), "correct": sum(r[2] for r in results),
+                      "questions": len(results), "accuracy": acc}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -114,3 +114,24 @@ def test_the_readme_example_answers_right_and_says_what_the_model_is(tmp_path: P
     out = capsys.readouterr()
     assert rc == 0 and "answer: A (left)" in out.out
     assert "test instrument, not a general VLM" in out.err
+
+
+def test_the_report_script_scores_as_the_service_does(bench: Path, adapter, base, capsys) -> None:
+    """``python benchmarks/reference_report.py --bench B`` (the trainer's held-out path: one prefill + greedy answers)
+    scores the slice as the service's eval harness with compression off does, task by task, and its left/right groups
+    add up to the STU items."""
+    from benchmarks.reference_report import main
+
+    runner = EvalRunner(adapter, {"off": compression_off(base)}, max_new_tokens=8)
+    served = runner.run(load_bench(bench / "ovo.json", "ovo"), bench)
+    for pipe in runner.pipelines.values():
+        pipe.shutdown()
+    assert main(["--bench", str(bench), "--threads", "1"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    acc = out["accuracy"]
+    assert out["questions"] == len(served) == 42 and out["correct"] == sum(r.correct for r in served)
+    for task in {r.task for r in served}:
+        assert acc[task]["correct"] == sum(r.correct for r in served if r.task == task), task
+    groups = [v for k, v in acc.items() if k.startswith("STU_")]
+    assert groups and sum(g["n"] for g in groups) == acc["STU"]["n"]
+    assert sum(g["correct"] for g in groups) == acc["STU"]["correct"]
