@@ -64,12 +64,18 @@ def test_loads_by_short_name_like_any_checkpoint(adapter) -> None:
     assert again.tokens_per_frame == adapter.tokens_per_frame
 
 
-def test_answers_with_compression_off_and_default_keeps_most(bench: Path, adapter, base) -> None:
-    items = load_bench(bench / "ovo.json", "ovo")
+@pytest.fixture(scope="module")
+def served(bench: Path, adapter, base) -> list:
+    """The slice through the service's eval harness, compression off and the default (one run for the tests below)."""
     runner = EvalRunner(adapter, {"off": compression_off(base), "default": base}, max_new_tokens=4)
-    results = runner.run(items, bench)
+    results = runner.run(load_bench(bench / "ovo.json", "ovo"), bench)
     for pipe in runner.pipelines.values():
         pipe.shutdown()
+    return results
+
+
+def test_answers_with_compression_off_and_default_keeps_most(served: list) -> None:
+    results = served
     off = [r for r in results if r.setting == "off"]
     default = [r for r in results if r.setting == "default"]
     assert len(off) == len(default) == 42
@@ -116,16 +122,13 @@ def test_the_readme_example_answers_right_and_says_what_the_model_is(tmp_path: P
     assert "test instrument, not a general VLM" in out.err
 
 
-def test_the_report_script_scores_as_the_service_does(bench: Path, adapter, base, capsys) -> None:
+def test_the_report_script_scores_as_the_service_does(bench: Path, served: list, capsys) -> None:
     """``python benchmarks/reference_report.py --bench B`` (the trainer's held-out path: one prefill + greedy answers)
     scores the slice as the service's eval harness with compression off does, task by task, and its left/right groups
     add up to the STU items."""
     from benchmarks.reference_report import main
 
-    runner = EvalRunner(adapter, {"off": compression_off(base)}, max_new_tokens=8)
-    served = runner.run(load_bench(bench / "ovo.json", "ovo"), bench)
-    for pipe in runner.pipelines.values():
-        pipe.shutdown()
+    served = [r for r in served if r.setting == "off"]
     assert main(["--bench", str(bench), "--threads", "1"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     acc = out["accuracy"]
