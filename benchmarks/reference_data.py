@@ -102,6 +102,7 @@ class Clip:
     state: dict[str, torch.Tensor]  # per frame what the stream so far holds (see state_labels)
     drills: list[tuple[None, int, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # see count_drills
     early_drills: list[tuple[None, int, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # see early
+    pointers: list[list[int]] = field(default_factory=list)  # per question the asked object's cells (lookup stage)
 
     @property
     def questions(self) -> list[tuple[EvalItem | None, int, torch.Tensor, torch.Tensor]]:

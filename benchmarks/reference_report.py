@@ -132,6 +132,20 @@ def model_card(f: dict[str, Any]) -> str:
              if sp["weight"] else " no stream-state probes")
     clips = "every training clip's" if f.get("early_clips") == "all" else "the 24-32 s clips'"
     early = f"\n  first stage on {clips} first 8 frames{', with real-time drills' if f.get('early_drills') else ''}"
+    lookup, out = "", "stream/models/reference"
+    if "lookup" in f:  # fine-tuned from the seed run by the lookup stage
+        lk, out = f["lookup"], "out/reference-seed"
+        pt = lk["pointer"]
+        lookup = f"""
+- Then the lookup stage ({lk['threads']} torch thread(s), {lk['train_minutes']:.1f} min of training):
+  {lk['stages']['lookup']} steps on {lk['layouts']} fresh shortcut-proof layouts (peak lr {lk['layout_lr']:g},
+  {lk['layout_long_share']:.0%} of steps on long clips) with attention head {pt['head']} of decoder layer
+  {pt['layer']} trained to look at the asked object (weight {pt['weight']:g}), then {lk['stages']['long']} steps on
+  long clips alone (peak lr {lk['lr']:g}): `python benchmarks/train_reference.py --init {out} --out
+  stream/models/reference --layouts {lk['layouts']} --layout-steps {lk['stages']['lookup']} --layout-lr
+  {lk['layout_lr']:g} --layout-long-share {lk['layout_long_share']:g} --layout-seed {lk['layout_seed']} --init-clips
+  {lk['init_clips']} --pointer {pt['layer']} {pt['head']} {pt['weight']:g} --steps {lk['stages']['long']} --lr
+  {lk['lr']:g} --threads {lk['threads']}`."""
     return f"""# stc-serve reference model (a test instrument, not a general VLM)
 
 LLaVA-OneVision architecture (SigLIP tower -> MLP projector -> 2x2 pooling -> Qwen2) at a small size, trained
@@ -150,8 +164,8 @@ in streams; on anything else its answers mean nothing. It exists so compression 
   ({f['total_minutes']:.1f} min with data loading and evaluation), {f['warmup_steps']} single-frame vision
   warm-up steps then {f['steps']} answer-token steps ({f['stages']}),
   final answer loss {f['final_loss']};{state};{early}.
-- Reproduce: `python benchmarks/train_reference.py --seed {f['seed']} --out stream/models/reference --plot
-  docs/reference_loss.png` (see `docs/reference_model.md`).
+- Reproduce: `python benchmarks/train_reference.py --seed {f['seed']} --out {out} --plot
+  docs/reference_loss.png` (see `docs/reference_model.md`).{lookup}
 
 Held-out accuracy (test split: seed {f['test_bench']['seed']}, last 40 % of each background's frames,
 {f['test_bench']['questions']} timed questions, compression off, greedy; 95 % Wilson intervals):

@@ -23,7 +23,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -33,12 +33,14 @@ from transformers import DynamicCache
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.reference_cli import CURRICULUM, parse_args  # noqa: E402
 from benchmarks.reference_data import (  # noqa: E402
     CHUNK, FAMILY, FPS, IMAGE, TEST_SEED, Clip, build_adapter, early, load_clips)
+from benchmarks.reference_layouts import PointerLoss, layout_windows  # noqa: E402
 from benchmarks.reference_probes import Probes, StateProbes, mirror  # noqa: E402
 from benchmarks.reference_report import evaluate, model_card, plot, report  # noqa: E402
 from serve.eval.bench import load_bench  # noqa: E402
-from serve.eval.synth import make_bench  # noqa: E402
+from serve.eval.synth import default_videos, make_bench  # noqa: E402
 from stream.models.base import VLMAdapter, run_layers  # noqa: E402
 from stream.models.tiny import _preprocessor_config  # noqa: E402
 
@@ -186,14 +188,15 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
 
 def train(adapter: VLMAdapter, stages: list[tuple[int, list[Clip], int]], seed: int, lr: float, log: Any,
           vision_scale: float = 1.0, probes: Probes | None = None, aux_weight: float = 0.0,
-          state: tuple[StateProbes, int, float] | None = None, ema: tuple[float, ...] = ()
-          ) -> tuple[list[float], dict[float, torch.nn.Module]]:
+          state: tuple[StateProbes, int, float] | None = None, ema: tuple[float, ...] = (),
+          pointer: tuple[PointerLoss, float] | None = None) -> tuple[list[float], dict[float, torch.nn.Module]]:
     """The curriculum's answer-token stages: ``(steps, clips, questions)`` each, one warm-up + cosine schedule over
     all of them; the (warmed-up) vision tower and projector learn at ``vision_scale * lr``, with the warm-up's
     ``probes`` kept on as an auxiliary loss (``aux_weight``); with ``state = (probes, layer, weight)``,
-    :class:`StateProbes` on that decoder layer's frame states too. Each step: one clip of the stage and ``questions``
-    random items of it (bench items and counting drills alike). Returns the answer loss per step and, per decay in
-    ``ema``, an exponential moving average of the model's weights over these stages."""
+    :class:`StateProbes` on that decoder layer's frame states too; with ``pointer = (loss, weight)``, the
+    :class:`PointerLoss` on the questions whose clip names the asked object's cells. Each step: one clip of the
+    stage and ``questions`` random items of it (bench items and counting drills alike). Returns the answer loss per
+    step and, per decay in ``ema``, an exponential moving average of the model's weights over these stages."""
     rng, model = random.Random(seed), adapter.model.train()
     vision = [p for n, p in model.named_parameters() if "vision_tower" in n or "multi_modal_projector" in n]
     ids = {id(p) for p in vision}
@@ -220,6 +223,8 @@ def train(adapter: VLMAdapter, stages: list[tuple[int, list[Clip], int]], seed: 
             aux = state[0].loss(states, {k: v[:f] for k, v in clip.state.items()}, clip.present[:f])
             state_losses.append(float(aux.detach()))
             loss = loss + state[2] * aux
+        if pointer is not None and (look := pointer[0](clip, rows)) is not None:  # attend to the asked object
+            loss = loss + pointer[1] * look
         if probes is not None and aux_weight > 0:  # what each token shows stays decodable while the LLM learns
             loss = loss + aux_weight * probes.loss(vis, clip.labels[: len(vis)], clip.present[: len(vis)])
         opt.zero_grad(set_to_none=True)
@@ -246,74 +251,22 @@ def save(adapter: VLMAdapter, out: Path, model: torch.nn.Module | None = None) -
     (out / "preprocessor_config.json").write_text(json.dumps(_preprocessor_config(FAMILY, IMAGE), indent=2) + "\n")
 
 
-CURRICULUM = (("early", 0.5275), ("short", 0.21), ("long", 0.2625))  # default share of --steps per stage
+class Run(NamedTuple):
+    """What a training run hands to saving and evaluation."""
+
+    adapter: VLMAdapter
+    inference_path_dlogit: float  # see check_inference_path
+    warm: list[float]  # vision warm-up loss per step (none with --init)
+    losses: list[float]  # answer loss per step, all stages
+    averages: dict[float, torch.nn.Module]  # moving averages of the weights, per decay
+    stages: dict[str, int]  # steps per stage, in order
+    probe_accuracy: dict[str, dict[str, float]]
+    t_train: float  # perf_counter when training started
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seed", type=int, default=1, help="train bench seed and init seed (test bench: seed 0)")
-    p.add_argument("--out", type=Path, default=ROOT / "stream/models/reference", help="model folder to write")
-    p.add_argument("--steps", type=int, default=8000, help="answer-token steps (one clip each), all stages")
-    p.add_argument("--warmup-steps", type=int, default=2000, help="single-frame vision warm-up steps (64 frames)")
-    p.add_argument("--plot", type=Path, help="write the loss curves PNG here")
-    p.add_argument("--data", type=Path, default=ROOT / "out/reference_data", help="generated benches go here")
-    p.add_argument("--lr", type=float, default=4e-4, help="peak learning rate of the answer-token stages (AdamW, "
-                   "warm-up + cosine)")
-    p.add_argument("--warmup-lr", type=float, default=1e-3, help="peak learning rate of the vision warm-up")
-    p.add_argument("--questions", type=int, nargs="+", default=[32], metavar="N", help="questions per step (from "
-                   "one clip): one number for every stage, or three (EARLY SHORT LONG, as --curriculum)")
-    p.add_argument("--train-clips", type=int, nargs=2, default=(240, 480), help="short and long training clips")
-    p.add_argument("--test-items", type=int, default=480, help="items of the held-out test bench (seed 0)")
-    p.add_argument("--vision-scale", type=float, default=1.0, help="learning-rate factor of the vision tower and "
-                   "projector in the answer-token stages (after their warm-up)")
-    p.add_argument("--occupied-weight", type=float, default=5.0, help="probe loss weight of a token cell an object "
-                   "covers, relative to an empty one")
-    p.add_argument("--shape-weight", type=float, default=5.0, help="probe loss weight of the shape term")
-    p.add_argument("--present-weight", type=float, default=10.0, help="probe loss weight of the frame summary")
-    p.add_argument("--aux-weight", type=float, default=0.5, help="the probes' loss kept on in the answer-token "
-                   "stages, this times")
-    p.add_argument("--state-weight", type=float, default=0.2, help="weight of the stream-state probes on the LLM "
-                   "(what the stream so far holds, at each frame's last token; 0 = off)")
-    p.add_argument("--count-drills", type=int, default=0, help="extra counting questions per training clip, "
-                   "answers 0-4 equally often, from the timeline (reference_data.count_drills; 0 = off)")
-    p.add_argument("--early-drills", action=argparse.BooleanOptionalAction, default=True, help="the first stage "
-                   "also trains on every real-time question the bench's rules allow at each of a clip's first 8 "
-                   "seconds (reference_data.load_clips)")
-    p.add_argument("--early-clips", choices=("short", "all"), default="all", help="the first stage's clips: the "
-                   "24-32 s ones, or the 40-96 s ones' first 8 frames too")
-    p.add_argument("--state-layer", type=int, default=2, help="decoder layer whose output the stream-state probes read")
-    p.add_argument("--curriculum", type=float, nargs=3, default=[share for _, share in CURRICULUM],
-                   metavar=("EARLY", "SHORT", "LONG"), help="share of --steps on questions within the first 8 frames, "
-                   "on 24-32 s streams and on 40-96 s streams (sums to 1)")
-    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=False, help="mirror half of each "
-                   "vision warm-up batch left-right (labels mirrored too)")
-    p.add_argument("--ema", type=float, nargs="*", default=[], metavar="DECAY", help="also save moving averages "
-                   "of the weights over the answer-token stages, one per decay, to OUT-emaDECAY")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (the machine's 2 cores)")
-    args = p.parse_args(argv)
-    if min(args.curriculum) < 0 or abs(sum(args.curriculum) - 1) > 1e-6:
-        p.error(f"--curriculum {' '.join(map(str, args.curriculum))}: three shares >= 0 that sum to 1 are allowed. "
-                f"Fix: e.g. --curriculum 0.5275 0.21 0.2625")
-    if len(args.questions) not in (1, 3) or min(args.questions) < 1:
-        p.error(f"--questions {' '.join(map(str, args.questions))}: one or three numbers >= 1 are allowed (per step; "
-                f"three = per stage). Fix: e.g. --questions 32 or --questions 32 32 16")
-    if any(not 0 < d < 1 for d in args.ema):
-        p.error(f"--ema {' '.join(map(str, args.ema))}: decays between 0 and 1 (exclusive) are allowed. "
-                f"Fix: e.g. --ema 0.998 0.999")
-    questions = args.questions * 3 if len(args.questions) == 1 else args.questions
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+def from_scratch(args: argparse.Namespace, questions: list[int], log: Any) -> Run:
+    """Steps 1-3 of a run from a seed: the model built, the vision warm-up, the answer-token curriculum."""
     t_start = time.perf_counter()
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    # 1. data: two train-split benches (short clips, long clips) and a test-split bench, all seeded
-    short, long_ = args.train_clips
-    specs = {"short": dict(seed=args.seed, split="train", items=short * 40, clip_seconds=(24, 32), items_per_clip=40),
-             "long": dict(seed=args.seed + 1000, split="train", items=long_ * 60, clip_seconds=(40, 96),
-                          items_per_clip=60),
-             "test": dict(seed=TEST_SEED, split="test", items=args.test_items)}
-    for name, spec in specs.items():
-        if not (args.data / name / "meta.json").is_file():
-            log(f"generating {name}: {make_bench(args.data / name, **spec)}")
     prompts = [it.prompt for name in ("short", "long") for it in load_bench(args.data / name / "ovo.json", "ovo")]
     adapter = build_adapter(args.seed, prompts)
     data = {name: load_clips(args.data / name, adapter, args.count_drills, args.seed, args.early_drills)
@@ -339,8 +292,55 @@ def main(argv: list[str] | None = None) -> int:
     losses, averages = train(adapter, stages, args.seed, args.lr, log, args.vision_scale, probes, args.aux_weight,
                              state, tuple(args.ema))
     probe_acc["after_training"] = probe_accuracy(adapter, probes, test)
-    train_min = (time.perf_counter() - t_train) / 60
-    for d, module in averages.items():  # the weights' moving averages, each beside the model
+    return Run(adapter, diff, warm, losses, averages, {n: k for (n, _), (k, _, _) in zip(CURRICULUM, stages)},
+               probe_acc, t_train)
+
+
+def lookup_stage(args: argparse.Namespace, log: Any) -> Run:
+    """A run with ``--init``: the trained model fine-tuned by the lookup stage (``--layout-steps`` steps on fresh
+    shortcut-proof layouts, one step in ``1 / --layout-long-share`` on a long clip, with the :class:`PointerLoss`),
+    then ``--steps`` steps on the first ``--init-clips`` long clips alone (bench items only)."""
+    from stream.models.loading import load_adapter
+
+    adapter = load_adapter(args.init)
+    long_ = load_clips(args.data / "long", adapter)[: args.init_clips]
+    diff = check_inference_path(adapter, long_[0], len(long_[0].items) - 1)
+    t0 = time.perf_counter()
+    windows = layout_windows(adapter, args.layouts, args.layout_seed, default_videos())
+    log(f"{len(windows)} layout windows, {sum(len(w.drills) for w in windows)} questions "
+        f"({(time.perf_counter() - t0) / 60:.1f} min)")
+    reps = max(1, round(args.layout_long_share * len(windows) / (1 - args.layout_long_share) / len(long_)))
+    t_train = time.perf_counter()
+    layer, head, weight = args.pointer
+    pointer = PointerLoss(adapter, int(layer), int(head))
+    look, _ = train(adapter, [(args.layout_steps, windows + long_ * reps, 32)], args.layout_seed, args.layout_lr, log,
+                    pointer=(pointer, weight))
+    pointer.remove()
+    losses, averages = train(adapter, [(args.steps, long_, 32)], args.layout_seed, args.lr, log, ema=tuple(args.ema))
+    return Run(adapter, diff, [], look + losses, averages, {"lookup": args.layout_steps, "long": args.steps}, {},
+               t_train)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv, __doc__.split("\n\n")[0])
+    questions = args.questions * 3 if len(args.questions) == 1 else args.questions
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    t_start = time.perf_counter()
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    # 1. data: two train-split benches (short clips, long clips) and a test-split bench, all seeded
+    short, long_ = args.train_clips
+    specs = {"short": dict(seed=args.seed, split="train", items=short * 40, clip_seconds=(24, 32), items_per_clip=40),
+             "long": dict(seed=args.seed + 1000, split="train", items=long_ * 60, clip_seconds=(40, 96),
+                          items_per_clip=60),
+             "test": dict(seed=TEST_SEED, split="test", items=args.test_items)}
+    for name, spec in specs.items():
+        if not (args.data / name / "meta.json").is_file():
+            log(f"generating {name}: {make_bench(args.data / name, **spec)}")
+    run = lookup_stage(args, log) if args.init is not None else from_scratch(args, questions, log)
+    adapter, losses = run.adapter, run.losses
+    train_min = (time.perf_counter() - run.t_train) / 60
+    for d, module in run.averages.items():  # the weights' moving averages, each beside the model
         save(adapter, args.out.with_name(f"{args.out.name}-ema{d}"), module)
     save(adapter, args.out)  # 4. save, reload with the project's loader, evaluate held-out
     from stream.models.loading import load_adapter
@@ -348,28 +348,37 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_adapter(args.out)
     results = evaluate(loaded, load_clips(args.data / "test", loaded))
     acc = report(results, json.loads((args.data / "test" / "meta.json").read_text()), window_s=15)
-    figures = {"seed": args.seed, "warmup_steps": args.warmup_steps, "steps": args.steps,
-               "stages": {n: k for (n, _), (k, _, _) in zip(CURRICULUM, stages)},
-               "questions_per_step": dict(zip((n for n, _ in CURRICULUM), questions)),
-               "train_clips": list(args.train_clips),
-               "count_drills": args.count_drills, "early_drills": args.early_drills, "early_clips": args.early_clips,
-               "vision_scale": args.vision_scale,
-               "flip": args.flip, "state_probes": {"weight": args.state_weight, "layer": args.state_layer},
-               "probe_weights": {"occupied": args.occupied_weight, "shape": args.shape_weight,
-                                 "present": args.present_weight, "aux": args.aux_weight},
-               "probe_accuracy_test": probe_acc,
-               "lr": args.lr, "warmup_lr": args.warmup_lr, "threads": args.threads,
-               "train_minutes": round(train_min, 2),
-               "total_minutes": round((time.perf_counter() - t_start) / 60, 2),
-               "final_loss": round(float(np.mean(losses[-100:])), 4), "inference_path_max_dlogit": diff,
-               "fps": FPS, "frames_per_chunk": CHUNK, "tokens_per_frame": loaded.tokens_per_frame,
-               "test_bench": {"seed": TEST_SEED, "items": args.test_items, "questions": len(results)},
-               "accuracy": acc, "torch": torch.__version__, "cpu": platform.processor() or platform.machine()}
+    timing = {"threads": args.threads, "train_minutes": round(train_min, 2),
+              "total_minutes": round((time.perf_counter() - t_start) / 60, 2)}
+    if args.init is None:
+        figures = {"seed": args.seed, "warmup_steps": args.warmup_steps, "steps": args.steps, "stages": run.stages,
+                   "questions_per_step": dict(zip((n for n, _ in CURRICULUM), questions)),
+                   "train_clips": list(args.train_clips),
+                   "count_drills": args.count_drills, "early_drills": args.early_drills,
+                   "early_clips": args.early_clips, "vision_scale": args.vision_scale,
+                   "flip": args.flip, "state_probes": {"weight": args.state_weight, "layer": args.state_layer},
+                   "probe_weights": {"occupied": args.occupied_weight, "shape": args.shape_weight,
+                                     "present": args.present_weight, "aux": args.aux_weight},
+                   "probe_accuracy_test": run.probe_accuracy, "lr": args.lr, "warmup_lr": args.warmup_lr, **timing}
+    else:  # the base run's figures (its card's), then this stage's
+        base = args.init / "training.json"
+        figures = {k: v for k, v in (json.loads(base.read_text()) if base.is_file() else {}).items()
+                   if k not in ("accuracy", "test_bench", "lookup")}
+        figures["lookup"] = {"init": str(args.init), "stages": run.stages, "layouts": args.layouts,
+                             "layout_seed": args.layout_seed, "layout_lr": args.layout_lr,
+                             "layout_long_share": args.layout_long_share, "init_clips": args.init_clips,
+                             "pointer": {"layer": int(args.pointer[0]), "head": int(args.pointer[1]),
+                                         "weight": args.pointer[2]}, "lr": args.lr, **timing}
+    figures.update({"final_loss": round(float(np.mean(losses[-100:])), 4),
+                    "inference_path_max_dlogit": run.inference_path_dlogit,
+                    "fps": FPS, "frames_per_chunk": CHUNK, "tokens_per_frame": loaded.tokens_per_frame,
+                    "test_bench": {"seed": TEST_SEED, "items": args.test_items, "questions": len(results)},
+                    "accuracy": acc, "torch": torch.__version__, "cpu": platform.processor() or platform.machine()})
     (args.out / "training.json").write_text(json.dumps(figures, indent=1) + "\n")
     (args.out / "README.md").write_text(model_card(figures))
     if args.plot:
-        bounds = np.cumsum([k for k, _, _ in stages])[:-1].tolist()
-        plot(warm, losses, bounds, args.plot, f"reference model, seed {args.seed}, {args.threads} thread(s), "
+        bounds = np.cumsum(list(run.stages.values()))[:-1].tolist()
+        plot(run.warm, losses, bounds, args.plot, f"reference model, seed {args.seed}, {args.threads} thread(s), "
              f"{train_min:.0f} min")
     print(json.dumps(figures))
     return 0
