@@ -103,8 +103,13 @@ def plot(warm: list[float], losses: list[float], bounds: list[int], path: Path, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [1, 2]})
-    for ax, ys, name in ((axes[0], warm, "probe loss (4 heads)"), (axes[1], losses, "answer-token cross-entropy")):
+    if warm:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [1, 2]})
+    else:  # a fine-tuning run (--init): no warm-up
+        fig, ax = plt.subplots(figsize=(7, 3.6))
+        axes = [None, ax]
+    panels = ((axes[0], warm, "probe loss (4 heads)"), (axes[1], losses, "answer-token cross-entropy"))
+    for ax, ys, name in panels[0 if warm else 1:]:
         ax.plot(ys, lw=0.5, alpha=0.35, label="per step")
         k = 50
         if len(ys) > k:
@@ -113,8 +118,13 @@ def plot(warm: list[float], losses: list[float], bounds: list[int], path: Path, 
         ax.legend(fontsize=8)
     for b in bounds:
         axes[1].axvline(b, color="gray", ls="--", lw=0.8)
-    axes[0].set(xlabel="vision warm-up step (64 frames)", title="stage 0: single frames")
-    axes[1].set(xlabel="step (one clip, its sampled questions)", title="stages 1-3: streams <= 8 s, 24-32 s, 40-96 s")
+    if warm:
+        axes[0].set(xlabel="vision warm-up step (64 frames)", title="stage 0: single frames")
+        axes[1].set(xlabel="step (one clip, its sampled questions)",
+                    title="stages 1-3: streams <= 8 s, 24-32 s, 40-96 s")
+    else:
+        axes[1].set(xlabel="step (one clip, its sampled questions)",
+                    title="the lookup stage (layouts + pointer loss), then 40-96 s streams")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

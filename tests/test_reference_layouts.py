@@ -1,6 +1,8 @@
 """The reference model's lookup stage: shortcut-proof layout windows and the pointer loss on one attention head."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -153,3 +155,30 @@ def test_the_trainer_refuses_a_bad_lookup_option(tmp_path, capsys) -> None:
     assert "strictly between 0 and 1" in capsys.readouterr().err
     args = parse_args(["--init", MODEL], "t")
     assert args.layout_steps == 3000 and tuple(args.pointer) == (1, 3, 0.5)
+
+
+def test_the_lookup_command_fine_tunes_a_model_and_its_card_says_how(tmp_path) -> None:
+    """``train_reference.py --init``: the stage runs end to end on a small bench, the model saved reloads, and its
+    training.json / card keep the base run's figures and the command line that reproduces this stage."""
+    import json
+
+    from benchmarks.train_reference import main
+    from serve.eval.synth import make_bench
+    from stream.models.loading import load_adapter
+
+    small = dict(items=12, clip_seconds=(24, 26), items_per_clip=12)
+    make_bench(tmp_path / "data/long", seed=5, split="train", **small)
+    make_bench(tmp_path / "data/test", seed=0, split="test", **small)
+    (tmp_path / "data/short").symlink_to(tmp_path / "data/long")  # present, not read with --init
+    out = tmp_path / "tuned"
+    assert main(["--init", MODEL, "--data", str(tmp_path / "data"), "--out", str(out), "--layouts", "3",
+                 "--layout-steps", "2", "--steps", "2", "--init-clips", "1", "--threads", "1"]) == 0
+    figures = json.loads((out / "training.json").read_text())
+    base = json.loads((Path(MODEL) / "training.json").read_text())
+    assert figures["seed"] == base["seed"] and figures["lookup"]["stages"] == {"lookup": 2, "long": 2}
+    assert figures["test_bench"]["questions"] == sum(r["n"] for k, r in figures["accuracy"].items()
+                                                     if k in ("ATR", "STU", "OJR", "EPM", "ASI", "REC", "CRR"))
+    card = " ".join((out / "README.md").read_text().split())
+    assert "--init out/reference-seed --out stream/models/reference --layouts 3 --layout-steps 2" in card
+    assert "--pointer 1 3 0.5 --steps 2" in card
+    assert load_adapter(str(out)).tokens_per_frame == 16
