@@ -23,7 +23,7 @@ from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
 from benchmarks.reference_data import GRID, LETTERS, Clip, state_labels, token_labels
 from serve.eval.bench import mc_prompt
-from serve.eval.synth_items import STABLE_S, _place, realtime_drills
+from serve.eval.synth_items import STABLE_S, place_object, realtime_drills
 from serve.eval.synth_scene import CLIP_FPS, COLOURS, SHAPES, SIZES, Camera, PlantedObject, load_footage, render_frame
 from stream.models.base import VLMAdapter
 
@@ -68,7 +68,7 @@ def layout_windows(adapter: VLMAdapter, n: int, seed: int, videos: Sequence[str 
         objs: list[PlantedObject] = []
         for _ in range(2):
             ident = idents[int(rng.integers(len(idents)))]
-            o = _place(rng, len(objs), ident, 0, frames + int(rng.integers(0, 8)), objs)
+            o = place_object(rng, len(objs), ident, 0, frames + int(rng.integers(0, 8)), objs)
             if o is not None:
                 objs.append(o)
         if len(objs) != 2 or {side(o, last) for o in objs} != {0, 1}:

@@ -82,7 +82,7 @@ def _apart(a: PlantedObject, b: PlantedObject) -> bool:
     return True
 
 
-def _place(rng: np.random.Generator, oid: int, ident: tuple[str, str, str], on: int, off: int,
+def place_object(rng: np.random.Generator, oid: int, ident: tuple[str, str, str], on: int, off: int,
            others: list[PlantedObject], covered_p: float = 0.15) -> PlantedObject | None:
     """An object of identity ``(colour, shape, size)`` on screen ``[on, off)``, not overlapping ``others`` and with at
     most ``MAX_ON_SCREEN`` objects on screen at once; ``None`` after 30 failed draws."""
@@ -121,7 +121,7 @@ def plan_objects(rng: np.random.Generator, seconds: int) -> list[PlantedObject]:
     objects: list[PlantedObject] = []
 
     def add(ident: tuple[str, str, str], on: int, off: int, covered_p: float = 0.15) -> bool:
-        obj = _place(rng, len(objects), ident, on, off, objects, covered_p)
+        obj = place_object(rng, len(objects), ident, on, off, objects, covered_p)
         if obj is not None:
             objects.append(obj)
         return obj is not None
