@@ -62,9 +62,9 @@ def parse_args(argv: list[str] | None, description: str) -> argparse.Namespace:
     g.add_argument("--pointer", type=float, nargs=3, default=(1, 3, 0.5), metavar=("LAYER", "HEAD", "WEIGHT"),
                    help="the head trained to attend to the asked object, and its loss weight")
     args = p.parse_args(argv)
-    if args.init is not None and not (args.init / "config.json").is_file():
-        p.error(f"--init {args.init}: no config.json there; a model folder is needed. Fix: --init stream/models/"
-                "reference (or the --out of a seed run)")
+    if args.init is not None and not all((args.init / f).is_file() for f in ("config.json", "training.json")):
+        p.error(f"--init {args.init}: a model folder written by this trainer is needed (config.json and "
+                "training.json there). Fix: --init out/reference-seed (the --out of a seed run)")
     if not 0 < args.layout_long_share < 1:
         p.error(f"--layout-long-share {args.layout_long_share}: a share strictly between 0 and 1 is allowed. "
                 "Fix: e.g. --layout-long-share 0.14")

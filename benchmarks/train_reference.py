@@ -9,7 +9,12 @@ on the answer tokens (+ end of turn) only. The input equivalence is checked agai
 before training starts. Held-out accuracy comes from greedy generation over that inference path on a test-split
 bench, with Wilson 95 % intervals.
 
-    python benchmarks/train_reference.py --seed 1 --out stream/models/reference --plot docs/reference_loss.png
+    python benchmarks/train_reference.py --seed 1 --out out/reference-seed --plot docs/reference_loss.png
+    python benchmarks/train_reference.py --init out/reference-seed --out stream/models/reference --steps 500 \
+        --lr 5e-5 --threads 1
+
+The second command is the lookup stage (``--init``, ``benchmarks/reference_layouts.py``): the seed run fine-tuned on
+shortcut-proof layouts with a pointer loss, so that it looks the asked object up (docs/reference_model.md).
 
 Runs on two torch threads (``--threads``; the CPU machine has 2 cores). Prints one JSON line last.
 """
@@ -298,8 +303,8 @@ def from_scratch(args: argparse.Namespace, questions: list[int], log: Any) -> Ru
 
 def lookup_stage(args: argparse.Namespace, log: Any) -> Run:
     """A run with ``--init``: the trained model fine-tuned by the lookup stage (``--layout-steps`` steps on fresh
-    shortcut-proof layouts, one step in ``1 / --layout-long-share`` on a long clip, with the :class:`PointerLoss`),
-    then ``--steps`` steps on the first ``--init-clips`` long clips alone (bench items only)."""
+    shortcut-proof layouts with the :class:`PointerLoss`, a ``--layout-long-share`` of them on long clips), then
+    ``--steps`` steps on the first ``--init-clips`` long clips alone (bench items only)."""
     from stream.models.loading import load_adapter
 
     adapter = load_adapter(args.init)
@@ -361,9 +366,8 @@ def main(argv: list[str] | None = None) -> int:
                                      "present": args.present_weight, "aux": args.aux_weight},
                    "probe_accuracy_test": run.probe_accuracy, "lr": args.lr, "warmup_lr": args.warmup_lr, **timing}
     else:  # the base run's figures (its card's), then this stage's
-        base = args.init / "training.json"
-        figures = {k: v for k, v in (json.loads(base.read_text()) if base.is_file() else {}).items()
-                   if k not in ("accuracy", "test_bench", "lookup")}
+        base = json.loads((args.init / "training.json").read_text())
+        figures = {k: v for k, v in base.items() if k not in ("accuracy", "test_bench", "lookup")}
         figures["lookup"] = {"init": str(args.init), "stages": run.stages, "layouts": args.layouts,
                              "layout_seed": args.layout_seed, "layout_lr": args.layout_lr,
                              "layout_long_share": args.layout_long_share, "init_clips": args.init_clips,

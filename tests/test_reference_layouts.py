@@ -146,7 +146,7 @@ def test_the_trainer_refuses_a_bad_lookup_option(tmp_path, capsys) -> None:
 
     with pytest.raises(SystemExit):
         parse_args(["--init", str(tmp_path)], "t")
-    assert f"--init {tmp_path}: no config.json there" in capsys.readouterr().err
+    assert f"--init {tmp_path}: a model folder written by this trainer is needed" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse_args(["--layout-long-share", "1"], "t")
     assert "strictly between 0 and 1" in capsys.readouterr().err
