@@ -151,7 +151,7 @@ def model_card(f: dict[str, Any]) -> str:
   {lk['stages']['lookup']} steps on {lk['layouts']} fresh shortcut-proof layouts (peak lr {lk['layout_lr']:g},
   {lk['layout_long_share']:.0%} of steps on long clips) with attention head {pt['head']} of decoder layer
   {pt['layer']} trained to look at the asked object (weight {pt['weight']:g}), then {lk['stages']['long']} steps on
-  long clips alone (peak lr {lk['lr']:g}): `python benchmarks/train_reference.py --init {out} --out
+  long clips alone (peak lr {lk['lr']:g}; final answer loss {lk.get('final_loss', '?')}): `python benchmarks/train_reference.py --init {out} --out
   stream/models/reference --layouts {lk['layouts']} --layout-steps {lk['stages']['lookup']} --layout-lr
   {lk['layout_lr']:g} --layout-long-share {lk['layout_long_share']:g} --layout-seed {lk['layout_seed']} --init-clips
   {lk['init_clips']} --pointer {pt['layer']} {pt['head']} {pt['weight']:g} --steps {lk['stages']['long']} --lr

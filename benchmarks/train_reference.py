@@ -372,9 +372,10 @@ def main(argv: list[str] | None = None) -> int:
                              "layout_seed": args.layout_seed, "layout_lr": args.layout_lr,
                              "layout_long_share": args.layout_long_share, "init_clips": args.init_clips,
                              "pointer": {"layer": int(args.pointer[0]), "head": int(args.pointer[1]),
-                                         "weight": args.pointer[2]}, "lr": args.lr, **timing}
-    figures.update({"final_loss": round(float(np.mean(losses[-100:])), 4),
-                    "inference_path_max_dlogit": run.inference_path_dlogit,
+                                         "weight": args.pointer[2]}, "lr": args.lr,
+                             "final_loss": round(float(np.mean(losses[-100:])), 4), **timing}
+    figures.setdefault("final_loss", round(float(np.mean(losses[-100:])), 4))  # a fine-tune keeps the base run's
+    figures.update({"inference_path_max_dlogit": run.inference_path_dlogit,
                     "fps": FPS, "frames_per_chunk": CHUNK, "tokens_per_frame": loaded.tokens_per_frame,
                     "test_bench": {"seed": TEST_SEED, "items": args.test_items, "questions": len(results)},
                     "accuracy": acc, "torch": torch.__version__, "cpu": platform.processor() or platform.machine()})
