@@ -151,11 +151,12 @@ def model_card(f: dict[str, Any]) -> str:
   {lk['stages']['lookup']} steps on {lk['layouts']} fresh shortcut-proof layouts (peak lr {lk['layout_lr']:g},
   {lk['layout_long_share']:.0%} of steps on long clips) with attention head {pt['head']} of decoder layer
   {pt['layer']} trained to look at the asked object (weight {pt['weight']:g}), then {lk['stages']['long']} steps on
-  long clips alone (peak lr {lk['lr']:g}; final answer loss {lk.get('final_loss', '?')}): `python benchmarks/train_reference.py --init {out} --out
-  stream/models/reference --layouts {lk['layouts']} --layout-steps {lk['stages']['lookup']} --layout-lr
-  {lk['layout_lr']:g} --layout-long-share {lk['layout_long_share']:g} --layout-seed {lk['layout_seed']} --init-clips
-  {lk['init_clips']} --pointer {pt['layer']} {pt['head']} {pt['weight']:g} --steps {lk['stages']['long']} --lr
-  {lk['lr']:g} --threads {lk['threads']}`."""
+  long clips alone (peak lr {lk['lr']:g}; final answer loss {lk.get('final_loss', '?')}):
+  `python benchmarks/train_reference.py --init {out} --out stream/models/reference --layouts {lk['layouts']}
+  --layout-steps {lk['stages']['lookup']} --layout-lr {lk['layout_lr']:g} --layout-long-share
+  {lk['layout_long_share']:g} --layout-seed {lk['layout_seed']} --init-clips {lk['init_clips']} --pointer
+  {pt['layer']} {pt['head']} {pt['weight']:g} --steps {lk['stages']['long']} --lr {lk['lr']:g} --threads
+  {lk['threads']}`."""
     return f"""# stc-serve reference model (a test instrument, not a general VLM)
 
 LLaVA-OneVision architecture (SigLIP tower -> MLP projector -> 2x2 pooling -> Qwen2) at a small size, trained
