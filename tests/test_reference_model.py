@@ -123,6 +123,11 @@ def test_the_readme_example_answers_right_and_says_what_the_model_is(tmp_path: P
     assert rc == 0 and "answer: A (left)" in out.out
     assert "test instrument, not a general VLM" in out.err
     assert main(args) == 0 and "answer: B (right)" in capsys.readouterr().out
+    count = ["ask", str(tmp_path / "videos" / "test_s7_c000.mp4"), "How many objects are on the screen now?",
+             "--options", "0,1,2,3", "--until", "14", "--model", "reference"]  # ask.txt's next line, expect 1
+    assert "--until 14" in (tmp_path / "ask.txt").read_text().splitlines()[3]
+    assert main(count + ["--no-prune"]) == 0 and "answer: B (1)" in capsys.readouterr().out
+    assert main(count) == 0 and "answer: C (2)" in capsys.readouterr().out
 
 
 def test_the_report_script_scores_as_the_service_does(bench: Path, served: list, capsys) -> None:
