@@ -23,28 +23,11 @@ from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
 from benchmarks.reference_data import GRID, LETTERS, Clip, state_labels, token_labels
 from serve.eval.bench import mc_prompt
-from serve.eval.synth_items import STABLE_S, place_object, realtime_drills
+from serve.eval.synth_items import place_object, realtime_drills, screen_side
 from serve.eval.synth_scene import CLIP_FPS, COLOURS, SHAPES, SIZES, Camera, PlantedObject, load_footage, render_frame
 from stream.models.base import VLMAdapter
 
 FRAMES = 4  # seconds (frames at 1 fps) per layout window
-
-
-def side(o: PlantedObject, t: int) -> int | None:
-    """The bench's left/right rule at whole second ``t``: 0 when the object stays left of 0.48 over the last
-    ``STABLE_S`` seconds, 1 when it stays right of 0.52, ``None`` when it touches the centre band."""
-    xs = [o.centre(s)[0] for s in range(t - STABLE_S, t + 1)]
-    if all(x + o.half_width() < 0.48 for x in xs):
-        return 0
-    if all(x - o.half_width() > 0.52 for x in xs):
-        return 1
-    return None
-
-
-def _timeline(objects: list[PlantedObject]) -> list[dict[str, Any]]:
-    """``meta.json``'s form of the objects (what :func:`token_labels` / :func:`state_labels` read)."""
-    return [dict(oid=o.oid, shape=o.shape, colour=o.colour, size=o.size, on=o.on, off=o.off, start=list(o.start),
-                 end=list(o.end), covered=o.covered) for o in objects]
 
 
 def asked_cells(labels: torch.Tensor, o: PlantedObject) -> list[int]:
@@ -71,12 +54,12 @@ def layout_windows(adapter: VLMAdapter, n: int, seed: int, videos: Sequence[str 
             o = place_object(rng, len(objs), ident, 0, frames + int(rng.integers(0, 8)), objs)
             if o is not None:
                 objs.append(o)
-        if len(objs) != 2 or {side(o, last) for o in objs} != {0, 1}:
+        if len(objs) != 2 or {screen_side(o, last) for o in objs} != {0, 1}:
             continue
         footage = footages[int(rng.integers(len(footages)))]
         cam = Camera.random(("fixed", "handheld")[int(rng.integers(2))], frames * CLIP_FPS, len(footage.frames), rng)
         rgb = np.stack([render_frame(footage, cam, objs, s * CLIP_FPS) for s in range(frames)])  # [F, H, W, 3]
-        timeline, pts = _timeline(objs), [float(s) for s in range(frames)]
+        timeline, pts = [dict(vars(o)) for o in objs], [float(s) for s in range(frames)]  # meta.json's form
         cells, present = zip(*(token_labels(timeline, s) for s in pts))
         labels = torch.tensor(cells)  # [F, GRID*GRID + 1, 3]
         drills, pointers = [], []

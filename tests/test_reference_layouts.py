@@ -8,9 +8,10 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from benchmarks.reference_data import GRID, LETTERS  # noqa: E402
-from benchmarks.reference_layouts import FRAMES, PointerLoss, layout_windows, side  # noqa: E402
+from benchmarks.reference_layouts import FRAMES, PointerLoss, layout_windows  # noqa: E402
 from benchmarks.train_reference import clip_loss, train  # noqa: E402
 from serve.eval.synth import default_videos  # noqa: E402
+from serve.eval.synth_items import screen_side as side  # noqa: E402
 from serve.eval.synth_scene import COLOURS, SHAPES, SIZES, PlantedObject  # noqa: E402
 
 MODEL = "stream/models/reference"

@@ -171,6 +171,17 @@ def _fixed(right: str, pool: Sequence[str]) -> tuple[list[str], int]:
     return list(pool), list(pool).index(right)
 
 
+def screen_side(o: PlantedObject, t: int) -> int | None:
+    """STU's rule at whole second ``t``: 0 when the object stays left of 0.48 over the last ``STABLE_S`` seconds, 1
+    when it stays right of 0.52, ``None`` when it touches the centre band (no left/right question then)."""
+    xs = [o.centre(s)[0] for s in range(t - STABLE_S, t + 1)]
+    if all(x + o.half_width() < 0.48 for x in xs):
+        return 0
+    if all(x - o.half_width() > 0.52 for x in xs):
+        return 1
+    return None
+
+
 def _realtime(task: str, objects: list[PlantedObject], t: int, rng: np.random.Generator) -> Question | None:
     """A real-time question at ``t`` or ``None`` when the scene does not allow one."""
     if not _stable(objects, t):
@@ -197,12 +208,8 @@ def _realtime(task: str, objects: list[PlantedObject], t: int, rng: np.random.Ge
         return Question(task, t, q, opts, gt, meta={"kind": "shape_now", "objects": [o.oid]})
     if sum((v.colour, v.shape) == (o.colour, o.shape) for v in vis) > 1:
         return None
-    xs = [o.centre(s)[0] for s in range(t - STABLE_S, t + 1)]
-    if all(x + o.half_width() < 0.48 for x in xs):
-        side = 0
-    elif all(x - o.half_width() > 0.52 for x in xs):
-        side = 1
-    else:
+    side = screen_side(o, t)
+    if side is None:
         return None
     q = f"Is the {o.colour} {o.shape} on the left or the right side of the screen now?"
     return Question(task, t, q, ["left", "right"], side, meta={"kind": "side_now", "objects": [o.oid]})
